@@ -1,0 +1,20 @@
+"""lightning_matlora: nested (MatryoshkaLoRA) adapters for PyTorch Lightning.
+
+One fine-tuning run trains a nested adapter; any prefix rank k ≤ r_max of it is a usable LoRA adapter.
+"""
+
+from .callback import MatryoshkaLoRA
+from .config import MatLoRAConfig
+from .inject import adapted_layers
+from .layer import MatryoshkaLinear
+from .model import at_rank, begin_step, controller_of, get_rank, merge, set_rank, unmerge
+from .rank import RankController, RankPlan
+from .scaling import build_p, default_ranks, rank_scale
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MatryoshkaLoRA", "MatLoRAConfig", "MatryoshkaLinear", "RankController", "RankPlan",
+    "adapted_layers", "at_rank", "begin_step", "build_p", "controller_of", "default_ranks", "get_rank", "merge",
+    "rank_scale", "set_rank", "unmerge", "__version__",
+]

@@ -1,0 +1,229 @@
+"""The `MatryoshkaLoRA` Lightning callback: adapt, freeze, train nested ranks, keep checkpoints small."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import nn
+
+from .config import MatLoRAConfig, TargetSpec
+from .inject import adapted_layers, adapter_state_keys, freeze_base, inject, no_match_message
+from .rank import RankController
+from .summary import format_summary
+
+_WRAPPED = "_matlora_wrapped_hooks"
+
+# Fields whose change between a checkpoint and the callback changes what the adapter is.
+_IDENTITY_FIELDS = ("r_max", "target_modules", "exclude_modules", "modules_to_save")
+
+
+class MatryoshkaLoRA(pl.Callback):
+    """Train a nested LoRA adapter: any prefix rank k ≤ ``r_max`` of it is a usable adapter.
+
+    At ``setup`` (and again after the module's ``configure_model``, for models built there) the targeted layers
+    are replaced by :class:`~lightning_matlora.MatryoshkaLinear`, every base parameter is frozen and the
+    training diagonal P is built. The user's LightningModule needs no changes.
+
+    Args:
+        r_max: allocated rank R of every adapter (factors ``r_max × in`` and ``out × r_max``).
+        ranks: train ranks S (each in 1…r_max); default the powers of two ≤ r_max, plus r_max.
+        target_modules: ``"all-linear"`` (every Linear/Conv1D but the output head), a list of module-name
+            suffixes such as ``["q_proj", "v_proj"]``, or a regex matched against full module names.
+        exclude_modules: names never adapted (same forms as ``target_modules``).
+        modules_to_save: modules kept fully trainable and saved with the adapter (never adapted).
+        scaling: per-rank scale s(r): ``"none"`` → 1, ``"rank"`` → 1/r, ``"sqrt"`` → 1/√r; times ``alpha``.
+        alpha: factor on every per-rank scale.
+        dropout: dropout probability on the adapter input.
+        mode: training objective: ``"matryoshka"`` (diagonal P: the sum of all nested adapters),
+            ``"lora"`` (plain LoRA at r_max), ``"dylora"`` (one rank sampled per optimizer step) or ``"rowwise"``
+            (each row of a batch trains its own train rank, as it will be served).
+        rank_scale: inference rule at rank k: ``"rank"`` (the paper's, s(k) on the prefix) or ``"trained"``
+            (the prefix p_1…p_k of the training diagonal).
+        p: explicit training diagonal (length r_max, finite, ≥ 0) instead of Algorithm 1's.
+        eval_ranks: ranks evaluated and reported; default the train ranks.
+        adapter_dtype: dtype of the adapter factors; default the base weight's.
+        seed: seed of the per-step rank draws of ``"dylora"``/``"rowwise"`` (identical on every process).
+    """
+
+    def __init__(self, r_max: int = 64, ranks: Sequence[int] | None = None,
+                 target_modules: TargetSpec = "all-linear", exclude_modules: TargetSpec = ("lm_head",),
+                 modules_to_save: Sequence[str] | None = None, scaling: str = "sqrt", alpha: float = 1.0,
+                 dropout: float = 0.0, mode: str = "matryoshka", rank_scale: str = "rank",
+                 p: Sequence[float] | None = None, eval_ranks: Sequence[int] | None = None,
+                 adapter_dtype: str | torch.dtype | None = None, seed: int = 0, verbose: bool = True) -> None:
+        super().__init__()
+        self.config = MatLoRAConfig(
+            r_max=r_max, ranks=list(ranks) if ranks is not None else None, target_modules=target_modules,
+            exclude_modules=exclude_modules, modules_to_save=list(modules_to_save) if modules_to_save else None,
+            scaling=scaling, alpha=alpha, dropout=dropout, mode=mode, rank_scale=rank_scale,
+            p=list(p) if p is not None else None, eval_ranks=list(eval_ranks) if eval_ranks is not None else None,
+            adapter_dtype=adapter_dtype, seed=seed)
+        self.controller = RankController(self.config)
+        self.verbose = verbose
+        self.adapted: list[str] = []
+
+    # ----------------------------------------------------------------------------------------- public API
+    @property
+    def p(self) -> torch.Tensor:
+        """The training diagonal (float32, length r_max)."""
+        return self.controller.p
+
+    def apply(self, module: nn.Module) -> list[str]:
+        """Adapt ``module`` without a Trainer: inject, freeze the base, return the adapted layers' names.
+
+        Raises if ``target_modules`` matches nothing (listing the layers that exist) or if ``module`` is already
+        adapted by another MatryoshkaLoRA.
+        """
+        names = self._inject(module)
+        if not adapted_layers(module):
+            raise ValueError(no_match_message(module, self.config))
+        self._finish(module, names)
+        return names
+
+    # -------------------------------------------------------------------------------------------- hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._owns(pl_module):
+            return  # fit then validate with the same trainer: already adapted by us
+        names = self._inject(pl_module)
+        builds_later = _overrides(pl_module, "configure_model")
+        if builds_later:
+            _wrap_hook(pl_module, "configure_model", after=lambda: self._after_configure_model(pl_module))
+        elif not adapted_layers(pl_module):
+            raise ValueError(no_match_message(pl_module, self.config))
+        if adapted_layers(pl_module):
+            self._finish(pl_module, names)
+        _wrap_hook(pl_module, "on_load_checkpoint", before=lambda ckpt: self._check_checkpoint(pl_module, ckpt))
+        # checkpoints hold only the adapter, so loading them must not demand the frozen base's keys
+        pl_module.strict_loading = False
+
+    def _after_configure_model(self, pl_module: pl.LightningModule) -> None:
+        names = self._inject(pl_module)
+        if not adapted_layers(pl_module):
+            raise ValueError(no_match_message(pl_module, self.config))
+        self._finish(pl_module, self.adapted + names if names else self.adapted)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _drop_frozen_from_optimizers(trainer)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self.controller.setting is not None:
+            self.controller.set(None)
+        self.controller.begin_step(trainer.global_step, batch_idx)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("state_dict")
+        if state:  # DeepSpeed writes its own shards and no "state_dict" here
+            keep = set(adapter_state_keys(pl_module, self.config))
+            checkpoint["state_dict"] = {k: v for k, v in state.items() if k in keep}
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.controller.set(None)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "adapted": list(self.adapted)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._check_config(state_dict.get("config", {}))
+
+    # ---------------------------------------------------------------------------------------- internals
+    def _owns(self, module: nn.Module) -> bool:
+        layers = adapted_layers(module)
+        return bool(layers) and all(m.controller is self.controller for m in layers.values())
+
+    def _inject(self, module: nn.Module) -> list[str]:
+        return inject(module, self.config, self.controller)
+
+    def _finish(self, module: nn.Module, names: list[str]) -> None:
+        freeze_base(module, self.config)
+        self.adapted = sorted(adapted_layers(module))
+        if self.verbose:
+            rank_zero_info(format_summary(module, self.config, self.adapted))
+
+    def _check_config(self, saved: dict[str, Any]) -> None:
+        if not saved:
+            return
+        mine = self.config.to_dict()
+        if saved.get("r_max") != mine["r_max"]:
+            raise ValueError(f"The checkpoint's adapter has r_max={saved.get('r_max')} but this MatryoshkaLoRA has "
+                             f"r_max={mine['r_max']}: resume with MatryoshkaLoRA(r_max={saved.get('r_max')}, ...) "
+                             f"(the same settings as the run that wrote the checkpoint).")
+        for field in _IDENTITY_FIELDS:
+            a, b = _norm(saved.get(field)), _norm(mine[field])
+            if a != b:
+                raise ValueError(f"The checkpoint's adapter was built with {field}={saved.get(field)!r} but this "
+                                 f"MatryoshkaLoRA has {field}={mine[field]!r}: resume with the same {field}.")
+        changed = [f for f in ("ranks", "scaling", "alpha", "mode", "p") if _norm(saved.get(f)) != _norm(mine[f])]
+        if changed:
+            warnings.warn(f"Resuming with a different training objective than the checkpoint's ({', '.join(changed)} "
+                          f"changed): the adapter continues training under the new settings.", stacklevel=2)
+
+    def _check_checkpoint(self, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("callbacks", {}).get(self.state_key, {}).get("config")
+        if saved:
+            self._check_config(saved)
+        state = checkpoint.get("state_dict")
+        if state is None:
+            return
+        expected = set(adapter_state_keys(pl_module, self.config))
+        missing = sorted(expected - set(state))
+        if missing:
+            raise ValueError(f"The checkpoint lacks {len(missing)} adapter tensors (e.g. {missing[0]!r}): it was not "
+                             f"written by a run with this MatryoshkaLoRA configuration and target layers; resuming "
+                             f"would leave those layers untrained. Use the matching configuration.")
+        foreign = sorted(k for k in state if k not in expected and (k.endswith(".lora_A") or k.endswith(".lora_B")))
+        if foreign:
+            raise ValueError(f"The checkpoint holds {len(foreign)} adapter tensors this model has no layer for (e.g. "
+                             f"{foreign[0]!r}): the target_modules differ from the run that wrote it.")
+
+
+def _norm(v: Any) -> Any:
+    if isinstance(v, (list, tuple)):
+        return [_norm(x) for x in v]
+    return v
+
+
+def _overrides(pl_module: pl.LightningModule, name: str) -> bool:
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    return is_overridden(name, pl_module)
+
+
+def _wrap_hook(pl_module: nn.Module, name: str, before: Callable | None = None, after: Callable | None = None) -> None:
+    """Run ``before(*args)`` / ``after()`` around the module's hook ``name``, on this instance only (idempotent)."""
+    wrapped: set[str] = pl_module.__dict__.setdefault(_WRAPPED, set())
+    if name in wrapped:
+        return
+    original = getattr(pl_module, name)
+
+    @functools.wraps(original)
+    def hook(*args: Any, **kwargs: Any) -> Any:
+        if before is not None:
+            before(*args, **kwargs)
+        out = original(*args, **kwargs)
+        if after is not None:
+            after()
+        return out
+
+    object.__setattr__(pl_module, name, hook)
+    wrapped.add(name)
+
+
+def _drop_frozen_from_optimizers(trainer: pl.Trainer) -> None:
+    """Remove frozen parameters from the optimizers' param groups (the user may pass ``self.parameters()``)."""
+    for opt in trainer.optimizers:
+        opt = getattr(opt, "optimizer", opt)  # LightningOptimizer
+        if not isinstance(opt, torch.optim.Optimizer):
+            continue
+        for group in opt.param_groups:
+            group["params"] = [p for p in group["params"] if p.requires_grad]
+        if not any(group["params"] for group in opt.param_groups):
+            raise ValueError("The optimizer holds no trainable parameter after MatryoshkaLoRA froze the base: build it "
+                             "from self.parameters() (or the adapter's parameters) in configure_optimizers.")

@@ -1,0 +1,127 @@
+"""`MatLoRAConfig`: every setting of a nested adapter, validated once, serialisable to JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any, Union
+
+import torch
+
+from .scaling import build_p, check_p, check_r_max, check_ranks, check_scaling, default_ranks
+
+MODES = ("matryoshka", "lora", "dylora", "rowwise")
+RANK_SCALES = ("rank", "trained")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+TargetSpec = Union[str, Sequence[str], None]
+
+
+def dtype_name(dtype: str | torch.dtype | None) -> str | None:
+    """Normalise a dtype given as ``torch.float32``, ``"float32"`` or ``"torch.float32"`` to its short name."""
+    if dtype is None:
+        return None
+    name = str(dtype).replace("torch.", "")
+    if name not in DTYPES:
+        raise ValueError(f"adapter_dtype {dtype!r} is not supported: use None (the base weight's dtype) or one of "
+                         f"{sorted(DTYPES)}.")
+    return name
+
+
+def _targets(spec: TargetSpec, what: str) -> str | list[str] | None:
+    if spec is None or isinstance(spec, str):
+        if isinstance(spec, str) and not spec:
+            raise ValueError(f"{what} is an empty string: give 'all-linear', a list of name suffixes or a regex.")
+        return spec
+    items = list(spec)
+    if not all(isinstance(s, str) and s for s in items):
+        raise ValueError(f"{what} must be 'all-linear', a regex string or a list of non-empty module-name "
+                         f"suffixes, got {spec!r}.")
+    return items
+
+
+@dataclasses.dataclass
+class MatLoRAConfig:
+    """Settings of a MatryoshkaLoRA adapter. See :class:`lightning_matlora.MatryoshkaLoRA` for each field."""
+
+    r_max: int = 64
+    ranks: list[int] | None = None
+    target_modules: TargetSpec = "all-linear"
+    exclude_modules: TargetSpec = ("lm_head",)
+    modules_to_save: list[str] | None = None
+    scaling: str = "sqrt"
+    alpha: float = 1.0
+    dropout: float = 0.0
+    mode: str = "matryoshka"
+    rank_scale: str = "rank"
+    p: list[float] | None = None
+    eval_ranks: list[int] | None = None
+    adapter_dtype: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_r_max(self.r_max)
+        if self.mode not in MODES:
+            raise ValueError(f"Unknown mode {self.mode!r}: use one of {MODES}.")
+        if self.rank_scale not in RANK_SCALES:
+            raise ValueError(f"Unknown rank_scale {self.rank_scale!r}: use 'rank' (the paper's rule: s(k) on the "
+                             f"rank-k prefix) or 'trained' (the prefix of the training diagonal p_1…p_k).")
+        check_scaling(self.scaling)
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) \
+                or self.alpha <= 0:
+            raise ValueError(f"alpha must be a finite number > 0 (a factor on every per-rank scale), got {self.alpha!r}.")
+        self.alpha = float(self.alpha)
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}.")
+        self.dropout = float(self.dropout)
+        if self.ranks is None:
+            self.ranks = [self.r_max] if self.mode == "lora" else default_ranks(self.r_max)
+        else:
+            self.ranks = check_ranks(self.ranks, self.r_max)
+            if self.mode == "lora" and self.ranks != [self.r_max]:
+                raise ValueError(f"mode='lora' trains plain LoRA at r_max (S = {{{self.r_max}}}) but ranks="
+                                 f"{self.ranks} was given: drop `ranks`, or use mode='matryoshka' for nested ranks.")
+        if self.eval_ranks is None:
+            self.eval_ranks = default_ranks(self.r_max) if self.mode == "lora" else list(self.ranks)
+        else:
+            self.eval_ranks = check_ranks(self.eval_ranks, self.r_max, what="eval_ranks")
+        if self.p is not None:
+            if self.mode != "matryoshka":
+                raise ValueError(f"p (an explicit training diagonal) only applies to mode='matryoshka', not "
+                                 f"mode={self.mode!r}: drop p or switch mode.")
+            self.p = check_p(self.p, self.r_max).tolist()
+        self.target_modules = _targets(self.target_modules, "target_modules")
+        if self.target_modules is None:
+            raise ValueError("target_modules is None: give 'all-linear', a list of name suffixes or a regex.")
+        excl = _targets(self.exclude_modules, "exclude_modules")
+        self.exclude_modules = excl
+        if self.modules_to_save is not None:
+            self.modules_to_save = _targets(self.modules_to_save, "modules_to_save")
+            if isinstance(self.modules_to_save, str):
+                self.modules_to_save = [self.modules_to_save]
+        self.adapter_dtype = dtype_name(self.adapter_dtype)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}.")
+
+    @property
+    def train_diagonal(self) -> torch.Tensor:
+        """p (float32, length r_max): the explicit ``p`` if given, else Algorithm 1 on the train ranks."""
+        if self.p is not None:
+            return torch.tensor(self.p, dtype=torch.float32)
+        return build_p(self.ranks, self.r_max, self.scaling, self.alpha)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if isinstance(d["exclude_modules"], tuple):
+            d["exclude_modules"] = list(d["exclude_modules"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MatLoRAConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"Unknown MatryoshkaLoRA config fields {unknown}: this file was written by a newer "
+                             f"lightning_matlora; upgrade the package to read it.")
+        return cls(**d)

@@ -1,0 +1,131 @@
+"""`MatryoshkaLinear`: a frozen linear layer plus a nested low-rank adapter.
+
+Factors use PEFT's orientation so that export and comparison with PEFT are slicing, not transposing:
+``lora_A`` is ``r_max × in_features`` (row i is column i of the spec's A) and ``lora_B`` is
+``out_features × r_max``. The forward is
+
+    y = base(x) + ((dropout(x) · A[:k]ᵀ) ⊙ coef) · B[:, :k]ᵀ
+
+where k and coef come from the model's shared :class:`~lightning_matlora.rank.RankController`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .rank import RankController
+
+try:  # transformers' GPT-2 style Conv1D: weight is in_features × out_features, y = x·W + b
+    from transformers.pytorch_utils import Conv1D
+except Exception:  # pragma: no cover - transformers is a dependency, this only guards odd installs
+    Conv1D = None
+
+SUPPORTED_TYPES: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
+
+
+def is_supported(module: nn.Module) -> bool:
+    return isinstance(module, SUPPORTED_TYPES) and not isinstance(module, MatryoshkaLinear)
+
+
+def _weight_shape(weight: torch.Tensor) -> tuple[int, ...]:
+    # DeepSpeed ZeRO-3 partitions parameters in place and keeps the full shape in `ds_shape`.
+    return tuple(getattr(weight, "ds_shape", weight.shape))
+
+
+def layer_dims(base: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a supported base layer."""
+    shape = _weight_shape(base.weight)
+    if Conv1D is not None and isinstance(base, Conv1D):
+        return shape[0], shape[1]
+    return shape[1], shape[0]
+
+
+class MatryoshkaLinear(nn.Module):
+    """A base ``nn.Linear`` or ``Conv1D`` (kept as ``.base_layer``, frozen) with nested adapter factors.
+
+    Args:
+        base_layer: the layer to adapt.
+        controller: the model's shared rank state (decides k and the coefficients of each forward).
+        dropout: dropout probability on the adapter's input (as PEFT's ``lora_dropout``).
+        adapter_dtype: dtype of ``lora_A``/``lora_B``; ``None`` uses the base weight's dtype.
+    """
+
+    def __init__(self, base_layer: nn.Module, controller: RankController, dropout: float = 0.0,
+                 adapter_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if not is_supported(base_layer):
+            raise TypeError(f"MatryoshkaLinear wraps nn.Linear or transformers' Conv1D, not "
+                            f"{type(base_layer).__name__}.")
+        self.base_layer = base_layer
+        self.in_features, self.out_features = layer_dims(base_layer)
+        self.is_conv1d = Conv1D is not None and isinstance(base_layer, Conv1D)
+        self.controller = controller
+        r = controller.r_max
+        weight = base_layer.weight
+        dtype = adapter_dtype or weight.dtype
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=weight.device))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, dtype=dtype, device=weight.device))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged_rank: int | None = None
+        self.reset_parameters()
+
+    @property
+    def r_max(self) -> int:
+        return self.controller.r_max
+
+    def reset_parameters(self) -> None:
+        """The reference code's initialisation: A ~ U(−1/√R, 1/√R), B = 0 (the adapted model equals the base)."""
+        bound = 1.0 / math.sqrt(self.r_max)
+        with torch.no_grad():
+            nn.init.uniform_(self.lora_A, -bound, bound)
+            nn.init.zeros_(self.lora_B)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r_max={self.r_max}"
+                + (f", merged_rank={self.merged_rank}" if self.merged_rank is not None else ""))
+
+    # ------------------------------------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged_rank is not None:
+            return result
+        A, B = self.lora_A, self.lora_B
+        plan = self.controller.plan(x.shape[0], x.device, A.dtype)
+        k = plan.k
+        if k != A.shape[0]:
+            A, B = A[:k], B[:, :k]
+        h = F.linear(self.dropout(x.to(A.dtype)), A)
+        coef = plan.coef
+        if coef.dim() == 2 and h.dim() > 2:  # per-row coefficients on a (rows, ..., k) activation
+            coef = coef.view(coef.shape[0], *([1] * (h.dim() - 2)), k)
+        return result + F.linear(h * coef, B).to(result.dtype)
+
+    # ------------------------------------------------------------------------------------------------- merge
+    def delta_weight(self, k: int) -> torch.Tensor:
+        """ΔW at rank k in the base weight's layout (``out × in`` for Linear, ``in × out`` for Conv1D),
+        computed in float32: ``B[:, :k] · diag(coef_k) · A[:k]`` with coef_k from the rank_scale rule."""
+        coef = self.controller.rank_coefficients(k).to(self.lora_A.device)
+        delta = (self.lora_B[:, :k].float() * coef) @ self.lora_A[:k].float()
+        return delta.T if self.is_conv1d else delta
+
+    @torch.no_grad()
+    def merge(self, k: int) -> None:
+        """Fold rank k into the base weight; the layer then costs what the base layer costs."""
+        if self.merged_rank is not None:
+            raise RuntimeError(f"Layer is already merged at rank {self.merged_rank}: call unmerge() first.")
+        w = self.base_layer.weight
+        w.data = (w.data.float() + self.delta_weight(k)).to(w.dtype)
+        self.merged_rank = k
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the merged rank from the base weight again (exact up to float rounding)."""
+        if self.merged_rank is None:
+            return
+        w = self.base_layer.weight
+        w.data = (w.data.float() - self.delta_weight(self.merged_rank)).to(w.dtype)
+        self.merged_rank = None
