@@ -337,7 +337,7 @@ def seed_jobs(args: argparse.Namespace, size: dict, chosen: dict, K: int, comput
             for name in names:
                 for seed in range(1, args.seeds):
                     todo[(regime, name, lr, seed, "steps")] = Job(regime, name, lr, seed, args.steps, "steps")
-                if compute and m != "grid":
+                if compute and m != "grid" and train in args.compute_methods:
                     for seed in range(args.seeds):
                         todo[(regime, name, lr, seed, "compute")] = Job(regime, name, lr, seed, args.steps * K,
                                                                         "compute")
@@ -536,6 +536,10 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--lrs", type=float, nargs="+", default=None)
     ap.add_argument("--scaling", default="sqrt", choices=["none", "rank", "sqrt"])
     ap.add_argument("--no-compute", action="store_true", help="skip the equal-compute runs")
+    ap.add_argument("--compute-methods", nargs="+", default=["matryoshka", "rowwise", "dylora"],
+                    choices=list(ONE_RUN), help="one-run methods also trained at the grid's K× step budget")
+    ap.add_argument("--runs", default=None, help="JSONL of finished runs, appended as they finish and reused on "
+                    "restart (default: --out with suffix _runs.jsonl)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--workers", type=int, default=1, help="parallel processes (each uses --threads threads)")
@@ -551,6 +555,7 @@ def parse(argv=None) -> argparse.Namespace:
     args.steps = args.steps or size["steps"]
     args.seeds = args.seeds or size["seeds"]
     args.lrs = args.lrs or size["lrs"]
+    args.runs = args.runs or str(Path(args.out).with_name(Path(args.out).stem + "_runs.jsonl"))
     return args
 
 
@@ -583,22 +588,42 @@ def main(argv=None) -> None:
     print(f"[done] {wall / 60:.1f} min; report {report}, plot {plot}, raw {js}")
 
 
+def _key(d) -> tuple:
+    g = d.__getitem__ if isinstance(d, dict) else lambda k: getattr(d, k)
+    return (g("regime"), g("method"), float(g("lr")), g("seed"), g("steps"), g("budget"))
+
+
 def _run_all(jobs: list[Job], args, what: str) -> list[dict]:
-    print(f"[{what}] {len(jobs)} runs on {args.workers} worker(s)", flush=True)
+    done = {}
+    runs = Path(args.runs)
+    if runs.exists():
+        for ln in runs.read_text().splitlines():
+            res = json.loads(ln)
+            res["curves"] = {rule: {int(k): v for k, v in c.items()} for rule, c in res["curves"].items()}
+            done[_key(res)] = res
+    results = [done[_key(j)] for j in jobs if _key(j) in done]
+    jobs = [j for j in jobs if _key(j) not in done]
+    print(f"[{what}] {len(jobs)} runs on {args.workers} worker(s) ({len(results)} reused from {runs})", flush=True)
     t = time.time()
-    results = []
+    runs.parent.mkdir(parents=True, exist_ok=True)
+    sink = runs.open("a")
     if args.workers > 1:
         import multiprocessing as mp
 
         with mp.get_context("spawn").Pool(args.workers) as pool:
             for i, res in enumerate(pool.imap_unordered(_run_job_star, [(j, args) for j in jobs])):
                 results.append(res)
+                sink.write(json.dumps(res) + "\n")
+                sink.flush()
                 _progress(i, len(jobs), t, res)
     else:
         for i, j in enumerate(jobs):
             res = run_job(j, args)
             results.append(res)
+            sink.write(json.dumps(res) + "\n")
+            sink.flush()
             _progress(i, len(jobs), t, res)
+    sink.close()
     return results
 
 
