@@ -17,6 +17,7 @@ then renamed into place, so a crash or a full disk mid-save leaves the previous 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -25,7 +26,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +166,19 @@ def peft_target_modules(root: nn.Module, names: Iterable[str]) -> list[str]:
     return suffixes if selected == names else sorted(names)
 
 
+@contextlib.contextmanager
+def _gathered(params: list[torch.Tensor]) -> Iterator[None]:
+    """Gather DeepSpeed ZeRO-3 partitioned parameters for reading (a collective: every process must call it)."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield
+
+
 def _to_cpu(t: torch.Tensor) -> torch.Tensor:
     full = getattr(t, "full_tensor", None)  # a DTensor (FSDP2): gather it (a collective: call on every process)
     if callable(full):
@@ -190,16 +204,19 @@ def snapshot(model: nn.Module, *, curve: Any = None, aurac: float | None = None,
     prefix = root_name + "." if root_name else ""
     tensors: dict[str, torch.Tensor] = {}
     infos: dict[str, LayerInfo] = {}
-    for name, layer in sorted(layers.items()):
-        rel = name[len(prefix):]
-        infos[rel] = LayerInfo(layer.in_features, layer.out_features, bool(layer.is_conv1d))
-        tensors[f"{rel}.lora_A"] = _to_cpu(layer.lora_A)
-        tensors[f"{rel}.lora_B"] = _to_cpu(layer.lora_B)
-    state = model.state_dict()
-    for module_name in saved_prefixes:
-        for key, value in state.items():
-            if key.startswith(module_name + "."):
-                tensors[key[len(prefix):]] = _to_cpu(value)
+    owned_params = [p for n, p in model.named_parameters()
+                    if n.endswith((".lora_A", ".lora_B")) or any(n.startswith(m + ".") for m in saved_prefixes)]
+    with _gathered(owned_params):
+        for name, layer in sorted(layers.items()):
+            rel = name[len(prefix):]
+            infos[rel] = LayerInfo(layer.in_features, layer.out_features, bool(layer.is_conv1d))
+            tensors[f"{rel}.lora_A"] = _to_cpu(layer.lora_A)
+            tensors[f"{rel}.lora_B"] = _to_cpu(layer.lora_B)
+        state = model.state_dict()
+        for module_name in saved_prefixes:
+            for key, value in state.items():
+                if key.startswith(module_name + "."):
+                    tensors[key[len(prefix):]] = _to_cpu(value)
     rel_layers = list(infos)
     return SavedAdapter(
         config=MatLoRAConfig.from_dict(ctrl.config.to_dict()), layers=infos, tensors=tensors,
@@ -575,3 +592,92 @@ def _check_adapted(adapter: SavedAdapter, model: nn.Module) -> tuple[nn.Module, 
             raise ValueError(f"The model has no tensor {key!r} of shape {tuple(adapter.tensors[key].shape)} "
                              f"(modules_to_save): the adapter belongs to a different base model or configuration.")
     return root, root_layers
+
+
+# ------------------------------------------------------------------------------------ from a Lightning run
+ADAPTER_DIRNAME = "matlora_adapter"
+
+
+def default_adapter_dir(trainer: Any) -> Path:
+    """``<checkpoint dir>/matlora_adapter`` (next to the Lightning checkpoints), else ``<log_dir or
+    default_root_dir>/matlora_adapter``."""
+    ckpt = getattr(trainer, "checkpoint_callback", None)
+    dirpath = getattr(ckpt, "dirpath", None) if ckpt is not None else None
+    if dirpath:
+        return Path(dirpath) / ADAPTER_DIRNAME
+    return Path(getattr(trainer, "log_dir", None) or trainer.default_root_dir) / ADAPTER_DIRNAME
+
+
+def run_metadata(trainer: Any, callbacks: Iterable[Any]) -> dict[str, Any]:
+    """What a run knows about its adapter: the latest measured rank curve and AURAC (from the first of
+    ``callbacks`` with a ``last_curve`` / ``last_aurac`` attribute) and the training step and epoch."""
+    meta: dict[str, Any] = {"global_step": int(trainer.global_step), "epoch": int(trainer.current_epoch)}
+    for cb in callbacks:
+        curve = getattr(cb, "last_curve", None)
+        if curve is not None:
+            meta["curve"] = curve
+            aurac = getattr(cb, "last_aurac", None)
+            if aurac is None and hasattr(curve, "aurac"):
+                aurac = curve.aurac() if callable(curve.aurac) else curve.aurac
+            if aurac is not None:
+                meta["aurac"] = aurac
+            break
+    return meta
+
+
+def save_from_trainer(trainer: Any, pl_module: nn.Module, path: str | os.PathLike, callbacks: Iterable[Any],
+                      **extra: Any) -> Path:
+    """Save the module's adapter from inside a run: every process takes part (sharded parameters are gathered),
+    global rank 0 writes. Returns the path."""
+    meta = {**run_metadata(trainer, callbacks), **extra}
+    adapter = snapshot(pl_module, **meta)
+    path = Path(path)
+    if trainer.is_global_zero:
+        write_adapter(adapter, path)
+    trainer.strategy.barrier("matlora_save_adapter")
+    return path
+
+
+def metric_value(trainer: Any, monitor: str) -> float | None:
+    """The current value of a logged metric (None if it was not logged)."""
+    value = trainer.callback_metrics.get(monitor)
+    if value is None:
+        return None
+    return float(value.item() if isinstance(value, torch.Tensor) else value)
+
+
+def _final_dir(callback: Any, trainer: Any) -> Path:
+    setting = callback.save_adapter
+    return default_adapter_dir(trainer) if setting is True or setting is None else Path(setting)
+
+
+def _callbacks(callback: Any, trainer: Any) -> list[Any]:
+    return [callback] + [cb for cb in trainer.callbacks if cb is not callback]
+
+
+def save_final_from_trainer(callback: Any, trainer: Any, pl_module: nn.Module) -> None:
+    """The callback's end-of-fit save (see ``MatryoshkaLoRA(save_adapter=...)``)."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+    path = save_from_trainer(trainer, pl_module, _final_dir(callback, trainer), _callbacks(callback, trainer))
+    callback.adapter_path = str(path)
+    rank_zero_info(f"MatryoshkaLoRA: saved the adapter (r_max={callback.config.r_max}) to {path} — export a rank with "
+                   f"`matlora export {path} --rank K --out DIR`.")
+
+
+def save_best_from_trainer(callback: Any, trainer: Any, pl_module: nn.Module) -> None:
+    """Save to ``<final dir>_best`` when the monitored metric (maximised) improves."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+    value = metric_value(trainer, callback.save_best)
+    if value is None:
+        rank_zero_warn(f"MatryoshkaLoRA(save_best={callback.save_best!r}): no metric of that name was logged in this "
+                       f"validation (logged: {sorted(trainer.callback_metrics)}); the best adapter is not saved.")
+        return
+    if callback.best_score is not None and not value > callback.best_score:
+        return
+    final = _final_dir(callback, trainer)
+    path = save_from_trainer(trainer, pl_module, final.with_name(final.name + "_best"), _callbacks(callback, trainer),
+                             monitor=callback.save_best, monitor_value=value)
+    callback.best_score, callback.best_adapter_path = value, str(path)
+    rank_zero_info(f"MatryoshkaLoRA: {callback.save_best}={value:.4g} is the best so far; saved the adapter to {path}.")
