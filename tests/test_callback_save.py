@@ -1,0 +1,79 @@
+"""The callback writes the deployable adapter at the end of fit (and the best one by a monitored metric)."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+
+from conftest import tiny_llama
+from lightning_matlora import MatryoshkaLoRA, at_rank, load_adapter, read_adapter
+from test_adapter_io import X, logits
+
+
+class LM(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.model = tiny_llama()
+        self.scores = iter([0.5, 0.25, 0.75, 0.1])  # the "validation score" of successive validations
+
+    def training_step(self, batch, batch_idx):
+        return self.model(batch, labels=batch).loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_score", next(self.scores))
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+class CurveSource(pl.Callback):
+    """Stands in for a rank-curve evaluation: exposes the latest curve as ``last_curve``."""
+
+    def on_validation_end(self, trainer, pl_module):
+        self.last_curve = {1: 0.1 * trainer.global_step, 4: 0.2 * trainer.global_step}
+        self.last_aurac = 0.15 * trainer.global_step
+
+
+def data():
+    g = torch.Generator().manual_seed(0)
+    return DataLoader(torch.randint(0, 97, (8, 8), generator=g), batch_size=2)
+
+
+def test_fit_saves_final_and_best_adapter(tmp_path):
+    cb = MatryoshkaLoRA(r_max=4, verbose=False, save_best="val_score")
+    module = LM()
+    trainer = pl.Trainer(max_steps=8, val_check_interval=2, limit_val_batches=1, num_sanity_val_steps=0, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         callbacks=[cb, CurveSource()], accelerator="cpu")
+    trainer.fit(module, data(), data())
+    final = tmp_path / "checkpoints" / "matlora_adapter"  # next to the Lightning checkpoints
+    assert cb.adapter_path == str(final)
+    saved = read_adapter(final)
+    assert saved.metadata == {"global_step": 8, "epoch": 2}
+    assert saved.rank_curve == {"metric": "score", "ranks": [1, 4], "scores": [0.8, 1.6]}
+    assert abs(saved.aurac - 1.2) < 1e-12
+    fresh = load_adapter(tiny_llama(), final)
+    for k in (1, 3, 4):
+        with torch.no_grad(), at_rank(module.model, k):
+            ref = module.model(X).logits
+        torch.testing.assert_close(logits(fresh, k), ref, rtol=0, atol=0)
+    # the best validation was the third one (0.75, at step 6)
+    best = read_adapter(tmp_path / "checkpoints" / "matlora_adapter_best")
+    assert cb.best_score == 0.75 and best.metadata["global_step"] == 6
+    assert best.metadata["monitor"] == "val_score" and best.metadata["monitor_value"] == 0.75
+    assert not torch.equal(best.tensors["model.layers.0.self_attn.q_proj.lora_B"],
+                           saved.tensors["model.layers.0.self_attn.q_proj.lora_B"])
+
+
+def test_save_adapter_path_and_off(tmp_path):
+    for setting, expected in ((str(tmp_path / "mine"), tmp_path / "mine"), (False, None)):
+        cb = MatryoshkaLoRA(r_max=2, verbose=False, save_adapter=setting)
+        trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, default_root_dir=tmp_path / "run", callbacks=[cb],
+                             accelerator="cpu")
+        trainer.fit(LM(), data())
+        assert cb.adapter_path == (str(expected) if expected else None)
+        if expected:
+            assert read_adapter(expected).config.r_max == 2
+    assert not (tmp_path / "run" / "matlora_adapter").exists()
