@@ -4,7 +4,9 @@ One fine-tuning run trains a nested adapter; any prefix rank k ≤ r_max of it i
 """
 
 from .callback import MatryoshkaLoRA
+from .adapter_io import SavedAdapter, load_adapter, read_adapter, save_adapter
 from .config import MatLoRAConfig
+from .export import export_peft, merge_to_base
 from .inject import adapted_layers
 from .layer import MatryoshkaLinear
 from .model import at_rank, begin_step, controller_of, get_rank, merge, set_rank, unmerge
@@ -17,4 +19,5 @@ __all__ = [
     "MatryoshkaLoRA", "MatLoRAConfig", "MatryoshkaLinear", "RankController", "RankPlan",
     "adapted_layers", "at_rank", "begin_step", "build_p", "controller_of", "default_ranks", "get_rank", "merge",
     "rank_scale", "set_rank", "unmerge", "__version__",
+    "SavedAdapter", "export_peft", "load_adapter", "merge_to_base", "read_adapter", "save_adapter",
 ]

@@ -49,6 +49,11 @@ class MatryoshkaLoRA(pl.Callback):
         eval_ranks: ranks evaluated and reported; default the train ranks.
         adapter_dtype: dtype of the adapter factors; default the base weight's.
         seed: seed of the per-step rank draws of ``"dylora"``/``"rowwise"`` (identical on every process).
+        save_adapter: at the end of ``fit``, save the adapter with :func:`~lightning_matlora.save_adapter` (with
+            the last measured rank curve, if any): ``True`` → ``<checkpoint dir>/matlora_adapter``, a path → there,
+            ``False`` → not at all. The path is logged and kept in ``.adapter_path``.
+        save_best: name of a logged metric to maximise (e.g. the AURAC of the rank-curve evaluation); after each
+            validation where it improves, the adapter is saved to ``<save_adapter dir>_best``.
     """
 
     def __init__(self, r_max: int = 64, ranks: Sequence[int] | None = None,
@@ -56,7 +61,8 @@ class MatryoshkaLoRA(pl.Callback):
                  modules_to_save: Sequence[str] | None = None, scaling: str = "sqrt", alpha: float = 1.0,
                  dropout: float = 0.0, mode: str = "matryoshka", rank_scale: str = "rank",
                  p: Sequence[float] | None = None, eval_ranks: Sequence[int] | None = None,
-                 adapter_dtype: str | torch.dtype | None = None, seed: int = 0, verbose: bool = True) -> None:
+                 adapter_dtype: str | torch.dtype | None = None, seed: int = 0, verbose: bool = True,
+                 save_adapter: bool | str = True, save_best: str | None = None) -> None:
         super().__init__()
         self.config = MatLoRAConfig(
             r_max=r_max, ranks=list(ranks) if ranks is not None else None, target_modules=target_modules,
@@ -67,6 +73,10 @@ class MatryoshkaLoRA(pl.Callback):
         self.controller = RankController(self.config)
         self.verbose = verbose
         self.adapted: list[str] = []
+        self.save_adapter, self.save_best = save_adapter, save_best
+        self.adapter_path: str | None = None
+        self.best_adapter_path: str | None = None
+        self.best_score: float | None = None
 
     # ----------------------------------------------------------------------------------------- public API
     @property
@@ -123,6 +133,18 @@ class MatryoshkaLoRA(pl.Callback):
         if state:  # DeepSpeed writes its own shards and no "state_dict" here
             keep = set(adapter_state_keys(pl_module, self.config))
             checkpoint["state_dict"] = {k: v for k, v in state.items() if k in keep}
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.save_best and not trainer.sanity_checking:
+            from .adapter_io import save_best_from_trainer
+
+            save_best_from_trainer(self, trainer, pl_module)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.save_adapter is not False:
+            from .adapter_io import save_final_from_trainer
+
+            save_final_from_trainer(self, trainer, pl_module)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.controller.set(None)
