@@ -5,8 +5,11 @@ One fine-tuning run trains a nested adapter; any prefix rank k ≤ r_max of it i
 
 from .callback import MatryoshkaLoRA
 from .config import MatLoRAConfig
+from .curve import aurac, describe_rank_choice, format_curve_table, plot_rank_curves, select_rank
+from .evaluation import RankCurveValidation
 from .inject import adapted_layers
 from .layer import MatryoshkaLinear
+from .metric import RankCurveMetric
 from .model import at_rank, begin_step, controller_of, get_rank, merge, set_rank, unmerge
 from .rank import RankController, RankPlan
 from .scaling import build_p, default_ranks, rank_scale
@@ -15,6 +18,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MatryoshkaLoRA", "MatLoRAConfig", "MatryoshkaLinear", "RankController", "RankPlan",
+    "RankCurveMetric", "RankCurveValidation", "aurac", "describe_rank_choice", "format_curve_table",
+    "plot_rank_curves", "select_rank",
     "adapted_layers", "at_rank", "begin_step", "build_p", "controller_of", "default_ranks", "get_rank", "merge",
     "rank_scale", "set_rank", "unmerge", "__version__",
 ]

@@ -13,6 +13,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
 from .config import MatLoRAConfig, TargetSpec
+from .evaluation import RankCurveValidation, check_rank_eval
 from .inject import adapted_layers, adapter_state_keys, freeze_base, inject, no_match_message
 from .rank import RankController
 from .summary import format_summary
@@ -49,6 +50,11 @@ class MatryoshkaLoRA(pl.Callback):
         eval_ranks: ranks evaluated and reported; default the train ranks.
         adapter_dtype: dtype of the adapter factors; default the base weight's.
         seed: seed of the per-step rank draws of ``"dylora"``/``"rowwise"`` (identical on every process).
+        rank_eval: per-rank validation (see :mod:`lightning_matlora.evaluation`): every validation epoch, the loss
+            returned by ``validation_step`` is measured at every eval rank and logged as ``val/loss@r<k>`` and
+            ``val/aurac_loss``. ``"auto"`` (one mixed-rank pass when the step returns per-row losses, else one
+            pass per rank), ``"mixed"``, ``"sequential"``, or ``None`` to turn it off (use
+            :class:`~lightning_matlora.RankCurveMetric` yourself).
     """
 
     def __init__(self, r_max: int = 64, ranks: Sequence[int] | None = None,
@@ -56,7 +62,8 @@ class MatryoshkaLoRA(pl.Callback):
                  modules_to_save: Sequence[str] | None = None, scaling: str = "sqrt", alpha: float = 1.0,
                  dropout: float = 0.0, mode: str = "matryoshka", rank_scale: str = "rank",
                  p: Sequence[float] | None = None, eval_ranks: Sequence[int] | None = None,
-                 adapter_dtype: str | torch.dtype | None = None, seed: int = 0, verbose: bool = True) -> None:
+                 adapter_dtype: str | torch.dtype | None = None, seed: int = 0, verbose: bool = True,
+                 rank_eval: str | None = "auto") -> None:
         super().__init__()
         self.config = MatLoRAConfig(
             r_max=r_max, ranks=list(ranks) if ranks is not None else None, target_modules=target_modules,
@@ -67,6 +74,8 @@ class MatryoshkaLoRA(pl.Callback):
         self.controller = RankController(self.config)
         self.verbose = verbose
         self.adapted: list[str] = []
+        self.rank_eval = (RankCurveValidation(self.config, rank_eval, verbose=verbose)
+                          if check_rank_eval(rank_eval) is not None else None)
 
     # ----------------------------------------------------------------------------------------- public API
     @property
@@ -116,6 +125,28 @@ class MatryoshkaLoRA(pl.Callback):
         if self.controller.setting is not None:
             self.controller.set(None)
         self.controller.begin_step(trainer.global_step, batch_idx)
+
+    # per-rank validation: delegated to lightning_matlora.evaluation
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.rank_eval is not None:
+            self.rank_eval.epoch_start(pl_module)
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self.rank_eval is not None:
+            self.rank_eval.batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.rank_eval is not None:
+            self.rank_eval.epoch_end(trainer, pl_module)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.rank_eval is not None and trainer.state.fn == "validate":
+            self.rank_eval.report(trainer)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.rank_eval is not None:
+            self.rank_eval.report(trainer)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
