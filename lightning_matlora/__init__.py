@@ -4,6 +4,7 @@ One fine-tuning run trains a nested adapter; any prefix rank k ≤ r_max of it i
 """
 
 from .callback import MatryoshkaLoRA
+from .distributed import full_adapter_state_dict, prepare_for_sharding
 from .config import MatLoRAConfig
 from .inject import adapted_layers
 from .layer import MatryoshkaLinear
@@ -16,5 +17,5 @@ __version__ = "0.1.0"
 __all__ = [
     "MatryoshkaLoRA", "MatLoRAConfig", "MatryoshkaLinear", "RankController", "RankPlan",
     "adapted_layers", "at_rank", "begin_step", "build_p", "controller_of", "default_ranks", "get_rank", "merge",
-    "rank_scale", "set_rank", "unmerge", "__version__",
+    "rank_scale", "set_rank", "unmerge", "full_adapter_state_dict", "prepare_for_sharding", "__version__",
 ]
