@@ -14,6 +14,7 @@ from torch import nn
 
 from .config import MatLoRAConfig, TargetSpec
 from .evaluation import RankCurveValidation, check_rank_eval
+from .distributed import check_not_sharded, prepare_strategy
 from .inject import adapted_layers, adapter_state_keys, freeze_base, inject, no_match_message
 from .rank import RankController
 from .summary import format_summary
@@ -109,6 +110,7 @@ class MatryoshkaLoRA(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._owns(pl_module):
             return  # fit then validate with the same trainer: already adapted by us
+        prepare_strategy(trainer, pl_module)  # refuses unsupported strategies and ZeRO-3 on a materialised model
         names = self._inject(pl_module)
         builds_later = _overrides(pl_module, "configure_model")
         if builds_later:
@@ -123,6 +125,7 @@ class MatryoshkaLoRA(pl.Callback):
 
     def _after_configure_model(self, pl_module: pl.LightningModule) -> None:
         names = self._inject(pl_module)
+        check_not_sharded(pl_module, names)  # fully_shard ran before the adapters existed
         if not adapted_layers(pl_module):
             raise ValueError(no_match_message(pl_module, self.config))
         self._finish(pl_module, self.adapted + names if names else self.adapted)
