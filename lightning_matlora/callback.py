@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
+from .adapter_io import check_save_best_mode, save_best_from_trainer, save_final_from_trainer
 from .config import MatLoRAConfig, TargetSpec
 from .evaluation import RankCurveValidation, check_rank_eval
 from .distributed import check_not_sharded, prepare_strategy
@@ -54,8 +55,11 @@ class MatryoshkaLoRA(pl.Callback):
         save_adapter: at the end of ``fit``, save the adapter with :func:`~lightning_matlora.save_adapter` (with
             the last measured rank curve, if any): ``True`` → ``<checkpoint dir>/matlora_adapter``, a path → there,
             ``False`` → not at all. The path is logged and kept in ``.adapter_path``.
-        save_best: name of a logged metric to maximise (e.g. the AURAC of the rank-curve evaluation); after each
-            validation where it improves, the adapter is saved to ``<save_adapter dir>_best``.
+        save_best: keep the best adapter of the run in ``<save_adapter dir>_best``, saved after each validation
+            where the monitored metric improves: ``True`` monitors the rank-curve evaluation's ``val/aurac_loss``
+            (minimised), a string names any logged metric (minimised if its name contains "loss", else
+            maximised; see ``save_best_mode``), ``None``/``False`` keeps no best adapter.
+        save_best_mode: ``"auto"`` (as above), ``"min"`` or ``"max"``.
         rank_eval: per-rank validation (see :mod:`lightning_matlora.evaluation`): every validation epoch, the loss
             returned by ``validation_step`` is measured at every eval rank and logged as ``val/loss@r<k>`` and
             ``val/aurac_loss``. ``"auto"`` (one mixed-rank pass when the step returns per-row losses, else one
@@ -69,7 +73,7 @@ class MatryoshkaLoRA(pl.Callback):
                  dropout: float = 0.0, mode: str = "matryoshka", rank_scale: str = "rank",
                  p: Sequence[float] | None = None, eval_ranks: Sequence[int] | None = None,
                  adapter_dtype: str | torch.dtype | None = None, seed: int = 0, verbose: bool = True,
-                 save_adapter: bool | str = True, save_best: str | None = None,
+                 save_adapter: bool | str = True, save_best: bool | str | None = None, save_best_mode: str = "auto",
                  rank_eval: str | None = "auto") -> None:
         super().__init__()
         self.config = MatLoRAConfig(
@@ -82,6 +86,7 @@ class MatryoshkaLoRA(pl.Callback):
         self.verbose = verbose
         self.adapted: list[str] = []
         self.save_adapter, self.save_best = save_adapter, save_best
+        self.save_best_mode = check_save_best_mode(save_best_mode)
         self.adapter_path: str | None = None
         self.best_adapter_path: str | None = None
         self.best_score: float | None = None
@@ -156,10 +161,14 @@ class MatryoshkaLoRA(pl.Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.rank_eval is not None and trainer.state.fn == "validate":
             self.rank_eval.report(trainer)
+        if self.save_best and not trainer.sanity_checking and trainer.state.fn == "fit":
+            save_best_from_trainer(self, trainer, pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.rank_eval is not None:
             self.rank_eval.report(trainer)
+        if self.save_adapter is not False:
+            save_final_from_trainer(self, trainer, pl_module)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
@@ -167,18 +176,6 @@ class MatryoshkaLoRA(pl.Callback):
         if state:  # DeepSpeed writes its own shards and no "state_dict" here
             keep = set(adapter_state_keys(pl_module, self.config))
             checkpoint["state_dict"] = {k: v for k, v in state.items() if k in keep}
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.save_best and not trainer.sanity_checking:
-            from .adapter_io import save_best_from_trainer
-
-            save_best_from_trainer(self, trainer, pl_module)
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.save_adapter is not False:
-            from .adapter_io import save_final_from_trainer
-
-            save_final_from_trainer(self, trainer, pl_module)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.controller.set(None)
