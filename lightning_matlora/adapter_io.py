@@ -17,7 +17,6 @@ then renamed into place, so a crash or a full disk mid-save leaves the previous 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -26,7 +25,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import MatLoRAConfig
+from .distributed import _clean, full_adapter_state_dict
 from .inject import _saved_prefixes, adapted_layers, freeze_base, inject
 from .layer import MatryoshkaLinear, is_supported, layer_dims
 from .model import controller_of
@@ -161,29 +161,10 @@ def peft_target_modules(root: nn.Module, names: Iterable[str]) -> list[str]:
     the usual form) when they select nothing else, else the full module names."""
     names = set(names)
     suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
-    selected = {n for n, _ in root.named_modules()
+    selected = {_clean(n) for n, _ in root.named_modules()}
+    selected = {n for n in selected
                 if n and not n.endswith(".base_layer") and any(n == s or n.endswith("." + s) for s in suffixes)}
     return suffixes if selected == names else sorted(names)
-
-
-@contextlib.contextmanager
-def _gathered(params: list[torch.Tensor]) -> Iterator[None]:
-    """Gather DeepSpeed ZeRO-3 partitioned parameters for reading (a collective: every process must call it)."""
-    partitioned = [p for p in params if hasattr(p, "ds_id")]
-    if not partitioned:
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
-        yield
-
-
-def _to_cpu(t: torch.Tensor) -> torch.Tensor:
-    full = getattr(t, "full_tensor", None)  # a DTensor (FSDP2): gather it (a collective: call on every process)
-    if callable(full):
-        t = full()
-    return t.detach().to("cpu").contiguous().clone()
 
 
 # ---------------------------------------------------------------------------------------------- snapshot
@@ -197,26 +178,16 @@ def snapshot(model: nn.Module, *, curve: Any = None, aurac: float | None = None,
     if merged:
         raise RuntimeError(f"The model is merged at rank {layers[merged[0]].merged_rank}: call unmerge(model) before "
                            f"saving or exporting its adapter (the factors are saved, not merged weights).")
-    saved_prefixes = _saved_prefixes(model, ctrl.config)
-
+    # the full adapter on every process (gathers FSDP/FSDP2/ZeRO-3 shards: a collective), wrapper names cleaned
+    state = full_adapter_state_dict(model)
+    layers = {_clean(n): m for n, m in layers.items()}
+    saved_prefixes = [_clean(p) for p in _saved_prefixes(model, ctrl.config)]
     owned = list(layers) + saved_prefixes
-    root_name, root = model_root(model, lambda n, _m: not n or all(o.startswith(n + ".") for o in owned))
-    prefix = root_name + "." if root_name else ""
-    tensors: dict[str, torch.Tensor] = {}
-    infos: dict[str, LayerInfo] = {}
-    owned_params = [p for n, p in model.named_parameters()
-                    if n.endswith((".lora_A", ".lora_B")) or any(n.startswith(m + ".") for m in saved_prefixes)]
-    with _gathered(owned_params):
-        for name, layer in sorted(layers.items()):
-            rel = name[len(prefix):]
-            infos[rel] = LayerInfo(layer.in_features, layer.out_features, bool(layer.is_conv1d))
-            tensors[f"{rel}.lora_A"] = _to_cpu(layer.lora_A)
-            tensors[f"{rel}.lora_B"] = _to_cpu(layer.lora_B)
-        state = model.state_dict()
-        for module_name in saved_prefixes:
-            for key, value in state.items():
-                if key.startswith(module_name + "."):
-                    tensors[key[len(prefix):]] = _to_cpu(value)
+    root_name, root = model_root(model, lambda n, _m: not n or all(o.startswith(_clean(n) + ".") for o in owned))
+    prefix = _clean(root_name) + "." if root_name else ""
+    tensors = {k[len(prefix):]: v.contiguous() for k, v in state.items()}
+    infos = {name[len(prefix):]: LayerInfo(layer.in_features, layer.out_features, bool(layer.is_conv1d))
+             for name, layer in sorted(layers.items())}
     rel_layers = list(infos)
     return SavedAdapter(
         config=MatLoRAConfig.from_dict(ctrl.config.to_dict()), layers=infos, tensors=tensors,
