@@ -153,14 +153,6 @@ class MatryoshkaLoRA(pl.Callback):
         if self.rank_eval is not None:
             self.rank_eval.epoch_end(trainer, pl_module)
 
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.rank_eval is not None and trainer.state.fn == "validate":
-            self.rank_eval.report(trainer)
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.rank_eval is not None:
-            self.rank_eval.report(trainer)
-
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict")
@@ -169,12 +161,16 @@ class MatryoshkaLoRA(pl.Callback):
             checkpoint["state_dict"] = {k: v for k, v in state.items() if k in keep}
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.rank_eval is not None and trainer.state.fn == "validate":
+            self.rank_eval.report(trainer)
         if self.save_best and not trainer.sanity_checking:
             from .adapter_io import save_best_from_trainer
 
             save_best_from_trainer(self, trainer, pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.rank_eval is not None:
+            self.rank_eval.report(trainer)
         if self.save_adapter is not False:
             from .adapter_io import save_final_from_trainer
 
