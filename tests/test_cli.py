@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,6 +79,7 @@ def test_missing_adapter_and_usage(tmp_path, capsys):
 
 
 def test_python_dash_m_help():
+    root = Path(__file__).resolve().parents[1]
     r = subprocess.run([sys.executable, "-m", "lightning_matlora", "export", "--help"], capture_output=True, text=True,
-                       timeout=120)
+                       timeout=120, cwd=root)
     assert r.returncode == 0 and "--rank K|all" in r.stdout and "--overwrite" in r.stdout
