@@ -181,10 +181,11 @@ class MatryoshkaLoRA(pl.Callback):
         self.controller.set(None)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict(), "adapted": list(self.adapted)}
+        return {"config": self.config.to_dict(), "adapted": list(self.adapted), "best_score": self.best_score}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._check_config(state_dict.get("config", {}))
+        self.best_score = state_dict.get("best_score")  # a resumed run keeps its best adapter unless beaten
 
     # ---------------------------------------------------------------------------------------- internals
     def _owns(self, module: nn.Module) -> bool:

@@ -100,3 +100,14 @@ def test_save_adapter_path_and_off(tmp_path):
         if expected:
             assert read_adapter(expected).config.r_max == 2
     assert not (tmp_path / "run" / "matlora_adapter").exists()
+
+
+def test_resumed_run_keeps_its_best_score():
+    """The best score travels in the callback's checkpoint state, so a resumed run does not overwrite the best
+    adapter with a worse one."""
+    cb = MatryoshkaLoRA(r_max=2, verbose=False, save_best="val_score", rank_eval=None)
+    cb.best_score = 0.75  # as after a validation that saved the best adapter
+    state = cb.state_dict()
+    resumed = MatryoshkaLoRA(r_max=2, verbose=False, save_best="val_score", rank_eval=None)
+    resumed.load_state_dict(state)
+    assert resumed.best_score == 0.75
