@@ -645,6 +645,16 @@ def save_final_from_trainer(callback: Any, trainer: Any, pl_module: nn.Module) -
 SAVE_BEST_MODES = ("auto", "min", "max")
 
 
+def check_save_adapter(setting: Any) -> bool | str:
+    """``MatryoshkaLoRA(save_adapter=...)``: True, False, or a non-empty directory path."""
+    if isinstance(setting, bool):
+        return setting
+    if isinstance(setting, (str, os.PathLike)) and str(setting).strip():
+        return str(setting)
+    raise ValueError(f"save_adapter must be True (<checkpoint dir>/matlora_adapter), False (do not save) or a "
+                     f"directory path, got {setting!r}.")
+
+
 def check_save_best_mode(mode: str) -> str:
     if mode not in SAVE_BEST_MODES:
         raise ValueError(f"save_best_mode must be 'auto' (minimise metrics whose name contains 'loss', maximise the "

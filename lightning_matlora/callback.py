@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
-from .adapter_io import check_save_best_mode, save_best_from_trainer, save_final_from_trainer
+from .adapter_io import check_save_adapter, check_save_best_mode, save_best_from_trainer, save_final_from_trainer
 from .config import MatLoRAConfig, TargetSpec
 from .evaluation import RankCurveValidation, check_rank_eval
 from .distributed import check_not_sharded, prepare_strategy
@@ -85,7 +85,7 @@ class MatryoshkaLoRA(pl.Callback):
         self.controller = RankController(self.config)
         self.verbose = verbose
         self.adapted: list[str] = []
-        self.save_adapter, self.save_best = save_adapter, save_best
+        self.save_adapter, self.save_best = check_save_adapter(save_adapter), save_best
         self.save_best_mode = check_save_best_mode(save_best_mode)
         self.adapter_path: str | None = None
         self.best_adapter_path: str | None = None

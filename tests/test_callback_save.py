@@ -111,3 +111,14 @@ def test_resumed_run_keeps_its_best_score():
     resumed = MatryoshkaLoRA(r_max=2, verbose=False, save_best="val_score", rank_eval=None)
     resumed.load_state_dict(state)
     assert resumed.best_score == 0.75
+
+
+def test_bad_save_settings_fail_at_construction():
+    import pytest
+
+    with pytest.raises(ValueError, match="save_adapter must be True"):
+        MatryoshkaLoRA(r_max=2, save_adapter="")
+    with pytest.raises(ValueError, match="save_adapter must be True"):
+        MatryoshkaLoRA(r_max=2, save_adapter=3)
+    with pytest.raises(ValueError, match="save_best_mode must be 'auto'"):
+        MatryoshkaLoRA(r_max=2, save_best="val/acc", save_best_mode="bigger")
