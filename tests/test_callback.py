@@ -167,3 +167,19 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, mode):
     with pytest.raises(ValueError, match=re.escape("r_max=4")) as err:
         run(2, seed=1, ckpt_path=ckpt, r_max=8)
     assert "resume with MatryoshkaLoRA(r_max=4" in str(err.value)
+
+
+@pytest.mark.parametrize("adapter_dtype, expected", [("float32", torch.float32), (None, torch.bfloat16)])
+def test_bf16_true_precision_keeps_the_requested_adapter_dtype(adapter_dtype, expected):
+    # Lightning's "bf16-true" converts the whole module with .to(bfloat16) after setup; an explicit
+    # adapter_dtype must survive that (else float32 adapters silently train in bfloat16).
+    module = CausalLM(tiny_llama())
+    cb = MatryoshkaLoRA(r_max=4, target_modules=["q_proj", "v_proj"], adapter_dtype=adapter_dtype)
+    t = trainer([cb], max_steps=2, precision="bf16-true")
+    t.fit(module, token_loader())
+    layers = adapted_layers(module).values()
+    assert all(m.base_layer.weight.dtype == torch.bfloat16 for m in layers)
+    assert all(m.lora_A.dtype == expected and m.lora_B.dtype == expected for m in layers)
+    assert all(torch.count_nonzero(m.lora_B) > 0 for m in layers)
+    opt_params = [p for g in t.optimizers[0].param_groups for p in g["params"]]
+    assert len(opt_params) == 8 and all(p.dtype == expected for p in opt_params)
