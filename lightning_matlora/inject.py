@@ -127,7 +127,8 @@ def _saved_prefixes(model: nn.Module, config: MatLoRAConfig) -> list[str]:
 def adapter_parameter_names(model: nn.Module, config: MatLoRAConfig) -> list[str]:
     """Names of the parameters a nested adapter owns: the factors and the parameters of ``modules_to_save``."""
     prefixes = _saved_prefixes(model, config)
-    return [n for n, _ in model.named_parameters() if _owned(n, prefixes)]
+    # remove_duplicate=False: a tied parameter (GPT-2's lm_head.weight is wte.weight) is listed under every name
+    return [n for n, _ in model.named_parameters(remove_duplicate=False) if _owned(n, prefixes)]
 
 
 def adapter_state_keys(model: nn.Module, config: MatLoRAConfig) -> list[str]:
@@ -139,5 +140,6 @@ def adapter_state_keys(model: nn.Module, config: MatLoRAConfig) -> list[str]:
 def freeze_base(model: nn.Module, config: MatLoRAConfig) -> None:
     """Freeze every parameter except the adapter factors and the parameters of ``modules_to_save``."""
     owned = set(adapter_parameter_names(model, config))
-    for name, param in model.named_parameters():
-        param.requires_grad_(name in owned)
+    keep = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if n in owned}
+    for param in model.parameters():
+        param.requires_grad_(id(param) in keep)

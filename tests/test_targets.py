@@ -107,3 +107,17 @@ def test_modules_to_save_in_fit_is_optimised_and_checkpointed(tmp_path):
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
     assert sorted(state) == sorted(["model.lm_head.weight"] + [f"model.model.layers.{i}.self_attn.q_proj.lora_{ab}"
                                                                for i in (0, 1) for ab in "AB"])
+
+
+def test_modules_to_save_on_a_tied_head_is_trainable():
+    # GPT-2's lm_head shares its weight with wte; named_parameters() lists it only as transformer.wte.weight
+    from lightning_matlora.inject import adapter_parameter_names, adapter_state_keys
+
+    model = tiny_gpt2()
+    cb = MatryoshkaLoRA(r_max=2, modules_to_save=["lm_head"], verbose=False)
+    cb.apply(model)
+    assert model.lm_head.weight.requires_grad
+    assert "lm_head.weight" in adapter_parameter_names(model, cb.config)
+    assert "lm_head.weight" in adapter_state_keys(model, cb.config)
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert "transformer.h.0.attn.c_attn.base_layer.weight" in frozen
