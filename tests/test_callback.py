@@ -183,3 +183,25 @@ def test_bf16_true_precision_keeps_the_requested_adapter_dtype(adapter_dtype, ex
     assert all(torch.count_nonzero(m.lora_B) > 0 for m in layers)
     opt_params = [p for g in t.optimizers[0].param_groups for p in g["params"]]
     assert len(opt_params) == 8 and all(p.dtype == expected for p in opt_params)
+
+
+def test_apply_then_fit_with_the_same_callback_resumes(tmp_path):
+    """A notebook flow: cb.apply(module) first, then Trainer(callbacks=[cb]); resuming must still load the
+    adapter-only checkpoint (the callback must not skip its loading setup for a module it already adapted)."""
+    def run(max_epochs, ckpt_path=None, ckpt_dir=None):
+        L.seed_everything(0, verbose=False)
+        module = CausalLM(tiny_llama(seed=0), lr=5e-3)
+        cb = MatryoshkaLoRA(r_max=4, target_modules=["q_proj", "v_proj"], verbose=False)
+        cb.apply(module)
+        callbacks = [cb] + ([ModelCheckpoint(dirpath=ckpt_dir)] if ckpt_dir else [])
+        t = trainer(callbacks, max_epochs=max_epochs, max_steps=-1, enable_checkpointing=bool(ckpt_dir))
+        t.fit(module, token_loader(n=8), ckpt_path=ckpt_path)
+        return module
+
+    full = run(2)
+    run(1, ckpt_dir=tmp_path)
+    (ckpt,) = _ckpt_files(tmp_path)
+    resumed = run(2, ckpt_path=ckpt)
+    ref, got = _adapter_state(full), _adapter_state(resumed)
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-6, atol=1e-7)
