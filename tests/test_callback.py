@@ -139,10 +139,10 @@ def _adapter_state(module) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("mode", ["matryoshka", "dylora"])
 def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, mode):
-    def run(max_epochs, seed, ckpt_path=None, ckpt_dir=None, r_max=4):
+    def run(max_epochs, seed, ckpt_path=None, ckpt_dir=None, r_max=4, target_modules="all-linear"):
         L.seed_everything(seed, verbose=False)
         module = CausalLM(tiny_llama(seed=0), lr=5e-3)
-        cb = MatryoshkaLoRA(r_max=r_max, mode=mode, seed=3)
+        cb = MatryoshkaLoRA(r_max=r_max, mode=mode, seed=3, target_modules=target_modules)
         callbacks = [cb] + ([ModelCheckpoint(dirpath=ckpt_dir)] if ckpt_dir else [])
         t = trainer(callbacks, max_epochs=max_epochs, max_steps=-1, enable_checkpointing=bool(ckpt_dir))
         t.fit(module, token_loader(n=12), ckpt_path=ckpt_path)  # 3 steps per epoch
@@ -167,6 +167,8 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, mode):
     with pytest.raises(ValueError, match=re.escape("r_max=4")) as err:
         run(2, seed=1, ckpt_path=ckpt, r_max=8)
     assert "resume with MatryoshkaLoRA(r_max=4" in str(err.value)
+    with pytest.raises(ValueError, match=r"target_modules=.*resume with the same target_modules"):
+        run(2, seed=1, ckpt_path=ckpt, target_modules=["q_proj"])
 
 
 @pytest.mark.parametrize("adapter_dtype, expected", [("float32", torch.float32), (None, torch.bfloat16)])
@@ -205,3 +207,33 @@ def test_apply_then_fit_with_the_same_callback_resumes(tmp_path):
     ref, got = _adapter_state(full), _adapter_state(resumed)
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], rtol=1e-6, atol=1e-7)
+
+
+class _RankRecorder(L.Callback):
+    def __init__(self, cb: MatryoshkaLoRA) -> None:
+        self.cb, self.records = cb, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # runs after the MatryoshkaLoRA hook
+        ctrl = self.cb.controller
+        rows = ctrl.rowwise_ranks(batch.shape[0]).tolist() if self.cb.config.mode == "rowwise" else None
+        self.records.append((trainer.global_step, ctrl.step_rank, rows))
+
+
+@pytest.mark.parametrize("mode", ["dylora", "rowwise", "lora"])
+def test_modes_in_fit_with_gradient_accumulation(mode):
+    module = CausalLM(tiny_llama())
+    cb = MatryoshkaLoRA(r_max=4, mode=mode, target_modules=["q_proj", "down_proj"], seed=5)
+    rec = _RankRecorder(cb)
+    t = trainer([cb, rec], max_steps=4, accumulate_grad_batches=2)
+    t.fit(module, token_loader(n=32, batch_size=4))
+    assert [r[0] for r in rec.records] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert all(torch.count_nonzero(m.lora_B) > 0 for m in adapted_layers(module).values())
+    if mode == "dylora":  # one rank per optimizer step, shared by its micro-batches, drawn from (seed, step)
+        from lightning_matlora import RankController
+        ref = RankController(cb.config)
+        for step, b, _ in rec.records:
+            ref.begin_step(step)
+            assert b == ref.step_rank
+        assert all(rec.records[i][1] == rec.records[i + 1][1] for i in range(0, 8, 2))
+    if mode == "rowwise":  # every train rank in every micro-batch (4 rows ≥ |S| = 3)
+        assert all(set(rows) == {1, 2, 4} for _, _, rows in rec.records)
