@@ -78,6 +78,15 @@ class MatryoshkaLinear(nn.Module):
     def r_max(self) -> int:
         return self.controller.r_max
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's (frozen) weight: some models read ``layer.weight`` directly (T5 checks its dtype)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
     def reset_parameters(self) -> None:
         """The reference code's initialisation: A ~ U(−1/√R, 1/√R), B = 0 (the adapted model equals the base)."""
         bound = 1.0 / math.sqrt(self.r_max)
