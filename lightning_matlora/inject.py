@@ -52,6 +52,7 @@ def find_targets(model: nn.Module, config: MatLoRAConfig) -> list[str]:
     for name, _ in model.named_modules():
         if name and _matches(name, saved):
             inside_saved.add(name)
+    bypassed = _bypassed_layers(model)
     selected = []
     for name, module in model.named_modules():
         if not name or isinstance(module, MatryoshkaLinear) or ".base_layer" in name or name.endswith("base_layer"):
@@ -61,14 +62,29 @@ def find_targets(model: nn.Module, config: MatLoRAConfig) -> list[str]:
         if _matches(name, config.exclude_modules):
             continue
         if config.target_modules == "all-linear":
-            if is_supported(module) and name not in heads:
+            if is_supported(module) and name not in heads and name not in bypassed:
                 selected.append(name)
             continue
         if _matches(name, config.target_modules):
             if not is_supported(module):
                 raise TypeError(_unsupported(name, module))
+            if name in bypassed:
+                raise TypeError(f"target_modules selects {name!r}, a linear layer inside {bypassed[name]}, which "
+                                f"reads its weight directly instead of calling it, so an adapter there would never "
+                                f"run: narrow target_modules (or add {name!r} to exclude_modules).")
             selected.append(name)
     return selected
+
+
+def _bypassed_layers(model: nn.Module) -> dict[str, str]:
+    """Linear layers whose parent uses their weight without calling them (``nn.MultiheadAttention.out_proj``),
+    by name → the parent's type name."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            for child_name, _ in module.named_children():
+                out[f"{name}.{child_name}" if name else child_name] = type(module).__name__
+    return out
 
 
 def _unsupported(name: str, module: nn.Module) -> str:

@@ -121,3 +121,38 @@ def test_modules_to_save_on_a_tied_head_is_trainable():
     assert "lm_head.weight" in adapter_state_keys(model, cb.config)
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     assert "transformer.h.0.attn.c_attn.base_layer.weight" in frozen
+
+
+def test_models_that_read_layer_weights_directly_still_run():
+    """transformers' T5 reads ``self.wo.weight.dtype`` in its MLP: an adapted layer must expose its base weight."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(T5Config(vocab_size=50, d_model=16, d_kv=4, d_ff=32, num_layers=1,
+                                                num_heads=2, decoder_start_token_id=0)).eval()
+    ids = torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=ids, labels=ids).logits
+    names = MatryoshkaLoRA(r_max=2, verbose=False).apply(model)
+    assert any(n.endswith(".wo") for n in names)
+    wo = model.get_submodule(next(n for n in names if n.endswith(".wo")))
+    assert wo.weight is wo.base_layer.weight and wo.bias is None
+    out = model(input_ids=ids, labels=ids)
+    assert torch.equal(out.logits, before)
+    out.loss.backward()
+    assert wo.lora_B.grad is not None and torch.count_nonzero(wo.lora_B.grad) > 0
+
+
+def test_multihead_attention_out_proj_is_not_adapted():
+    """nn.MultiheadAttention reads out_proj.weight directly (never calls it), so an adapter there would be
+    silently bypassed: "all-linear" skips it and naming it explicitly is an error."""
+    torch.manual_seed(0)
+    model = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True),
+                                        1, enable_nested_tensor=False)
+    names = MatryoshkaLoRA(r_max=2, verbose=False).apply(model)
+    assert sorted(names) == ["layers.0.linear1", "layers.0.linear2"]
+    model(torch.randn(2, 5, 16)).sum().backward()
+    with pytest.raises(TypeError, match=r"'layers\.0\.self_attn\.out_proj'.*MultiheadAttention"):
+        MatryoshkaLoRA(r_max=2, target_modules=["out_proj"], verbose=False).apply(
+            torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 1,
+                                        enable_nested_tensor=False))
