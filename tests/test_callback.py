@@ -237,3 +237,23 @@ def test_modes_in_fit_with_gradient_accumulation(mode):
         assert all(rec.records[i][1] == rec.records[i + 1][1] for i in range(0, 8, 2))
     if mode == "rowwise":  # every train rank in every micro-batch (4 rows ≥ |S| = 3)
         assert all(set(rows) == {1, 2, 4} for _, _, rows in rec.records)
+
+
+def test_public_api_names_and_defaults():
+    import inspect
+
+    import lightning_matlora as lm
+
+    for name in ("MatryoshkaLoRA", "MatryoshkaLinear", "build_p", "set_rank", "at_rank", "merge", "unmerge",
+                 "default_ranks", "adapted_layers", "controller_of", "begin_step", "MatLoRAConfig"):
+        assert name in lm.__all__ and hasattr(lm, name), name
+    assert issubclass(MatryoshkaLoRA, L.Callback)
+    params = inspect.signature(MatryoshkaLoRA).parameters
+    expected = dict(r_max=64, ranks=None, target_modules="all-linear", exclude_modules=("lm_head",),
+                    modules_to_save=None, scaling="sqrt", alpha=1.0, dropout=0.0, mode="matryoshka",
+                    rank_scale="rank", p=None, eval_ranks=None, adapter_dtype=None)
+    assert list(params)[:len(expected)] == list(expected)
+    assert {k: params[k].default for k in expected} == expected
+    assert inspect.signature(lm.build_p).parameters["scaling"].default == "sqrt"
+    cb = MatryoshkaLoRA(r_max=64)
+    assert cb.config.ranks == [1, 2, 4, 8, 16, 32, 64] and cb.config.eval_ranks == cb.config.ranks
