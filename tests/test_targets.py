@@ -103,7 +103,7 @@ def test_modules_to_save_in_fit_is_optimised_and_checkpointed(tmp_path):
     assert id(module.model.lm_head.weight) in opt_ids and len(opt_ids) == 1 + 4
     assert not torch.equal(module.model.lm_head.weight, head_before)
     assert torch.equal(module.model.model.embed_tokens.weight, embed_before)
-    (ckpt,) = [os.path.join(tmp_path, f) for f in os.listdir(tmp_path)]
+    (ckpt,) = [os.path.join(tmp_path, f) for f in os.listdir(tmp_path) if f.endswith(".ckpt")]
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
     assert sorted(state) == sorted(["model.lm_head.weight"] + [f"model.model.layers.{i}.self_attn.q_proj.lora_{ab}"
                                                                for i in (0, 1) for ab in "AB"])
