@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Callable
 
 import lightning as L
@@ -53,8 +54,10 @@ def token_loader(n: int = 12, seq: int = 10, batch_size: int = 4, vocab: int = 9
 
 
 def trainer(callbacks, **kw) -> L.Trainer:
+    # a fresh root dir: the callback saves the final adapter there, never into the repository
     args = dict(accelerator="cpu", devices=1, max_steps=3, logger=False, enable_checkpointing=False,
-                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                default_root_dir=tempfile.mkdtemp(prefix="matlora-test-"))
     args.update(kw)
     return L.Trainer(callbacks=callbacks, **args)
 
