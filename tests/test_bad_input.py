@@ -13,12 +13,6 @@ from lightning_matlora import MatryoshkaLoRA, merge, set_rank
 from lit_helpers import BuildsInConfigureModel, CausalLM, token_loader, trainer
 
 
-@pytest.fixture(autouse=True)
-def _run_in_tmp(tmp_path, monkeypatch):
-    """Trainer's default_root_dir is the cwd: keep whatever a fit writes (the saved adapter) out of the repo."""
-    monkeypatch.chdir(tmp_path)
-
-
 @pytest.mark.parametrize("r_max", [0, -3, 2.5, True, "8"])
 def test_r_max_must_be_a_positive_int(r_max):
     with pytest.raises(ValueError, match=r"r_max must be an integer ≥ 1"):

@@ -17,12 +17,6 @@ from lightning_matlora import MatryoshkaLoRA, adapted_layers
 from lit_helpers import BuildsInConfigureModel, CausalLM, ListHandler, token_loader, trainer
 
 
-@pytest.fixture(autouse=True)
-def _run_in_tmp(tmp_path, monkeypatch):
-    """Trainer's default_root_dir is the cwd: keep whatever a fit writes (the saved adapter) out of the repo."""
-    monkeypatch.chdir(tmp_path)
-
-
 def _is_adapter(name: str) -> bool:
     return name.endswith(".lora_A") or name.endswith(".lora_B")
 

@@ -12,12 +12,6 @@ from conftest import tiny_gpt2, tiny_llama
 from lightning_matlora import MatryoshkaLinear, MatryoshkaLoRA, adapted_layers
 from lit_helpers import CausalLM, token_loader, trainer
 
-@pytest.fixture(autouse=True)
-def _run_in_tmp(tmp_path, monkeypatch):
-    """Trainer's default_root_dir is the cwd: keep whatever a fit writes (the saved adapter) out of the repo."""
-    monkeypatch.chdir(tmp_path)
-
-
 LLAMA_PROJ = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
               "mlp.up_proj", "mlp.down_proj"]
 
