@@ -113,17 +113,18 @@ class MatryoshkaLoRA(pl.Callback):
 
     # -------------------------------------------------------------------------------------------- hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._owns(pl_module):
-            return  # fit then validate with the same trainer: already adapted by us
-        prepare_strategy(trainer, pl_module)  # refuses unsupported strategies and ZeRO-3 on a materialised model
-        names = self._inject(pl_module)
-        builds_later = _overrides(pl_module, "configure_model")
-        if builds_later:
-            _wrap_hook(pl_module, "configure_model", after=lambda: self._after_configure_model(pl_module))
-        elif not adapted_layers(pl_module):
-            raise ValueError(no_match_message(pl_module, self.config))
-        if adapted_layers(pl_module):
-            self._finish(pl_module, names)
+        # already adapted by us (fit then validate with the same trainer, or `.apply(module)` before the fit):
+        # skip the injection, but checkpoints must still load as adapter-only below
+        if not self._owns(pl_module):
+            prepare_strategy(trainer, pl_module)  # refuses unsupported strategies and ZeRO-3 on a materialised model
+            names = self._inject(pl_module)
+            builds_later = _overrides(pl_module, "configure_model")
+            if builds_later:
+                _wrap_hook(pl_module, "configure_model", after=lambda: self._after_configure_model(pl_module))
+            elif not adapted_layers(pl_module):
+                raise ValueError(no_match_message(pl_module, self.config))
+            if adapted_layers(pl_module):
+                self._finish(pl_module, names)
         _wrap_hook(pl_module, "on_load_checkpoint", before=lambda ckpt: self._check_checkpoint(pl_module, ckpt))
         # checkpoints hold only the adapter, so loading them must not demand the frozen base's keys
         pl_module.strict_loading = False
