@@ -16,7 +16,7 @@ from .adapter_io import check_save_adapter, check_save_best_mode, save_best_from
 from .config import MatLoRAConfig, TargetSpec
 from .evaluation import RankCurveValidation, check_rank_eval
 from .distributed import check_not_sharded, prepare_strategy
-from .inject import adapted_layers, adapter_state_keys, freeze_base, inject, no_match_message
+from .inject import adapted_layers, adapter_state_keys, freeze_base, inject, linear_layer_names, no_match_message
 from .rank import RankController
 from .summary import format_summary
 
@@ -122,7 +122,11 @@ class MatryoshkaLoRA(pl.Callback):
             if builds_later:
                 _wrap_hook(pl_module, "configure_model", after=lambda: self._after_configure_model(pl_module))
             elif not adapted_layers(pl_module):
-                raise ValueError(no_match_message(pl_module, self.config))
+                hint = ("" if linear_layer_names(pl_module) else
+                        " If your LightningModule builds its model in `setup()`, build it in `configure_model()` "
+                        "instead: Lightning calls callbacks' setup before the module's, and MatryoshkaLoRA adapts "
+                        "models built in configure_model right after that hook.")
+                raise ValueError(no_match_message(pl_module, self.config) + hint)
             if adapted_layers(pl_module):
                 self._finish(pl_module, names)
         _wrap_hook(pl_module, "on_load_checkpoint", before=lambda ckpt: self._check_checkpoint(pl_module, ckpt))
@@ -137,6 +141,10 @@ class MatryoshkaLoRA(pl.Callback):
         self._finish(pl_module, self.adapted + names if names else self.adapted)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        merged = sorted({m.merged_rank for m in adapted_layers(pl_module).values()} - {None})
+        if merged:
+            raise RuntimeError(f"The model is merged at rank {merged[0]}: a merged adapter does not train. Call "
+                               f"lightning_matlora.unmerge(model) before trainer.fit.")
         _drop_frozen_from_optimizers(trainer)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,

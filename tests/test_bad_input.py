@@ -144,3 +144,41 @@ def test_merge_bad_rank_and_unadapted_model():
         merge(model, 0)
     with pytest.raises(ValueError, match=r"no MatryoshkaLoRA layers: adapt it first"):
         set_rank(torch.nn.Linear(3, 3), 1)
+
+
+def test_model_built_in_setup_gets_a_hint_to_use_configure_model():
+    class BuildsInSetup(CausalLM):
+        def setup(self, stage):
+            if self.model is None:
+                self.model = tiny_llama()
+
+    with pytest.raises(ValueError, match="configure_model"):
+        trainer([MatryoshkaLoRA(r_max=4)]).fit(BuildsInSetup(), token_loader())
+
+
+def test_fit_on_a_merged_model_is_refused():
+    module = CausalLM(tiny_llama())
+    cb = MatryoshkaLoRA(r_max=4)
+    cb.apply(module)
+    merge(module, 2)
+    with pytest.raises(RuntimeError, match="unmerge"):
+        trainer([cb]).fit(module, token_loader())
+
+
+def test_set_rank_accepts_int_like_scalars_and_equals_the_int():
+    import numpy as np
+
+    model = tiny_llama()
+    MatryoshkaLoRA(r_max=8).apply(model)
+    for layer in model.modules():
+        if hasattr(layer, "lora_B"):
+            torch.nn.init.normal_(layer.lora_B)
+    ids = torch.randint(0, 97, (2, 5))
+    with torch.no_grad():
+        set_rank(model, 3)
+        ref = model(ids).logits
+        for k in (np.int64(3), torch.tensor(3)):
+            set_rank(model, k)
+            assert torch.equal(model(ids).logits, ref)
+    with pytest.raises(ValueError, match="1…r_max"):
+        set_rank(model, np.int64(9))
