@@ -42,10 +42,12 @@ class InstructCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None, run: bool = True) -> InstructCLI:
+    """Run the CLI (``args`` as on the command line; ``run=False``: no subcommand, just build the objects)."""
     torch.set_float32_matmul_precision("high")
+    defaults = {"default_config_files": [str(DEFAULT_CONFIG)]}
     return InstructCLI(InstructLM, InstructData, seed_everything_default=0, args=args, run=run,
                        save_config_kwargs={"overwrite": True},
-                       parser_kwargs={s: {"default_config_files": [str(DEFAULT_CONFIG)]} for s in SUBCOMMANDS})
+                       parser_kwargs={s: defaults for s in SUBCOMMANDS} if run else defaults)
 
 
 if __name__ == "__main__":
