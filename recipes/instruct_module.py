@@ -162,7 +162,8 @@ class InstructLM(pl.LightningModule):
         greedy final answer is right, at the current rank."""
         from instruct_data import final_answer
 
-        examples = self.trainer.datamodule.splits["val"][:self.hparams.num_generate]
+        split = "test" if self.trainer.testing else "val"
+        examples = self.trainer.datamodule.splits[split][:self.hparams.num_generate]
         mine = examples[self.global_rank::self.trainer.world_size]
         if not mine:
             return 0.0, 0
@@ -287,6 +288,10 @@ class InstructLM(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self.on_validation_epoch_end()
         if self.global_rank == 0 and self.curve:
+            print("\n" + format_report(self.curve, None).replace("(validation)", "(test)"))
+
+    def on_validation_end(self) -> None:
+        if self.trainer.state.fn == "validate" and self.global_rank == 0 and self.curve:
             print("\n" + format_report(self.curve, None))
 
     def predict_step(self, batch: list[str], batch_idx: int) -> list[dict[str, Any]]:

@@ -20,6 +20,9 @@ import instruct_data as idata  # noqa: E402
 import instruct_module as imod  # noqa: E402
 import make_data  # noqa: E402
 
+# LightningCLI(args=...) warns when pytest's own argv is present; the recipe is driven through args= on purpose
+pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+
 BASE = RECIPES / "assets" / "base"
 DATA = RECIPES / "assets" / "data" / "encode.jsonl"
 OFFLINE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -27,9 +30,9 @@ OFFLINE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", 
 # a cut-down run: a few optimizer steps on a slice of the bundled task
 CALLBACK = ('--trainer.callbacks=[{"class_path": "lightning_matlora.MatryoshkaLoRA", "init_args": {"r_max": 4, "ranks": [1, 2, 4], '
             '"mode": "rowwise", "rank_eval": null, "save_adapter": false}}]')
-QUICK = ["--trainer.max_steps", "4", "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1", "--data.max_train_examples", "128",
-         "--data.max_val_examples", "32", "--model.num_generate", "8", "--trainer.enable_progress_bar", "false",
-         CALLBACK]
+EVAL = ["--data.max_train_examples", "128", "--data.max_val_examples", "32", "--model.num_generate", "8",
+        "--trainer.enable_progress_bar", "false", CALLBACK]
+QUICK = ["--trainer.max_steps", "4", "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1", *EVAL]
 
 
 def _data(tmp_path: Path, rows: list[dict], name: str = "d.jsonl", **kw) -> idata.InstructData:
@@ -162,6 +165,22 @@ def test_predict_generates_at_the_chosen_rank_from_the_saved_adapter(fitted, tmp
     with at_rank(cli.model.model, 2):
         gen = cli.model.model.generate(**ids, max_new_tokens=cli.model.hparams.max_new_tokens, do_sample=False)
     assert tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True) == flat[0]["answer"]
+
+
+def test_validate_with_the_saved_adapter_reproduces_the_fit_curve(fitted, tmp_path, capsys):
+    """Reloading the saved adapter and validating gives the curve measured at the end of fit (same data)."""
+    import instruct
+
+    root, out = fitted
+    adapter = out.split("Adapter saved to ")[1].split()[0]
+    want = json.loads((Path(adapter).parent / "rank_curve.json").read_text())["curve"]
+    cli = instruct.main(["validate", "--model.adapter", adapter, "--trainer.default_root_dir", str(tmp_path),
+                         *EVAL])
+    assert sorted(cli.model.curve) == [1, 2, 4]
+    for k, m in cli.model.curve.items():
+        for name, v in m.items():
+            assert v == pytest.approx(want[str(k)][name], abs=1e-3), (k, name)
+    assert "Rank curve (validation)" in capsys.readouterr().out
 
 
 def test_predict_rejects_an_adapter_trained_with_other_settings(fitted, tmp_path):
