@@ -39,8 +39,8 @@ def main() -> None:
     extra = args[args.index("--") + 1:] if "--" in args else []
     settings = (args[:args.index("--")] if "--" in args else args) or SETTINGS
     root = Path("runs/compare")
-    sys.path.insert(0, str(HERE))
-    from instruct_module import aurac
+    sys.path.insert(0, str(HERE.parent))
+    from lightning_matlora import aurac
 
     rows = []
     for s in settings:
