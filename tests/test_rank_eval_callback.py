@@ -160,11 +160,14 @@ def adapted_lm():
 
 
 @pytest.mark.parametrize("returns", ["dict", "dict_per_row"])
-def test_validate_curve_matches_reference_on_both_paths(tmp_path, adapted_lm, returns):
+def test_validate_curve_matches_reference_on_both_paths(tmp_path, adapted_lm, returns, caplog):
     _, val = loaders(n_val=10, batch_size=4)  # last batch has 2 rows: weighting by rows matters
     module, cb = adapted_lm(returns)
+    cb.rank_eval.verbose = True
     t = trainer(tmp_path, callbacks=[cb])
-    t.validate(module, val, verbose=False)
+    with caplog.at_level(logging.INFO):
+        t.validate(module, val, verbose=False)
+    assert "MatryoshkaLoRA rank curve after epoch 0" in caplog.text  # the table is printed at the end of validate
     assert cb.rank_eval.used_mixed is (returns in ("per_row", "dict_per_row"))
     ref = reference_curve(module.model, val, [1, 3, 8])
     got = {k: float(t.callback_metrics[f"val/loss@r{k}"]) for k in (1, 3, 8)}
