@@ -4,7 +4,10 @@ One fine-tuning run trains a nested adapter; any prefix rank k ≤ r_max of it i
 """
 
 from .callback import MatryoshkaLoRA
+from .adapter_io import SavedAdapter, load_adapter, read_adapter, save_adapter
+from .distributed import full_adapter_state_dict, prepare_for_sharding
 from .config import MatLoRAConfig
+from .export import export_peft, merge_to_base
 from .curve import aurac, describe_rank_choice, format_curve_table, plot_rank_curves, select_rank
 from .evaluation import RankCurveValidation
 from .inject import adapted_layers
@@ -21,5 +24,6 @@ __all__ = [
     "RankCurveMetric", "RankCurveValidation", "aurac", "describe_rank_choice", "format_curve_table",
     "plot_rank_curves", "select_rank",
     "adapted_layers", "at_rank", "begin_step", "build_p", "controller_of", "default_ranks", "get_rank", "merge",
-    "rank_scale", "set_rank", "unmerge", "__version__",
+    "rank_scale", "set_rank", "unmerge", "full_adapter_state_dict", "prepare_for_sharding", "__version__",
+    "SavedAdapter", "export_peft", "load_adapter", "merge_to_base", "read_adapter", "save_adapter",
 ]

@@ -1,0 +1,221 @@
+"""One process of a multi-process test run (launched by tests/test_distributed.py through torchrun).
+
+    python -m torch.distributed.run --nproc-per-node=2 tests/dist_worker.py SCENARIO OUT_DIR
+
+Scenarios: ``ddp`` (also dylora draws and a mismatched-r_max resume), ``nodes`` (DDP over two simulated nodes),
+``fsdp2`` (fully_shard through ModelParallelStrategy), ``zero2`` and ``zero3`` (DeepSpeed on CPU). Each writes
+``rank{r}.pt`` per process and, on rank 0 after a final barrier, ``result.pt`` with ``complete=True``: the test
+accepts a run only when that file is complete.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # conftest's tiny models
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the package
+
+import lightning.pytorch as pl  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+from conftest import tiny_llama  # noqa: E402
+from lightning_matlora import MatryoshkaLoRA, prepare_for_sharding  # noqa: E402
+from lightning_matlora.distributed import full_adapter_state_dict  # noqa: E402
+
+R_MAX = 8
+N_SEQ, SEQ_LEN = 16, 12  # one epoch of 4 steps on 2 processes (global batch 4)
+PER_DEVICE_BATCH = 2
+MAX_STEPS = 4
+LR = 0.5
+
+
+def dataset() -> TensorDataset:
+    g = torch.Generator().manual_seed(1234)
+    return TensorDataset(torch.randint(0, 97, (N_SEQ, SEQ_LEN), generator=g))
+
+
+class TinyLM(pl.LightningModule):
+    """A tiny Llama built in configure_model (the same base and RNG stream under every strategy)."""
+
+    def __init__(self, shard: bool = False) -> None:
+        super().__init__()
+        self.shard = shard
+        self.model: torch.nn.Module | None = None
+        self.losses: list[float] = []
+        self.step_ranks: list[int | None] = []
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.model = tiny_llama(seed=0)
+        self.model.train()
+        if self.shard:  # FSDP2: adapters first, then fully_shard
+            from torch.distributed.fsdp import fully_shard
+
+            prepare_for_sharding(self)
+            mesh = self.device_mesh["data_parallel"]
+            for block in self.model.model.layers:
+                fully_shard(block, mesh=mesh)
+            fully_shard(self.model, mesh=mesh)
+
+    def training_step(self, batch, batch_idx):
+        (ids,) = batch
+        loss = self.model(input_ids=ids, labels=ids).loss
+        self.losses.append(float(loss.detach()))
+        ctrl = next(iter(m.controller for m in self.modules() if hasattr(m, "controller")), None)
+        self.step_ranks.append(ctrl.step_rank if ctrl is not None else None)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=LR, momentum=0.9)
+
+    def train_dataloader(self):
+        return ResumableLoader(dataset(), batch_size=PER_DEVICE_BATCH, shuffle=False)
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader that Lightning can resume mid-epoch (it skips the batches the checkpoint had consumed)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._yielded = 0
+        self._skip = 0
+
+    def __iter__(self):
+        skip, self._skip = self._skip, 0
+        self._yielded = skip
+        for i, batch in enumerate(super().__iter__()):
+            if i >= skip:
+                self._yielded += 1
+                yield batch
+
+    def state_dict(self) -> dict:
+        return {"yielded": self._yielded}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._skip = int(state["yielded"])
+
+
+class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+    """Test-only: DeepSpeed's ZeRO on CPU processes with gloo (the stock strategy insists on CUDA)."""
+
+    def setup_environment(self) -> None:
+        DDPStrategy.setup_environment(self)
+
+    @property
+    def root_device(self) -> torch.device:
+        return torch.device("cpu")
+
+
+def make_strategy(scenario: str):
+    if scenario in ("ddp", "nodes"):
+        return DDPStrategy(process_group_backend="gloo")
+    if scenario == "fsdp2":
+        return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    stage = {"zero2": 2, "zero3": 3}[scenario]
+    return CPUDeepSpeedStrategy(stage=stage, process_group_backend="gloo")
+
+
+def trainer(scenario: str, callbacks, out: Path, **kw) -> pl.Trainer:
+    nodes = scenario == "nodes"
+    return pl.Trainer(accelerator="cpu", devices=1 if nodes else 2, num_nodes=2 if nodes else 1,
+                      strategy=make_strategy(scenario), max_steps=MAX_STEPS, callbacks=callbacks,
+                      logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      default_root_dir=str(out), use_distributed_sampler=True, **kw)
+
+
+def fit(scenario: str, out: Path, ckpt_dir: Path | None = None, ckpt_path: str | None = None, **cb_kw):
+    pl.seed_everything(0, workers=True)
+    cb = MatryoshkaLoRA(r_max=R_MAX, verbose=False, **cb_kw)
+    callbacks = [cb]
+    if ckpt_dir is not None:
+        callbacks.append(ModelCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=2, save_top_k=-1,
+                                         filename="{step}"))
+    module = TinyLM(shard=scenario == "fsdp2")
+    t = trainer(scenario, callbacks, out)
+    t.fit(module, ckpt_path=ckpt_path)
+    return t, module, cb
+
+
+def local_adapter(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """This process's own view of the adapter factors (local shards under FSDP2/ZeRO-3)."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for n, p in module.named_parameters():
+        if n.endswith("lora_A") or n.endswith("lora_B"):
+            out[n] = (p.to_local() if isinstance(p, DTensor) else p).detach().cpu().clone()
+    return out
+
+
+def checkpoint_report(path: Path) -> dict:
+    """What the checkpoint at ``path`` (a file, or DeepSpeed/DCP directory) stores about the model."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    report = {"bytes": sum(p.stat().st_size for p in files), "files": [str(p.relative_to(path.parent)) for p in files]}
+    keys: set[str] = set()
+    for p in files:
+        if p.suffix in (".pt", ".ckpt"):
+            obj = torch.load(p, map_location="cpu", weights_only=False)
+            for field in ("state_dict", "module"):
+                if isinstance(obj, dict) and isinstance(obj.get(field), dict):
+                    keys.update(obj[field])
+            if isinstance(obj, dict) and "frozen_param_shapes" in obj and obj["frozen_param_shapes"]:
+                keys.update(f"frozen:{k}" for k in obj["frozen_param_shapes"])
+    if path.is_dir():  # distributed checkpoint (FSDP2): the keys are in the metadata
+        meta = path / ".metadata"
+        if meta.exists():
+            from torch.distributed.checkpoint import FileSystemReader
+
+            keys.update(k for k in FileSystemReader(str(path)).read_metadata().state_dict_metadata
+                        if k.startswith("state_dict."))
+    report["keys"] = sorted(keys)
+    return report
+
+
+def main() -> None:
+    scenario, out = sys.argv[1], Path(sys.argv[2])
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict = {"scenario": scenario}
+
+    t, module, cb = fit(scenario, out / "a", ckpt_dir=out / "ckpt")
+    rank = t.global_rank
+    full = full_adapter_state_dict(t)
+    mine = {"local": local_adapter(module), "full": full, "losses": module.losses}
+    result.update(full=full, losses=module.losses, world_size=t.world_size, strategy=type(t.strategy).__name__)
+
+    if scenario != "nodes":
+        ckpt = out / "ckpt" / "step=2.ckpt"
+        t.strategy.barrier()
+        result["checkpoint"] = checkpoint_report(ckpt) if rank == 0 else None
+        t2, _, _ = fit(scenario, out / "b", ckpt_path=str(ckpt))
+        result["resumed"] = full_adapter_state_dict(t2)
+        result["resumed_global_step"] = t2.global_step
+
+    if scenario == "ddp":
+        t3, m3, _ = fit(scenario, out / "c", mode="dylora", ranks=[1, 2, 4, 8])
+        mine["dylora_ranks"] = m3.step_ranks
+        try:  # resume with a different r_max: a clear error on every process
+            pl.seed_everything(0)
+            bad = MatryoshkaLoRA(r_max=R_MAX * 2, verbose=False)
+            trainer(scenario, [bad], out / "d").fit(TinyLM(), ckpt_path=str(out / "ckpt" / "step=2.ckpt"))
+            mine["mismatch_error"] = None
+        except ValueError as e:
+            mine["mismatch_error"] = str(e)
+
+    torch.save(mine, out / f"rank{rank}.pt")
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    if rank == 0:
+        result["complete"] = True
+        torch.save(result, out / "result.pt.tmp")
+        os.replace(out / "result.pt.tmp", out / "result.pt")
+
+
+if __name__ == "__main__":
+    main()
