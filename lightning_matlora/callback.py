@@ -94,6 +94,16 @@ class MatryoshkaLoRA(pl.Callback):
         """The training diagonal (float32, length r_max)."""
         return self.controller.p
 
+    @property
+    def last_curve(self) -> dict[str, Any] | None:
+        """The last validation epoch's rank curve (``{"metric", "ranks", "scores"}``), saved with the adapter."""
+        return self.rank_eval.last_curve() if self.rank_eval is not None else None
+
+    @property
+    def last_aurac(self) -> float | None:
+        """The last validation epoch's AURAC (``None`` if not measured or not finite)."""
+        return self.rank_eval.last_aurac() if self.rank_eval is not None else None
+
     def apply(self, module: nn.Module) -> list[str]:
         """Adapt ``module`` without a Trainer: inject, freeze the base, return the adapted layers' names.
 

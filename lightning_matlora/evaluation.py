@@ -29,6 +29,7 @@ counters) happen once per extra call; set ``rank_eval=None`` and use :class:`Ran
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import warnings
 from collections.abc import Iterator, Mapping
@@ -236,6 +237,20 @@ class RankCurveValidation:
         path = self.plot_path(trainer)  # trainer.log_dir is a collective under DDP: every process asks
         if trainer.is_global_zero:
             self._plot(trainer, path)
+
+    def last_curve(self) -> dict[str, Any] | None:
+        """The last validation epoch's curve as ``{"metric": "val/loss", "ranks": [...], "scores": [...]}``
+        (what a saved adapter records); ``None`` before the first epoch."""
+        if not self.history:
+            return None
+        curve = self.history[-1][1]
+        return {"metric": f"{PREFIX}/{NAME}", "ranks": list(curve), "scores": list(curve.values())}
+
+    def last_aurac(self) -> float | None:
+        """The last epoch's AURAC; ``None`` before the first epoch or when it is not finite (a NaN rank)."""
+        if not self.history or not math.isfinite(self.history[-1][2]):
+            return None
+        return self.history[-1][2]
 
     def report(self, trainer: pl.Trainer) -> None:
         """Print the table of the last epoch's curve with the rank advice (global rank zero only)."""

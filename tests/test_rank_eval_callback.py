@@ -142,6 +142,13 @@ def test_fit_logs_curve_aurac_table_png_and_tensorboard(tmp_path, caplog):
     assert "val/rank_curve_loss" in acc.Tags()["images"]
     assert len(acc.Images("val/rank_curve_loss")) == 2
     assert "val/loss@r8" in acc.Tags()["scalars"]
+    # the adapter saved at the end of fit records the last curve and its AURAC
+    from lightning_matlora import read_adapter
+
+    saved = read_adapter(cb.adapter_path)
+    assert saved.rank_curve["ranks"] == [1, 2, 4, 8] and saved.rank_curve["metric"] == "val/loss"
+    assert saved.rank_curve["scores"] == pytest.approx([ref[k] for k in (1, 2, 4, 8)], rel=1e-5)
+    assert saved.aurac == pytest.approx(float(metrics["val/aurac_loss"]), rel=1e-6)
     text = caplog.text
     assert "MatryoshkaLoRA rank curve after epoch 1" in text and "Advice: rank" in text and "AURAC" in text
 
