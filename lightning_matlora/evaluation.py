@@ -169,7 +169,8 @@ class RankCurveValidation:
 
     # ------------------------------------------------------------------------------------------------ hooks
     def epoch_start(self, pl_module: pl.LightningModule) -> None:
-        self.metric = self.metric.to(pl_module.device)
+        device = pl_module.device if pl_module.device.type != "mps" else torch.device("cpu")  # float64 states
+        self.metric = self.metric.to(device)
         self.metric.reset()
 
     def batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
@@ -230,9 +231,11 @@ class RankCurveValidation:
             return
         curve = {k: float(v) for k, v in result["curve"].items()}
         area = float(result["aurac"])
+        # the values are already reduced across processes (identical everywhere); sync_dist only keeps Lightning
+        # from warning about unsynchronised epoch-level logging
         for k in self.ranks:
-            pl_module.log(metric_name(k, self.width), curve[k], add_dataloader_idx=False)
-        pl_module.log(aurac_name(), area, prog_bar=True, add_dataloader_idx=False)
+            pl_module.log(metric_name(k, self.width), curve[k], add_dataloader_idx=False, sync_dist=True)
+        pl_module.log(aurac_name(), area, prog_bar=True, add_dataloader_idx=False, sync_dist=True)
         self.history.append((trainer.current_epoch, curve, area))
         path = self.plot_path(trainer)  # trainer.log_dir is a collective under DDP: every process asks
         if trainer.is_global_zero:
@@ -270,9 +273,13 @@ class RankCurveValidation:
             import matplotlib  # noqa: F401
         except ImportError:
             return
+        few = len(self.history) <= 12  # beyond that a legend hides the plot: colours go dark → bright by epoch
         fig, _ = plot_rank_curves([c for _, c, _ in self.history],
-                                  labels=[f"epoch {e}: AURAC {a:.4g}" for e, _, a in self.history],
-                                  ylabel=f"{PREFIX}/{NAME}", title="MatryoshkaLoRA rank curve")
+                                  labels=[f"epoch {e}: AURAC {a:.4g}" for e, _, a in self.history] if few else None,
+                                  ylabel=f"{PREFIX}/{NAME}",
+                                  title="MatryoshkaLoRA rank curve" + ("" if few else
+                                                                       f", epochs {self.history[0][0]}–"
+                                                                       f"{self.history[-1][0]} (dark → bright)"))
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         fig.savefig(path, dpi=100)
         from lightning.pytorch.loggers import TensorBoardLogger
