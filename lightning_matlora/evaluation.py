@@ -117,7 +117,7 @@ def step_loss(output: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
 def silenced(module: pl.LightningModule) -> Iterator[None]:
     """Run user code without its ``self.log``/``self.log_dict`` reaching Lightning and with the states of the
     module's torchmetrics metrics restored afterwards."""
-    metrics = [m for m in module.modules() if isinstance(m, Metric) and not isinstance(m, RankCurveMetric)]
+    metrics = [m for m in module.modules() if isinstance(m, Metric)]
     saved = []
     for m in metrics:
         state = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else
