@@ -60,6 +60,10 @@ class RankController:
     def set(self, rank: RankSetting) -> None:
         """Activate a rank setting (validated: ints and tensor entries must lie in 1…r_max)."""
         if rank is not None:
+            if isinstance(rank, torch.Tensor) and rank.dim() == 0 and not rank.dtype.is_floating_point:
+                rank = int(rank)  # a 0-d integer tensor is one rank for the whole batch
+            elif not isinstance(rank, (torch.Tensor, bool)) and hasattr(rank, "__index__"):
+                rank = int(rank.__index__())  # numpy integers and other int-like scalars
             if isinstance(rank, torch.Tensor):
                 if rank.dim() != 1 or rank.dtype.is_floating_point or rank.dtype == torch.bool:
                     raise ValueError("A per-row rank tensor must be 1-D and of an integer dtype (one rank per row "
