@@ -589,7 +589,8 @@ def run_metadata(trainer: Any, callbacks: Iterable[Any]) -> dict[str, Any]:
 
             _, curve, area = history[-1]
             meta["curve"] = {"metric": f"{PREFIX}/{NAME}", "ranks": list(curve), "scores": list(curve.values())}
-            meta["aurac"] = area
+            if math.isfinite(area):  # a NaN rank makes the AURAC NaN: keep the curve, record no AURAC
+                meta["aurac"] = area
             return meta
     for cb in callbacks:
         curve = getattr(cb, "last_curve", None)

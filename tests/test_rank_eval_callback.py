@@ -312,3 +312,21 @@ def test_curve_reduces_across_two_ddp_processes(tmp_path):
     for k in (1, 3, 8):
         assert float(t.callback_metrics[f"val/loss@r{k}"]) == pytest.approx(ref[k], rel=1e-5)
     assert float(t.callback_metrics["val/aurac_loss"]) == pytest.approx(aurac(list(ref), list(ref.values())), rel=1e-5)
+
+
+def test_nan_rank_is_reported_not_hidden_and_does_not_block_saving(caplog):
+    """A diverged rank: the AURAC is NaN, the table says so, the saved metadata keeps the curve without an AURAC."""
+    import math
+    from types import SimpleNamespace
+
+    from lightning_matlora.adapter_io import run_metadata
+
+    cb = MatryoshkaLoRA(r_max=4, verbose=True)
+    curve = {1: 2.0, 2: 1.5, 4: float("nan")}
+    cb.rank_eval.history.append((0, curve, aurac(list(curve), list(curve.values()))))
+    assert math.isnan(cb.rank_eval.history[-1][2]) and cb.last_aurac is None
+    meta = run_metadata(SimpleNamespace(global_step=3, current_epoch=0), [cb])
+    assert "aurac" not in meta and math.isnan(meta["curve"]["scores"][2])
+    with caplog.at_level(logging.INFO):
+        cb.rank_eval.report(None)
+    assert "no rank advised: the scores at ranks [4] are NaN" in caplog.text and "AURAC (log2 axis): nan" in caplog.text
