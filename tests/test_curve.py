@@ -37,7 +37,8 @@ def test_aurac_matches_formula_on_unsorted_irregular_ranks(axis):
     values = torch.rand(5, generator=g, dtype=torch.float64).tolist()
     assert aurac(ranks, values, axis) == pytest.approx(reference_aurac(ranks, values, axis), rel=1e-12)
     # tensors in, same number out; a (m, c) tensor gives one AURAC per column
-    assert aurac(ranks, torch.tensor(values, dtype=torch.float64), axis) == pytest.approx(reference_aurac(ranks, values, axis), rel=1e-12)
+    want = reference_aurac(ranks, values, axis)
+    assert aurac(ranks, torch.tensor(values, dtype=torch.float64), axis) == pytest.approx(want, rel=1e-12)
     v64 = torch.tensor(values, dtype=torch.float64)
     cols = torch.stack([v64, 2 * v64], dim=1)
     out = aurac(ranks, cols, axis)
