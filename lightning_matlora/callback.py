@@ -13,7 +13,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
 from .config import MatLoRAConfig, TargetSpec
-from .distributed import check_not_sharded, prepare_strategy
+from .distributed import check_not_sharded, is_deepspeed, prepare_strategy
 from .inject import adapted_layers, adapter_state_keys, freeze_base, inject, no_match_message
 from .rank import RankController
 from .summary import format_summary
@@ -112,7 +112,8 @@ class MatryoshkaLoRA(pl.Callback):
         self._finish(pl_module, self.adapted + names if names else self.adapted)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        _drop_frozen_from_optimizers(trainer)
+        if not is_deepspeed(trainer.strategy):  # DeepSpeed builds its optimizer from the trainable parameters only
+            _drop_frozen_from_optimizers(trainer)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:

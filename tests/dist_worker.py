@@ -46,6 +46,9 @@ class TinyLM(pl.LightningModule):
     def __init__(self, shard: bool = False) -> None:
         super().__init__()
         self.shard = shard
+        # the base weights, loaded in configure_model: a model built under deepspeed.zero.Init skips transformers'
+        # weight init (its parameters are already partitioned), so every strategy loads the same weights instead
+        self.base_weights = tiny_llama(seed=0).state_dict()
         self.model: torch.nn.Module | None = None
         self.losses: list[float] = []
         self.step_ranks: list[int | None] = []
@@ -54,7 +57,16 @@ class TinyLM(pl.LightningModule):
         if self.model is not None:
             return
         self.model = tiny_llama(seed=0)
+        params = [p for p in self.model.parameters() if hasattr(p, "ds_id")]
+        if params:  # ZeRO-3: gather, load on rank 0, re-partition
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+                self.model.load_state_dict(self.base_weights)
+        else:
+            self.model.load_state_dict(self.base_weights)
         self.model.train()
+        torch.manual_seed(1)  # the adapters' initialisation, right after this hook
         if self.shard:  # FSDP2: adapters first, then fully_shard
             from torch.distributed.fsdp import fully_shard
 
@@ -105,12 +117,19 @@ class ResumableLoader(DataLoader):
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):
     """Test-only: DeepSpeed's ZeRO on CPU processes with gloo (the stock strategy insists on CUDA)."""
 
-    def setup_environment(self) -> None:
+    def setup_environment(self) -> None:  # the stock one refuses any accelerator but CUDA
         DDPStrategy.setup_environment(self)
 
+    def setup_distributed(self) -> None:  # the stock one checks CUDA device indices
+        from lightning.fabric.utilities.seed import reset_seed
+
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
     @property
-    def root_device(self) -> torch.device:
-        return torch.device("cpu")
+    def root_device(self) -> torch.device:  # an index, for deepspeed.initialize(args.device_rank); CPU ignores it
+        return torch.device("cpu", self.local_rank)
 
 
 def make_strategy(scenario: str):
@@ -154,6 +173,18 @@ def local_adapter(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def optimizer_numel(t: pl.Trainer) -> int:
+    """Elements this process's torch optimizer updates (DeepSpeed: its fp32 partitions; FSDP2: local shards)."""
+    opt = t.optimizers[0]
+    opt = getattr(opt, "_optimizer", opt)  # LightningOptimizer
+    for field in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups"):  # ZeRO-3, ZeRO-1/2
+        if hasattr(opt, field):
+            return sum(p.numel() for p in getattr(opt, field))
+    from torch.distributed.tensor import DTensor
+
+    return sum((p.to_local() if isinstance(p, DTensor) else p).numel() for g in opt.param_groups for p in g["params"])
+
+
 def checkpoint_report(path: Path) -> dict:
     """What the checkpoint at ``path`` (a file, or DeepSpeed/DCP directory) stores about the model."""
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
@@ -188,6 +219,7 @@ def main() -> None:
     full = full_adapter_state_dict(t)
     mine = {"local": local_adapter(module), "full": full, "losses": module.losses}
     result.update(full=full, losses=module.losses, world_size=t.world_size, strategy=type(t.strategy).__name__)
+    mine["optimizer_numel"] = optimizer_numel(t)
 
     if scenario != "nodes":
         ckpt = out / "ckpt" / "step=2.ckpt"
