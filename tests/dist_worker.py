@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import lightning.pytorch as pl  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy  # noqa: E402
-from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset  # noqa: E402
 
 from conftest import tiny_llama  # noqa: E402
 from lightning_matlora import MatryoshkaLoRA, prepare_for_sharding  # noqa: E402
@@ -43,14 +43,15 @@ def dataset() -> TensorDataset:
 class TinyLM(pl.LightningModule):
     """A tiny Llama built in configure_model (the same base and RNG stream under every strategy)."""
 
-    def __init__(self, shard: bool = False) -> None:
+    def __init__(self, shard: bool = False, batch_size: int = PER_DEVICE_BATCH, prepare: bool = True) -> None:
         super().__init__()
-        self.shard = shard
+        self.shard, self.batch_size, self.prepare = shard, batch_size, prepare
         # the base weights, loaded in configure_model: a model built under deepspeed.zero.Init skips transformers'
         # weight init (its parameters are already partitioned), so every strategy loads the same weights instead
         self.base_weights = tiny_llama(seed=0).state_dict()
         self.model: torch.nn.Module | None = None
         self.losses: list[float] = []
+        self.rows: list[list[int]] = []
         self.step_ranks: list[int | None] = []
 
     def configure_model(self) -> None:
@@ -70,7 +71,8 @@ class TinyLM(pl.LightningModule):
         if self.shard:  # FSDP2: adapters first, then fully_shard
             from torch.distributed.fsdp import fully_shard
 
-            prepare_for_sharding(self)
+            if self.prepare:
+                prepare_for_sharding(self)
             mesh = self.device_mesh["data_parallel"]
             for block in self.model.model.layers:
                 fully_shard(block, mesh=mesh)
@@ -80,6 +82,7 @@ class TinyLM(pl.LightningModule):
         (ids,) = batch
         loss = self.model(input_ids=ids, labels=ids).loss
         self.losses.append(float(loss.detach()))
+        self.rows.append(ids[:, 0].tolist())  # which sequences this step saw (their first tokens)
         ctrl = next(iter(m.controller for m in self.modules() if hasattr(m, "controller")), None)
         self.step_ranks.append(ctrl.step_rank if ctrl is not None else None)
         return loss
@@ -88,7 +91,11 @@ class TinyLM(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=LR, momentum=0.9)
 
     def train_dataloader(self):
-        return ResumableLoader(dataset(), batch_size=PER_DEVICE_BATCH, shuffle=False)
+        # explicit: rank r takes sequences r, r + world, ...; a step's global batch is the next world × batch sequences
+        data = dataset()
+        sampler = DistributedSampler(data, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank,
+                                     shuffle=False)
+        return ResumableLoader(data, batch_size=self.batch_size, sampler=sampler)
 
 
 class ResumableLoader(DataLoader):
@@ -146,7 +153,7 @@ def trainer(scenario: str, callbacks, out: Path, **kw) -> pl.Trainer:
     return pl.Trainer(accelerator="cpu", devices=1 if nodes else 2, num_nodes=2 if nodes else 1,
                       strategy=make_strategy(scenario), max_steps=MAX_STEPS, callbacks=callbacks,
                       logger=False, enable_progress_bar=False, enable_model_summary=False,
-                      default_root_dir=str(out), use_distributed_sampler=True, **kw)
+                      default_root_dir=str(out), use_distributed_sampler=False, **kw)
 
 
 def fit(scenario: str, out: Path, ckpt_dir: Path | None = None, ckpt_path: str | None = None, **cb_kw):
@@ -209,6 +216,23 @@ def checkpoint_report(path: Path) -> dict:
     return report
 
 
+class EagerLM(TinyLM):
+    """Builds its model in __init__ (fine under DDP, wrong under ZeRO-3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = tiny_llama(seed=0)
+
+
+def expect_error(scenario: str, out: Path, module: pl.LightningModule) -> str | None:
+    """Fit ``module`` and return the message of the error it raises (None if it trains)."""
+    try:
+        trainer(scenario, [MatryoshkaLoRA(r_max=R_MAX, verbose=False)], out).fit(module)
+    except (ValueError, RuntimeError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
 def main() -> None:
     scenario, out = sys.argv[1], Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
@@ -217,7 +241,7 @@ def main() -> None:
     t, module, cb = fit(scenario, out / "a", ckpt_dir=out / "ckpt")
     rank = t.global_rank
     full = full_adapter_state_dict(t)
-    mine = {"local": local_adapter(module), "full": full, "losses": module.losses}
+    mine = {"local": local_adapter(module), "full": full, "losses": module.losses, "rows": module.rows}
     result.update(full=full, losses=module.losses, world_size=t.world_size, strategy=type(t.strategy).__name__)
     mine["optimizer_numel"] = optimizer_numel(t)
 
@@ -239,6 +263,11 @@ def main() -> None:
             mine["mismatch_error"] = None
         except ValueError as e:
             mine["mismatch_error"] = str(e)
+
+    if scenario == "fsdp2":  # fully_shard before the adapters existed: a clear error
+        mine["sharded_first_error"] = expect_error(scenario, out / "e", TinyLM(shard=True, prepare=False))
+    if scenario == "zero3":  # a model materialised in __init__, before ZeRO-3 could partition it
+        mine["materialised_error"] = expect_error(scenario, out / "e", EagerLM())
 
     torch.save(mine, out / f"rank{rank}.pt")
     if torch.distributed.is_initialized():
