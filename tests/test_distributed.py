@@ -214,14 +214,36 @@ def test_zero3_partitions_adapters_and_refuses_a_materialised_model(sharded):
 
 
 # -------------------------------------------------------------------------------------------- bad input
-def test_unsupported_strategy_is_refused_naming_the_supported_ones():
+def test_unsupported_strategy_is_refused_at_setup_naming_the_supported_ones(tmp_path):
+    import lightning.pytorch as pl
     from lightning.pytorch.strategies import SingleDeviceXLAStrategy, Strategy
 
-    class HomeMadeStrategy(Strategy):  # a strategy of no kind the plugin knows
-        pass
+    class HomeMadeStrategy(Strategy):
+        """A working single-process strategy of no kind the plugin knows (its sharding could be anything)."""
 
-    for strategy in (HomeMadeStrategy.__new__(HomeMadeStrategy),
-                     SingleDeviceXLAStrategy.__new__(SingleDeviceXLAStrategy)):
-        with pytest.raises(ValueError, match="does not support the .*Strategy strategy. Supported: single device"):
-            check_strategy(strategy)
+        root_device = torch.device("cpu")
+        is_global_zero = True
+
+        def model_to_device(self) -> None:
+            self.model.to(self.root_device)
+
+        def reduce(self, tensor, *args, **kwargs):
+            return tensor
+
+        def barrier(self, *args, **kwargs) -> None:
+            pass
+
+        def broadcast(self, obj, src=0):
+            return obj
+
+        def all_gather(self, tensor, group=None, sync_grads=False):
+            return tensor
+
+    trainer = pl.Trainer(accelerator="cpu", strategy=HomeMadeStrategy(), max_steps=1, logger=False,
+                         enable_progress_bar=False, default_root_dir=str(tmp_path),
+                         callbacks=[MatryoshkaLoRA(r_max=4, verbose=False)])
+    with pytest.raises(ValueError, match="does not support the HomeMadeStrategy strategy. Supported: single device"):
+        trainer.fit(W.TinyLM())
+    with pytest.raises(ValueError, match="does not support the SingleDeviceXLAStrategy"):
+        check_strategy(object.__new__(SingleDeviceXLAStrategy))  # XLA: per-step rank changes would recompile
     assert "DeepSpeed ZeRO stages 1, 2 and 3" in SUPPORTED_STRATEGIES and "FSDP2" in SUPPORTED_STRATEGIES
