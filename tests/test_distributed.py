@@ -167,9 +167,24 @@ def test_two_nodes_equal_one_node(ddp, tmp_path, dist_cache):
 
 
 # ------------------------------------------------------------------------------- FSDP2 and DeepSpeed ZeRO
-@pytest.fixture(scope="module", params=["fsdp2", "zero2", "zero3"])
-def sharded(request, tmp_path_factory, dist_cache):
-    return run_scenario(request.param, tmp_path_factory.mktemp(request.param), dist_cache)
+@pytest.fixture(scope="module")
+def fsdp2(tmp_path_factory, dist_cache):
+    return run_scenario("fsdp2", tmp_path_factory.mktemp("fsdp2"), dist_cache)
+
+
+@pytest.fixture(scope="module")
+def zero2(tmp_path_factory, dist_cache):
+    return run_scenario("zero2", tmp_path_factory.mktemp("zero2"), dist_cache)
+
+
+@pytest.fixture(scope="module")
+def zero3(tmp_path_factory, dist_cache):
+    return run_scenario("zero3", tmp_path_factory.mktemp("zero3"), dist_cache)
+
+
+@pytest.fixture(params=["fsdp2", "zero2", "zero3"])
+def sharded(request):
+    return request.getfixturevalue(request.param)
 
 
 def test_sharded_fit_matches_ddp(sharded, ddp):
@@ -194,20 +209,16 @@ def test_sharded_checkpoint_excludes_the_base_and_resume_continues_exactly(shard
     _assert_same(sharded["resumed"], sharded["full"], atol=1e-6)
 
 
-def test_fsdp2_really_shards_and_refuses_adapters_after_fully_shard(sharded):
-    if sharded["scenario"] != "fsdp2":
-        pytest.skip("FSDP2 only")
-    r0 = sharded["ranks"][0]
-    full = sharded["full"]
+def test_fsdp2_really_shards_and_refuses_adapters_after_fully_shard(fsdp2):
+    r0 = fsdp2["ranks"][0]
+    full = fsdp2["full"]
     assert all(r0["local"][k].shape[0] * 2 == full[k].shape[0] for k in full), "local shards are halves"
     msg = r0["sharded_first_error"]
     assert msg is not None and "prepare_for_sharding(self)" in msg and "fully_shard" in msg
 
 
-def test_zero3_partitions_adapters_and_refuses_a_materialised_model(sharded):
-    if sharded["scenario"] != "zero3":
-        pytest.skip("ZeRO-3 only")
-    r0 = sharded["ranks"][0]
+def test_zero3_partitions_adapters_and_refuses_a_materialised_model(zero3):
+    r0 = zero3["ranks"][0]
     assert all(v.numel() == 0 for v in r0["local"].values()), "ZeRO-3 partitions the adapters too"
     msg = r0["materialised_error"]
     assert msg is not None and "configure_model" in msg and "ZeRO-3" in msg
