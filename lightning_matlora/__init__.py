@@ -4,10 +4,15 @@ One fine-tuning run trains a nested adapter; any prefix rank k ≤ r_max of it i
 """
 
 from .callback import MatryoshkaLoRA
+from .adapter_io import SavedAdapter, load_adapter, read_adapter, save_adapter
 from .distributed import full_adapter_state_dict, prepare_for_sharding
 from .config import MatLoRAConfig
+from .export import export_peft, merge_to_base
+from .curve import aurac, describe_rank_choice, format_curve_table, plot_rank_curves, select_rank
+from .evaluation import RankCurveValidation
 from .inject import adapted_layers
 from .layer import MatryoshkaLinear
+from .metric import RankCurveMetric
 from .model import at_rank, begin_step, controller_of, get_rank, merge, set_rank, unmerge
 from .rank import RankController, RankPlan
 from .scaling import build_p, default_ranks, rank_scale
@@ -16,6 +21,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MatryoshkaLoRA", "MatLoRAConfig", "MatryoshkaLinear", "RankController", "RankPlan",
+    "RankCurveMetric", "RankCurveValidation", "aurac", "describe_rank_choice", "format_curve_table",
+    "plot_rank_curves", "select_rank",
     "adapted_layers", "at_rank", "begin_step", "build_p", "controller_of", "default_ranks", "get_rank", "merge",
     "rank_scale", "set_rank", "unmerge", "full_adapter_state_dict", "prepare_for_sharding", "__version__",
+    "SavedAdapter", "export_peft", "load_adapter", "merge_to_base", "read_adapter", "save_adapter",
 ]

@@ -13,6 +13,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
 from .config import MatLoRAConfig, TargetSpec
+from .evaluation import RankCurveValidation, check_rank_eval
 from .distributed import check_not_sharded, is_deepspeed, prepare_strategy
 from .inject import adapted_layers, adapter_state_keys, freeze_base, inject, no_match_message
 from .rank import RankController
@@ -50,6 +51,16 @@ class MatryoshkaLoRA(pl.Callback):
         eval_ranks: ranks evaluated and reported; default the train ranks.
         adapter_dtype: dtype of the adapter factors; default the base weight's.
         seed: seed of the per-step rank draws of ``"dylora"``/``"rowwise"`` (identical on every process).
+        save_adapter: at the end of ``fit``, save the adapter with :func:`~lightning_matlora.save_adapter` (with
+            the last measured rank curve, if any): ``True`` → ``<checkpoint dir>/matlora_adapter``, a path → there,
+            ``False`` → not at all. The path is logged and kept in ``.adapter_path``.
+        save_best: name of a logged metric to maximise (e.g. the AURAC of the rank-curve evaluation); after each
+            validation where it improves, the adapter is saved to ``<save_adapter dir>_best``.
+        rank_eval: per-rank validation (see :mod:`lightning_matlora.evaluation`): every validation epoch, the loss
+            returned by ``validation_step`` is measured at every eval rank and logged as ``val/loss@r<k>`` and
+            ``val/aurac_loss``. ``"auto"`` (one mixed-rank pass when the step returns per-row losses, else one
+            pass per rank), ``"mixed"``, ``"sequential"``, or ``None`` to turn it off (use
+            :class:`~lightning_matlora.RankCurveMetric` yourself).
     """
 
     def __init__(self, r_max: int = 64, ranks: Sequence[int] | None = None,
@@ -57,7 +68,9 @@ class MatryoshkaLoRA(pl.Callback):
                  modules_to_save: Sequence[str] | None = None, scaling: str = "sqrt", alpha: float = 1.0,
                  dropout: float = 0.0, mode: str = "matryoshka", rank_scale: str = "rank",
                  p: Sequence[float] | None = None, eval_ranks: Sequence[int] | None = None,
-                 adapter_dtype: str | torch.dtype | None = None, seed: int = 0, verbose: bool = True) -> None:
+                 adapter_dtype: str | torch.dtype | None = None, seed: int = 0, verbose: bool = True,
+                 save_adapter: bool | str = True, save_best: str | None = None,
+                 rank_eval: str | None = "auto") -> None:
         super().__init__()
         self.config = MatLoRAConfig(
             r_max=r_max, ranks=list(ranks) if ranks is not None else None, target_modules=target_modules,
@@ -68,6 +81,12 @@ class MatryoshkaLoRA(pl.Callback):
         self.controller = RankController(self.config)
         self.verbose = verbose
         self.adapted: list[str] = []
+        self.save_adapter, self.save_best = save_adapter, save_best
+        self.adapter_path: str | None = None
+        self.best_adapter_path: str | None = None
+        self.best_score: float | None = None
+        self.rank_eval = (RankCurveValidation(self.config, rank_eval, verbose=verbose)
+                          if check_rank_eval(rank_eval) is not None else None)
 
     # ----------------------------------------------------------------------------------------- public API
     @property
@@ -121,12 +140,42 @@ class MatryoshkaLoRA(pl.Callback):
             self.controller.set(None)
         self.controller.begin_step(trainer.global_step, batch_idx)
 
+    # per-rank validation: delegated to lightning_matlora.evaluation
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.rank_eval is not None:
+            self.rank_eval.epoch_start(pl_module)
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self.rank_eval is not None:
+            self.rank_eval.batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.rank_eval is not None:
+            self.rank_eval.epoch_end(trainer, pl_module)
+
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict")
         if state:  # DeepSpeed writes its own shards and no "state_dict" here
             keep = set(adapter_state_keys(pl_module, self.config))
             checkpoint["state_dict"] = {k: v for k, v in state.items() if k in keep}
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.rank_eval is not None and trainer.state.fn == "validate":
+            self.rank_eval.report(trainer)
+        if self.save_best and not trainer.sanity_checking:
+            from .adapter_io import save_best_from_trainer
+
+            save_best_from_trainer(self, trainer, pl_module)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.rank_eval is not None:
+            self.rank_eval.report(trainer)
+        if self.save_adapter is not False:
+            from .adapter_io import save_final_from_trainer
+
+            save_final_from_trainer(self, trainer, pl_module)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.controller.set(None)

@@ -42,3 +42,16 @@ def llama():
 @pytest.fixture
 def gpt2():
     return tiny_gpt2()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tests_leave_the_repository_clean():
+    """Tests write into temp dirs only: a run must not leave adapters or logs in the repository root."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    watched = ("matlora_adapter", "lightning_logs", "checkpoints")
+    before = {name for name in watched if (root / name).exists()}
+    yield
+    after = {name for name in watched if (root / name).exists()}
+    assert after <= before, f"tests wrote {sorted(after - before)} into {root}: give Trainers a tmp default_root_dir"

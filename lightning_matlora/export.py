@@ -1,0 +1,293 @@
+"""Rank k out of the nested adapter: a standard PEFT LoRA adapter, or a plain merged transformers model.
+
+Both are exact: rank k of a nested adapter under its ``rank_scale`` rule is x·A[:, :k]·diag(c)·B[:k, :] with the
+coefficients c = ``RankController.rank_coefficients(k)``, which is a rank-k LoRA adapter.
+
+- ``rank_scale="rank"``: c = s(k)·1 is a constant, which maps onto PEFT's scaling fields: s = α/√k →
+  ``lora_alpha=α, use_rslora=True``; s = α/k → ``lora_alpha=α``; s = α → ``lora_alpha=α·k``. The factors are the
+  first k rows of A and columns of B, unchanged.
+- ``rank_scale="trained"``: c = p_1…p_k is folded into ``lora_B`` (column i times p_i), ``lora_alpha=k`` so that
+  PEFT's scaling is 1. ``fold_scale=True`` does the same for the ``"rank"`` rule (for servers that do not read
+  ``use_rslora``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .adapter_io import (SavedAdapter, _transformers_types, atomic_directory, check_base, model_root, read_adapter,
+                         snapshot)
+from .inject import adapted_layers
+from .layer import MatryoshkaLinear
+from .rank import RankController
+
+AdapterSource = Union[str, os.PathLike, nn.Module, SavedAdapter]
+
+
+def _adapter(source: AdapterSource) -> SavedAdapter:
+    if isinstance(source, SavedAdapter):
+        return source
+    if isinstance(source, nn.Module):
+        return snapshot(source)
+    return read_adapter(source)
+
+
+def check_rank(rank: Any, r_max: int) -> int:
+    """``rank`` as an int in 1…r_max, or a ``ValueError`` that names the valid range."""
+    if isinstance(rank, str) and rank.strip().isdigit():
+        rank = int(rank)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= r_max:
+        raise ValueError(f"rank must be an integer in 1…r_max={r_max} (the adapter's allocated rank), got {rank!r}.")
+    return rank
+
+
+def _refuse_ancestor(out_dir: Path, source: AdapterSource) -> None:
+    out = out_dir.resolve()
+    protected = [Path.cwd().resolve(), Path.home().resolve()]
+    if isinstance(source, (str, os.PathLike)):
+        protected.append(Path(source).resolve())
+    for p in protected:
+        if out == p or out in p.parents:
+            raise ValueError(f"Refusing to write to {out_dir}: it contains {p} (the working directory, the home "
+                             f"directory or the source adapter). Choose a new output directory.")
+
+
+# --------------------------------------------------------------------------------------------------- PEFT
+def peft_rank_k(adapter: SavedAdapter, rank: int, fold_scale: bool = False
+                ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The PEFT ``adapter_config.json`` dict and ``adapter_model.safetensors`` tensors of rank ``rank``."""
+    cfg = adapter.config
+    k = check_rank(rank, cfg.r_max)
+    coef = RankController(cfg).rank_coefficients(k)  # the rank_scale rule's coefficients (float32, length k)
+    fold = fold_scale or cfg.rank_scale != "rank"
+    use_rslora = False
+    if fold:
+        lora_alpha = float(k)  # PEFT scaling lora_alpha / r = 1; the coefficients live in lora_B
+    else:
+        s = float(coef[0])
+        base = cfg.alpha
+        if cfg.scaling == "sqrt":
+            lora_alpha, use_rslora = base, True
+        elif cfg.scaling == "rank":
+            lora_alpha = base
+        else:
+            lora_alpha = base * k
+        peft_scaling = lora_alpha / (math.sqrt(k) if use_rslora else k)
+        if not math.isclose(peft_scaling, s, rel_tol=1e-6):  # pragma: no cover - guards the mapping above
+            raise AssertionError(f"PEFT scaling {peft_scaling} differs from s({k}) = {s}.")
+    tensors: dict[str, torch.Tensor] = {}
+    for name in sorted(adapter.layers):
+        A, B = adapter.factors(name)
+        A_k, B_k = A[:k].contiguous(), B[:, :k]
+        if fold:
+            B_k = (B_k.float() * coef).to(B.dtype)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A_k.clone()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = B_k.contiguous().clone()
+    for key in adapter.saved_keys:  # PEFT stores modules_to_save under the plain module path
+        tensors[f"base_model.model.{key}"] = adapter.tensors[key].contiguous()
+    config = {
+        "peft_type": "LORA",
+        "task_type": adapter.task_type,
+        "base_model_name_or_path": adapter.base_model_name_or_path,
+        "r": k,
+        "lora_alpha": lora_alpha,
+        "use_rslora": use_rslora,
+        "lora_dropout": cfg.dropout,
+        "target_modules": adapter.peft_target_modules or sorted({n.rsplit(".", 1)[-1] for n in adapter.layers}),
+        "modules_to_save": list(adapter.saved_modules) or None,
+        "fan_in_fan_out": any(i.conv1d for i in adapter.layers.values()),
+        "bias": "none",
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "use_dora": False,
+    }
+    return config, tensors
+
+
+def _card(adapter: SavedAdapter, k: int) -> str:
+    cfg = adapter.config
+    score = adapter.score_at(k)
+    metric = (adapter.rank_curve or {}).get("metric", "score")
+    lines = [f"# Rank-{k} LoRA adapter (exported from a MatryoshkaLoRA nested adapter)", "",
+             f"- base model: `{adapter.base_model_name_or_path or 'unknown'}`",
+             f"- rank: {k} of r_max={cfg.r_max} (train ranks {cfg.ranks}; rule `rank_scale={cfg.rank_scale}`, "
+             f"scaling `{cfg.scaling}`, alpha {cfg.alpha})",
+             f"- measured {metric} at rank {k}: " + (f"{score:.4g}" if score is not None else "not measured"),]
+    if adapter.aurac is not None:
+        lines.append(f"- AURAC of the full nested adapter: {adapter.aurac:.4g}")
+    lines += ["", "A standard PEFT LoRA adapter (`adapter_config.json` + `adapter_model.safetensors`):", "",
+              "```python", "from peft import PeftModel",
+              "model = PeftModel.from_pretrained(base_model, \"<this directory>\")", "```", ""]
+    return "\n".join(lines)
+
+
+def _write_peft(adapter: SavedAdapter, out: Path, k: int, fold_scale: bool) -> None:
+    config, tensors = peft_rank_k(adapter, k, fold_scale)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "README.md").write_text(_card(adapter, k))
+
+
+def export_peft(source: AdapterSource, out_dir: str | os.PathLike, rank: int | str, *, overwrite: bool = False,
+                fold_scale: bool = False) -> Path:
+    """Write rank ``rank`` of a nested adapter as a standard PEFT LoRA adapter in ``out_dir``.
+
+    Args:
+        source: an adapted model, a saved adapter directory (see :func:`save_adapter`) or a :class:`SavedAdapter`.
+            No base model is needed.
+        out_dir: the output directory (``adapter_config.json``, ``adapter_model.safetensors``, ``README.md``).
+        rank: k in 1…r_max, or ``"all"``: one adapter per train rank in ``out_dir/rank_<k>/``, each with a README
+            card stating the measured score at that rank when the adapter stores a rank curve.
+        overwrite: replace an existing ``out_dir`` (otherwise it is refused).
+        fold_scale: fold the scale into ``lora_B`` (``lora_alpha = r``) even for ``rank_scale="rank"``.
+
+    Load with ``peft.PeftModel.from_pretrained(base, out_dir)``; the logits equal the nested model at rank k.
+    """
+    out = Path(out_dir)
+    _refuse_ancestor(out, source)
+    adapter = _adapter(source)
+    if isinstance(rank, str) and rank.strip().lower() == "all":
+        ranks = list(adapter.config.ranks)
+
+        def write(tmp: Path) -> None:
+            for k in ranks:
+                _write_peft(adapter, tmp / f"rank_{k}", k, fold_scale)
+    else:
+        k = check_rank(rank, adapter.r_max)
+
+        def write(tmp: Path) -> None:
+            _write_peft(adapter, tmp, k, fold_scale)
+    atomic_directory(out, write, replace=overwrite)
+    return out
+
+
+# -------------------------------------------------------------------------------------------------- merge
+def _load_base(base: str | os.PathLike, adapter: SavedAdapter) -> nn.Module:
+    import transformers
+
+    cls_name = adapter.base_model_class
+    cls = getattr(transformers, cls_name, None) if cls_name else None
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        cls = transformers.AutoModelForCausalLM
+    return cls.from_pretrained(str(base))
+
+
+def merge_to_base(adapter: AdapterSource, out_dir: str | os.PathLike, rank: int, *,
+                  base: nn.Module | str | os.PathLike | None = None, overwrite: bool = False) -> Path:
+    """Write a plain transformers model (``save_pretrained``) with rank ``rank`` of the adapter merged in.
+
+    Args:
+        adapter: an adapted model (its base is used; ``base`` must be None), or a saved adapter directory /
+            :class:`SavedAdapter` (then ``base`` is a transformers model, or a local directory or hub name loaded
+            with ``from_pretrained``; default: the base recorded in the adapter).
+        out_dir: the output directory; reload it with ``AutoModelForCausalLM.from_pretrained(out_dir)``, no
+            lightning_matlora needed. Its logits equal the nested model at rank k.
+        rank: k in 1…r_max.
+        overwrite: replace an existing ``out_dir``.
+
+    Neither the adapted model nor a passed ``base`` is changed: merged weights are new tensors handed to
+    ``save_pretrained`` as its ``state_dict``.
+    """
+    out = Path(out_dir)
+    _refuse_ancestor(out, adapter)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists: choose another output directory or pass overwrite=True "
+                              f"(--overwrite on the command line).")
+    if isinstance(adapter, nn.Module):
+        if base is not None:
+            raise ValueError("merge_to_base(model, ...) merges into the model's own base: pass base=None (base is for a "
+                             "saved adapter directory).")
+        return _merge_adapted(adapter, out, rank, overwrite)
+    saved = _adapter(adapter)
+    k = check_rank(rank, saved.r_max)
+    if base is None:
+        if not saved.base_model_name_or_path:
+            raise ValueError("The adapter does not record its base model: pass base= (a model, a local directory or a "
+                             "hub name).")
+        base = saved.base_model_name_or_path
+    base_model = _load_base(base, saved) if isinstance(base, (str, os.PathLike)) else base
+    if not isinstance(base_model, _transformers_types()):
+        raise TypeError(f"base must be a transformers PreTrainedModel, a local directory or a hub name, got "
+                        f"{type(base_model).__name__}.")
+    if adapted_layers(base_model):
+        raise ValueError("base is already adapted: pass the plain base model (or call merge_to_base(adapted_model, ...)).")
+    _, root = check_base(saved, base_model)
+    if root is not base_model:
+        raise ValueError("The adapter's layers are not relative to base: pass the transformers model itself.")
+    controller = RankController(saved.config)
+    modules = dict(base_model.named_modules())
+    state = base_model.state_dict()
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        for name in saved.layers:
+            base_layer = modules[name]
+            layer = MatryoshkaLinear(base_layer, controller)  # not attached to the model: base stays unchanged
+            A, B = saved.factors(name)
+            layer.lora_A.data = A.to(layer.lora_A.device, layer.lora_A.dtype)
+            layer.lora_B.data = B.to(layer.lora_B.device, layer.lora_B.dtype)
+            state[f"{name}.weight"] = _merged_weight(layer, k)
+        for key in saved.saved_keys:
+            state[key] = saved.tensors[key].to(state[key].device, state[key].dtype)
+
+    atomic_directory(out, lambda tmp: _save(base_model, tmp, state, base), replace=overwrite)
+    return out
+
+
+def _merged_weight(layer: MatryoshkaLinear, k: int) -> torch.Tensor:
+    w = layer.base_layer.weight
+    return (w.detach().float() + layer.delta_weight(k)).to(w.dtype)
+
+
+def _save(model: nn.Module, tmp: Path, state: dict[str, torch.Tensor], base: Any = None) -> None:
+    model.save_pretrained(str(tmp), state_dict=state)
+    if isinstance(base, (str, os.PathLike)):  # keep the tokenizer with the merged model when the base has one
+        try:
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(tmp))
+        except Exception:
+            pass
+
+
+def _merge_adapted(model: nn.Module, out: Path, rank: int, overwrite: bool) -> Path:
+    layers = adapted_layers(model)
+    if not layers:
+        raise ValueError("The model has no MatryoshkaLoRA layers: pass an adapted model or a saved adapter directory.")
+    names = list(layers)
+    found = model_root(model, lambda n, m: isinstance(m, _transformers_types())
+                       and all(x.startswith(n + ".") or not n for x in names))
+    if found is None:
+        raise TypeError("merge_to_base writes a transformers model, but the adapted layers are not inside a transformers "
+                        "PreTrainedModel.")
+    _, root = found
+    k = check_rank(rank, next(iter(layers.values())).r_max)
+    merged = sorted(n for n, m in layers.items() if m.merged_rank is not None)
+    if merged:
+        raise RuntimeError("The model is merged: call unmerge(model) before merge_to_base.")
+    root_layers = adapted_layers(root)
+    with torch.no_grad():
+        weights = {name: _merged_weight(layer, k) for name, layer in root_layers.items()}
+    # unwrap in place for the save only (module objects swap; no tensor is modified), then put the wrappers back
+    parents = {}
+    for name, layer in root_layers.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = root.get_submodule(parent_name) if parent_name else root
+        parents[name] = (parent, child, layer)
+        setattr(parent, child, layer.base_layer)
+    try:
+        state = root.state_dict()
+        for name, w in weights.items():
+            state[f"{name}.weight"] = w
+        atomic_directory(out, lambda tmp: _save(root, tmp, state), replace=overwrite)
+    finally:
+        for parent, child, layer in parents.values():
+            setattr(parent, child, layer)
+    return out

@@ -1,0 +1,287 @@
+"""The instruction-tuning recipe: the bundled base and data, the CLI end to end, data handling, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+sys.path.insert(0, str(RECIPES))
+
+import instruct_data as idata  # noqa: E402
+import instruct_module as imod  # noqa: E402
+import make_data  # noqa: E402
+
+BASE = RECIPES / "assets" / "base"
+DATA = RECIPES / "assets" / "data" / "encode.jsonl"
+OFFLINE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+# a cut-down run: a few optimizer steps on a slice of the bundled task
+QUICK = ["--trainer.max_steps", "4", "--trainer.max_epochs", "1", "--data.max_train_examples", "128",
+         "--data.max_val_examples", "32", "--model.num_generate", "8", "--trainer.enable_progress_bar", "false",
+         "--trainer.callbacks.init_args.r_max", "4", "--trainer.callbacks.init_args.ranks", "[1, 2, 4]"]
+
+
+def _data(tmp_path: Path, rows: list[dict], name: str = "d.jsonl", **kw) -> idata.InstructData:
+    f = tmp_path / name
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return idata.InstructData(path=str(f), tokenizer=str(BASE), **kw)
+
+
+# ------------------------------------------------------------------------------------------ bundled assets
+def test_bundled_base_loads_through_from_pretrained_like_a_hub_model():
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    files = {p.name for p in BASE.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= files
+    assert sum(p.stat().st_size for p in BASE.iterdir()) < 5 * 2**20  # a few MB at most
+    module = imod.InstructLM(name_or_path=str(BASE))  # the recipe's own loading path
+    assert isinstance(module.model, LlamaForCausalLM)
+    ref = AutoModelForCausalLM.from_pretrained(str(BASE))
+    for (n, a), (_, b) in zip(module.model.state_dict().items(), ref.state_dict().items()):
+        assert torch.equal(a, b), n
+    tok = AutoTokenizer.from_pretrained(str(BASE))
+    assert isinstance(tok, PreTrainedTokenizerFast)
+    text = "Question: Encode kaer\nAnswer: #### kber"
+    ids = tok(text)["input_ids"]
+    assert ids[0] == tok.bos_token_id and len(ids) == len(text) + 1  # one token per character, after <s>
+    assert tok.decode(ids, skip_special_tokens=True) == text
+
+
+def test_bundled_base_knows_the_format_but_not_the_code():
+    """The base was pre-trained on Copy/Reverse: its held-out Copy answers are right, its Encode answers are not."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(BASE), padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(str(BASE)).eval()
+    words = ["kuer", "guqti", "rek", "tugge"]
+
+    def answers(verb):
+        enc = tok([make_data.PROMPT.format(question=f"{verb} {w}") for w in words], return_tensors="pt", padding=True)
+        out = model.generate(**enc, max_new_tokens=10, do_sample=False)
+        return [idata.final_answer(t) for t in tok.batch_decode(out[:, enc["input_ids"].shape[1]:],
+                                                                 skip_special_tokens=True)]
+
+    assert answers("Copy") == words
+    assert sum(a == make_data.encode(w) for a, w in zip(answers("Encode"), words)) == 0
+
+
+def test_bundled_data_is_the_generator_output_and_gsm8k_style():
+    rows = [json.loads(line) for line in DATA.read_text().splitlines()]
+    assert rows == make_data.task_examples()
+    assert idata.detect_schema(list(rows[0])) == "gsm8k"
+    mapping = make_data.code()
+    assert sorted(mapping) == sorted(mapping.values())  # a permutation
+    assert sum(a != b for a, b in mapping.items()) == 2 * make_data.N_SWAPS
+    for r in rows[:50]:
+        word = r["question"].split()[-1]
+        assert idata.final_answer(r["answer"]) == "".join(mapping[c] for c in word)
+
+
+# ------------------------------------------------------------------------------------------------ the CLI
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """``python recipes/instruct.py fit`` in a subprocess, cut down to a few steps."""
+    root = tmp_path_factory.mktemp("run")
+    cmd = [sys.executable, str(RECIPES / "instruct.py"), "fit", "--trainer.default_root_dir", str(root), *QUICK]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=OFFLINE_ENV, cwd=str(root), timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return root, res.stdout + res.stderr
+
+
+def test_fit_cli_end_to_end_prints_curve_advice_and_paths(fitted):
+    root, out = fitted
+    assert "Base model before fine-tuning" in out
+    assert "Rank curve (validation)" in out and "AURAC" in out and "Advice: rank" in out
+    table = out[out.index("Rank curve (validation)"):]
+    for k in (1, 2, 4):
+        assert f"\n{k:>6} " in table
+    adapter = Path(out.split("Adapter saved to ")[1].split()[0])
+    png = Path(out.split("Rank curve plotted to ")[1].split()[0])
+    assert adapter.is_dir() and png.is_file() and png.stat().st_size > 1000
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    b = [t for k, t in tensors.items() if k.endswith("lora_B")]
+    assert b and any(t.abs().sum() > 0 for t in b)  # trained: B left zero
+    assert all(t.shape[-1] == 4 for k, t in tensors.items() if k.endswith("lora_B"))  # r_max 4
+    curve = json.loads((png.parent / "rank_curve.json").read_text())
+    assert sorted(map(int, curve["curve"])) == [1, 2, 4]
+    for m in curve["curve"].values():
+        assert set(m) == {"loss", "token_acc", "exact_match"}
+        assert math.isfinite(m["loss"]) and 0 <= m["token_acc"] <= 100
+    # the printed AURAC of token accuracy is the trapezoid on the log2 axis of the printed curve
+    acc = [curve["curve"][str(k)]["token_acc"] for k in (1, 2, 4)]
+    want = ((acc[0] + acc[1]) / 2 + (acc[1] + acc[2]) / 2) / 2
+    aurac_line = [ln for ln in table.splitlines() if ln.strip().startswith("AURAC")][0].split()
+    assert float(aurac_line[2]) == pytest.approx(want, abs=0.051)
+
+
+def test_predict_generates_at_the_chosen_rank_from_the_saved_adapter(fitted, tmp_path, capsys):
+    import instruct
+
+    root, out = fitted
+    adapter = out.split("Adapter saved to ")[1].split()[0]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Encode kaer\n\nEncode guqt\n")
+    cli = instruct.main(["predict", "--model.adapter", adapter, "--model.rank", "2", "--data.prompts_file",
+                         str(prompts), "--data.prompts", '["Encode rek"]', "--trainer.default_root_dir",
+                         str(tmp_path), *QUICK[QUICK.index("--trainer.callbacks.init_args.r_max"):],
+                         "--trainer.enable_progress_bar", "false"], run=False)
+    preds = cli.trainer.predict(cli.model, datamodule=cli.datamodule)
+    flat = [p for batch in preds for p in batch]
+    assert [p["prompt"] for p in flat] == [make_data.PROMPT.format(question=q)
+                                           for q in ("Encode rek", "Encode kaer", "Encode guqt")]
+    assert all(p["rank"] == 2 for p in flat)
+    # the loaded adapter is the saved one, and predict's answers are greedy decoding at rank 2 of it
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from lightning_matlora import at_rank
+
+    saved = load_file(str(Path(adapter) / "adapter_model.safetensors"))
+    state = cli.model.model.state_dict()
+    for k, t in saved.items():
+        assert torch.equal(state[k], t), k
+    tok = AutoTokenizer.from_pretrained(str(BASE))
+    ids = tok(flat[0]["prompt"], return_tensors="pt")
+    with at_rank(cli.model.model, 2):
+        gen = cli.model.model.generate(**ids, max_new_tokens=cli.model.hparams.max_new_tokens, do_sample=False)
+    assert tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True) == flat[0]["answer"]
+
+
+def test_predict_rejects_an_adapter_trained_with_other_settings(fitted, tmp_path):
+    import instruct
+
+    root, out = fitted
+    adapter = out.split("Adapter saved to ")[1].split()[0]
+    cli = instruct.main(["predict", "--model.adapter", adapter, "--data.prompts", '["Encode rek"]',
+                         "--trainer.default_root_dir", str(tmp_path)], run=False)  # default r_max, not 4
+    with pytest.raises(ValueError, match="r_max=4.*--config"):
+        cli.trainer.predict(cli.model, datamodule=cli.datamodule)
+
+
+# --------------------------------------------------------------------------------------------- data path
+def test_examples_mask_the_prompt_and_end_with_eos():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(BASE))
+    rows = [{"question": "Encode ab", "answer": "#### cu"}, {"question": "Encode kaer", "answer": "#### kber"}]
+    ex, n_trunc = idata.encode_examples(rows, tok, "gsm8k", "auto", 64)
+    assert n_trunc == 0
+    batch = idata.collate(ex, tok.pad_token_id)
+    for i, r in enumerate(rows):
+        prompt = "Question: " + r["question"] + "\nAnswer: "
+        want_ids = [tok.bos_token_id] + tok.convert_tokens_to_ids(list(prompt + r["answer"])) + [tok.eos_token_id]
+        n = len(want_ids)
+        assert batch["input_ids"][i, :n].tolist() == want_ids
+        assert batch["attention_mask"][i].sum() == n
+        labels = batch["labels"][i].tolist()
+        assert labels[:1 + len(prompt)] == [-100] * (1 + len(prompt))
+        assert labels[1 + len(prompt):n] == want_ids[1 + len(prompt):]
+        assert labels[n:] == [-100] * (len(labels) - n)
+
+
+def test_alpaca_schema_and_templates(tmp_path):
+    rows = [{"instruction": "Say hi", "input": "", "output": "hi"}, {"instruction": "Copy", "input": "ab", "output": "ab"}]
+    dm = _data(tmp_path, rows * 5, template="{instruction}|{input}=")
+    dm.setup("fit")
+    assert dm.schema == "alpaca"
+    tok = dm.tokenizer
+    e = next(e for e in dm.splits["train"] + dm.splits["val"] if tok.decode(e.input_ids).startswith("<s>Copy"))
+    assert tok.decode(e.input_ids[:e.n_prompt], skip_special_tokens=True) == "Copy|ab="
+    assert idata.render_prompt(rows[0], "alpaca", "auto").endswith("### Instruction:\nSay hi\n\n### Response:\n")
+    assert "### Input:\nab" in idata.render_prompt(rows[1], "alpaca", "auto")
+    with pytest.raises(ValueError, match="uses the field 'question'.*instruction"):
+        idata.render_prompt(rows[0], "alpaca", "Q: {question}")
+
+
+def test_truncation_cuts_the_answer_tail_never_all_of_it_and_is_reported(tmp_path, capsys):
+    rows = [{"question": "Encode ab", "answer": "#### " + "x" * 40}] * 3 + [{"question": "Encode a", "answer": "ok"}] * 7
+    dm = _data(tmp_path, rows, max_length=30, val_fraction=0.3)
+    dm.setup("fit")
+    every = dm.splits["train"] + dm.splits["val"]
+    assert sum(e.truncated for e in every) == 3 == sum(dm.truncated.values())
+    for e in every:
+        assert len(e.input_ids) <= 30 and len(e.input_ids) > e.n_prompt  # at least one answer token kept
+    printed = capsys.readouterr()
+    assert "longer than max_length=30" in printed.out + printed.err
+
+
+def test_split_is_deterministic_and_disjoint(tmp_path):
+    rows = [{"question": f"Encode w{i}", "answer": f"#### {i}"} for i in range(50)]
+    splits = []
+    for _ in range(2):
+        dm = _data(tmp_path, rows, val_fraction=0.2, seed=3)
+        dm.setup("fit")
+        splits.append(([e.input_ids for e in dm.splits["train"]], [e.input_ids for e in dm.splits["val"]]))
+    assert splits[0] == splits[1]
+    assert len(splits[0][1]) == 10 and not {tuple(x) for x in splits[0][0]} & {tuple(x) for x in splits[0][1]}
+
+
+def test_final_answer_and_aurac():
+    assert idata.final_answer("She has 3 + 4 = 7 apples.\n#### 1,234") == "1234"
+    assert idata.final_answer("so the answer is 42.") == "42"
+    assert idata.final_answer("#### kber") == "kber"
+    ranks, acc = [1, 2, 4, 8, 16, 32], [40, 44, 46, 47, 48, 48]  # the spec's worked example
+    assert imod.aurac(ranks, acc) == pytest.approx(45.80, abs=0.005)
+    assert imod.aurac([8], [3.0]) == 3.0
+    assert imod.advise_rank(ranks, acc) == 8
+
+
+# --------------------------------------------------------------------------------------------- bad input
+def test_unknown_model_name_offline_says_so_and_names_the_fix(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match=r"offline.*local directory"):
+        imod.InstructLM(name_or_path="no-such-org/no-such-model-xyz")
+
+
+def test_dataset_without_expected_columns_names_them(tmp_path):
+    dm = _data(tmp_path, [{"prompt": "a", "completion": "b"}] * 4)
+    with pytest.raises(ValueError, match=r"\['completion', 'prompt'\].*Alpaca-style.*GSM8K-style"):
+        dm.setup("fit")
+    dm = _data(tmp_path, [{"question": "a", "answer": "b"}] * 4, schema="alpaca")
+    with pytest.raises(ValueError, match=r"schema='alpaca' needs \['instruction', 'output'\]"):
+        dm.setup("fit")
+
+
+def test_prompt_longer_than_max_length_is_an_error(tmp_path):
+    dm = _data(tmp_path, [{"question": "Encode " + "a" * 80, "answer": "#### b"}] * 4, max_length=64)
+    with pytest.raises(ValueError, match=r"prompt of \d+ tokens.*max_length=64.*--data.max_length"):
+        dm.setup("fit")
+
+
+def test_empty_split_is_an_error(tmp_path):
+    import datasets
+
+    d = datasets.DatasetDict({"train": datasets.Dataset.from_list([{"question": "a", "answer": "b"}] * 4),
+                              "validation": datasets.Dataset.from_list([{"question": "a", "answer": "b"}]).select([])})
+    d.save_to_disk(str(tmp_path / "ds"))
+    dm = idata.InstructData(path=str(tmp_path / "ds"), tokenizer=str(BASE))
+    with pytest.raises(ValueError, match="'validation' split .* is empty"):
+        dm.setup("fit")
+
+
+def test_bad_data_fails_in_the_cli_before_training(tmp_path):
+    import instruct
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "hello"}) + "\n")
+    with pytest.raises(ValueError, match=r"\['text'\]"):
+        instruct.main(["fit", "--data.path", str(bad), "--trainer.default_root_dir", str(tmp_path), *QUICK])
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_missing_local_dataset_or_hub_name_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(ValueError, match=r"local .jsonl"):
+        idata.load_source("no-such-org/no-such-dataset-xyz")
