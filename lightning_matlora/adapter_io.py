@@ -161,7 +161,7 @@ def peft_target_modules(root: nn.Module, names: Iterable[str]) -> list[str]:
     the usual form) when they select nothing else, else the full module names."""
     names = set(names)
     suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
-    selected = {_clean(n) for n, _ in root.named_modules()}
+    selected = {clean_name(n) for n, _ in root.named_modules()}
     selected = {n for n in selected
                 if n and not n.endswith(".base_layer") and any(n == s or n.endswith("." + s) for s in suffixes)}
     return suffixes if selected == names else sorted(names)
