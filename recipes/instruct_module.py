@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_matlora import (MatryoshkaLoRA, RankCurveMetric, at_rank, aurac, controller_of, describe_rank_choice,
-                               load_adapter, plot_rank_curves, save_adapter, select_rank)
+                               load_adapter, plot_rank_curves, select_rank)
+from lightning_matlora.adapter_io import save_from_trainer
 from lightning_matlora.inject import adapted_layers
 
 RECIPES = Path(__file__).resolve().parent
@@ -250,9 +251,9 @@ class InstructLM(pl.LightningModule):
         key = _advice_metric(self.curve)
         curve = {"metric": key, "ranks": ranks, "scores": [self.curve[k][key] for k in ranks]} if ranks else None
         adapter_dir = out / "adapter"
-        if self.trainer.is_global_zero:  # the adapter is replicated on every process (no sharding on this path)
-            save_adapter(self.model, adapter_dir, curve=curve, aurac=aurac(ranks, curve["scores"]) if curve else None,
-                         base_model=self.hparams.name_or_path, global_step=int(self.trainer.global_step))
+        # every process takes part (sharded adapters are gathered), global rank zero writes
+        save_from_trainer(self.trainer, self.model, adapter_dir, [], curve=curve,
+                          aurac=aurac(ranks, curve["scores"]) if curve else None, base_model=self.hparams.name_or_path)
         self.outputs["adapter"] = str(adapter_dir)
         if not self.trainer.is_global_zero:
             return
