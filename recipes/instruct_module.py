@@ -10,7 +10,6 @@ rank–accuracy table with the AURAC of each metric and the rank advice, saves t
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -90,7 +89,6 @@ class InstructLM(pl.LightningModule):
         self.curve: dict[int, dict[str, float]] = {}
         self.base_metrics: dict[str, float] | None = None
         self.outputs: dict[str, str] = {}
-        self._sums: dict[int, torch.Tensor] = {}
 
     # ---------------------------------------------------------------------------------------------- helpers
     @property
