@@ -39,9 +39,14 @@ def load_or_explain(fn: Callable, name_or_path: str, what: str, **kwargs: Any) -
         if Path(name_or_path).exists():
             raise
         offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
-        why = ("this machine is offline (HF_HUB_OFFLINE=1), so hub names only work for models already in the local "
-               "cache" if offline else "it is not a local directory and the hub could not serve it (no network, "
-               "or the name is wrong)")
+        if offline:
+            why = ("this machine is offline (HF_HUB_OFFLINE=1), so hub names only work for models already in the "
+                   "local cache, and this one is not there")
+        elif "connect" in str(e).lower():
+            why = ("this machine is offline (the hub could not be reached) and the name is neither a local directory "
+                   "nor in the local cache")
+        else:
+            why = "it is not a local directory and the hub could not serve it (check the name and your access)"
         raise ValueError(f"Cannot load the {what} {name_or_path!r}: {why}. Point --model.name_or_path at a local "
                          f"directory holding a transformers model (config.json, weights, tokenizer files), e.g. one "
                          f"written by save_pretrained, or run where the hub is reachable. "
