@@ -232,8 +232,9 @@ class RankCurveValidation:
             pl_module.log(metric_name(k, self.width), curve[k], add_dataloader_idx=False)
         pl_module.log(aurac_name(), area, prog_bar=True, add_dataloader_idx=False)
         self.history.append((trainer.current_epoch, curve, area))
+        path = self.plot_path(trainer)  # trainer.log_dir broadcasts under DDP: every process must ask
         if trainer.is_global_zero:
-            self._plot(trainer)
+            self._plot(trainer, path)
 
     def report(self, trainer: pl.Trainer) -> None:
         """Print the table of the last epoch's curve with the rank advice (global rank zero only)."""
@@ -248,7 +249,7 @@ class RankCurveValidation:
     def plot_path(self, trainer: pl.Trainer) -> str:
         return os.path.join(trainer.log_dir or trainer.default_root_dir, f"rank_curve_{NAME}.png")
 
-    def _plot(self, trainer: pl.Trainer) -> None:
+    def _plot(self, trainer: pl.Trainer, path: str) -> None:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
@@ -256,7 +257,6 @@ class RankCurveValidation:
         fig, _ = plot_rank_curves([c for _, c, _ in self.history],
                                   labels=[f"epoch {e}: AURAC {a:.4g}" for e, _, a in self.history],
                                   ylabel=f"{PREFIX}/{NAME}", title="MatryoshkaLoRA rank curve")
-        path = self.plot_path(trainer)
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         fig.savefig(path, dpi=100)
         from lightning.pytorch.loggers import TensorBoardLogger
