@@ -253,6 +253,18 @@ def test_zero3_partitions_adapters_and_refuses_a_materialised_model(zero3):
     assert msg is not None and "configure_model" in msg and "ZeRO-3" in msg
 
 
+@pytest.mark.parametrize("run", ["ddp", "fsdp2", "zero2", "zero3"])
+def test_the_adapter_saved_by_the_callback_is_complete(run, request):
+    """What MatryoshkaLoRA wrote at the end of fit (save_adapter) is the full adapter, under every strategy."""
+    result, ddp = request.getfixturevalue(run), request.getfixturevalue("ddp")
+    saved = result["saved"]
+    expected = {k.removeprefix("model."): v for k, v in ddp["full"].items()}  # keys relative to the Llama
+    assert set(saved) == set(expected)
+    for k, v in expected.items():
+        assert saved[k].shape == v.shape, k
+        torch.testing.assert_close(saved[k], v, atol=1e-5, rtol=1e-4, msg=k)
+
+
 # -------------------------------------------------------------------------------------------- bad input
 def test_unsupported_strategy_is_refused_at_setup_naming_the_supported_ones(tmp_path):
     import lightning.pytorch as pl
