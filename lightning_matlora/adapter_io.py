@@ -161,7 +161,8 @@ def peft_target_modules(root: nn.Module, names: Iterable[str]) -> list[str]:
     the usual form) when they select nothing else, else the full module names."""
     names = set(names)
     suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
-    selected = {n for n, _ in root.named_modules()
+    selected = {clean_name(n) for n, _ in root.named_modules()}
+    selected = {n for n in selected
                 if n and not n.endswith(".base_layer") and any(n == s or n.endswith("." + s) for s in suffixes)}
     return suffixes if selected == names else sorted(names)
 
@@ -177,26 +178,16 @@ def snapshot(model: nn.Module, *, curve: Any = None, aurac: float | None = None,
     if merged:
         raise RuntimeError(f"The model is merged at rank {layers[merged[0]].merged_rank}: call unmerge(model) before "
                            f"saving or exporting its adapter (the factors are saved, not merged weights).")
-    saved_prefixes = _saved_prefixes(model, ctrl.config)
-
+    # the full adapter on every process (gathers FSDP/FSDP2/ZeRO-3 shards: a collective), wrapper names cleaned
+    state = full_adapter_state_dict(model)
+    layers = {clean_name(n): m for n, m in layers.items()}
+    saved_prefixes = [clean_name(p) for p in _saved_prefixes(model, ctrl.config)]
     owned = list(layers) + saved_prefixes
-    root_name, root = model_root(model, lambda n, _m: not n or all(o.startswith(n + ".") for o in owned))
-    prefix = root_name + "." if root_name else ""
-    tensors: dict[str, torch.Tensor] = {}
-    infos: dict[str, LayerInfo] = {}
-    # the full, unsharded tensors (DDP, FSDP, FSDP2, DeepSpeed ZeRO-3): a collective, every process calls it
-    full = full_adapter_state_dict(model)
-    for name, layer in sorted(layers.items()):
-        rel, key = name[len(prefix):], clean_name(name)
-        infos[rel] = LayerInfo(layer.in_features, layer.out_features, bool(layer.is_conv1d))
-        tensors[f"{rel}.lora_A"] = full[f"{key}.lora_A"]
-        tensors[f"{rel}.lora_B"] = full[f"{key}.lora_B"]
-    clean_prefix = clean_name(root_name) + "." if root_name else ""
-    for module_name in saved_prefixes:
-        module_key = clean_name(module_name)
-        for key, value in full.items():
-            if key.startswith(module_key + "."):
-                tensors[key[len(clean_prefix):]] = value
+    root_name, root = model_root(model, lambda n, _m: not n or all(o.startswith(clean_name(n) + ".") for o in owned))
+    prefix = clean_name(root_name) + "." if root_name else ""
+    tensors = {k[len(prefix):]: v.contiguous() for k, v in state.items()}
+    infos = {name[len(prefix):]: LayerInfo(layer.in_features, layer.out_features, bool(layer.is_conv1d))
+             for name, layer in sorted(layers.items())}
     rel_layers = list(infos)
     return SavedAdapter(
         config=MatLoRAConfig.from_dict(ctrl.config.to_dict()), layers=infos, tensors=tensors,
@@ -236,8 +227,8 @@ def normalize_curve(curve: Any, metric: str | None = None) -> dict[str, Any] | N
     for r, s in pairs:
         r = int(r.item() if isinstance(r, torch.Tensor) else r)
         s = float(s.item() if isinstance(s, torch.Tensor) else s)
-        out.append((r, s))
-    out.sort()
+        out.append((r, s if math.isfinite(s) else None))  # a diverged rank: stored as null (JSON has no NaN)
+    out.sort(key=lambda p: p[0])
     return {"metric": str(metric) if metric else "score", "ranks": [r for r, _ in out], "scores": [s for _, s in out]}
 
 
@@ -245,9 +236,7 @@ def _check_aurac(aurac: Any) -> float | None:
     if aurac is None:
         return None
     value = float(aurac.item() if isinstance(aurac, torch.Tensor) else aurac)
-    if not math.isfinite(value):
-        raise ValueError(f"aurac must be a finite number, got {aurac!r}.")
-    return value
+    return value if math.isfinite(value) else None  # a diverged run: stored as null (JSON has no NaN)
 
 
 def _jsonable(metadata: dict[str, Any]) -> dict[str, Any]:
@@ -589,16 +578,25 @@ def default_adapter_dir(trainer: Any) -> Path:
 
 
 def run_metadata(trainer: Any, callbacks: Iterable[Any]) -> dict[str, Any]:
-    """What a run knows about its adapter: the latest measured rank curve and AURAC (from the first of
-    ``callbacks`` with a ``last_curve`` / ``last_aurac`` attribute) and the training step and epoch."""
+    """What a run knows about its adapter: the training step and epoch, and the latest measured rank curve and
+    its AURAC — from the callback's own rank-curve evaluation (``MatryoshkaLoRA.rank_eval``), else from the first
+    of ``callbacks`` with a ``last_curve`` (and optionally ``last_aurac``) attribute."""
     meta: dict[str, Any] = {"global_step": int(trainer.global_step), "epoch": int(trainer.current_epoch)}
+    for cb in callbacks:
+        history = getattr(getattr(cb, "rank_eval", None), "history", None)
+        if history:
+            from .evaluation import NAME, PREFIX
+
+            _, curve, area = history[-1]
+            meta["curve"] = {"metric": f"{PREFIX}/{NAME}", "ranks": list(curve), "scores": list(curve.values())}
+            if math.isfinite(area):  # a NaN rank makes the AURAC NaN: keep the curve, record no AURAC
+                meta["aurac"] = area
+            return meta
     for cb in callbacks:
         curve = getattr(cb, "last_curve", None)
         if curve is not None:
             meta["curve"] = curve
             aurac = getattr(cb, "last_aurac", None)
-            if aurac is None and hasattr(curve, "aurac"):
-                aurac = curve.aurac() if callable(curve.aurac) else curve.aurac
             if aurac is not None:
                 meta["aurac"] = aurac
             break
@@ -645,19 +643,55 @@ def save_final_from_trainer(callback: Any, trainer: Any, pl_module: nn.Module) -
                    f"`matlora export {path} --rank K --out DIR`.")
 
 
+SAVE_BEST_MODES = ("auto", "min", "max")
+
+
+def check_save_adapter(setting: Any) -> bool | str:
+    """``MatryoshkaLoRA(save_adapter=...)``: True, False, or a non-empty directory path."""
+    if isinstance(setting, bool):
+        return setting
+    if isinstance(setting, (str, os.PathLike)) and str(setting).strip():
+        return str(setting)
+    raise ValueError(f"save_adapter must be True (<checkpoint dir>/matlora_adapter), False (do not save) or a "
+                     f"directory path, got {setting!r}.")
+
+
+def check_save_best_mode(mode: str) -> str:
+    if mode not in SAVE_BEST_MODES:
+        raise ValueError(f"save_best_mode must be 'auto' (minimise metrics whose name contains 'loss', maximise the "
+                         f"others), 'min' or 'max', got {mode!r}.")
+    return mode
+
+
+def best_monitor(save_best: bool | str, mode: str) -> tuple[str, str]:
+    """(metric name, "min" or "max") of ``MatryoshkaLoRA(save_best=..., save_best_mode=...)``."""
+    if save_best is True:
+        from .evaluation import aurac_name
+
+        name = aurac_name()
+    else:
+        name = str(save_best)
+    if mode == "auto":
+        mode = "min" if "loss" in name.lower() else "max"
+    return name, mode
+
+
 def save_best_from_trainer(callback: Any, trainer: Any, pl_module: nn.Module) -> None:
-    """Save to ``<final dir>_best`` when the monitored metric (maximised) improves."""
+    """Save to ``<final dir>_best`` when the monitored metric improves (see ``MatryoshkaLoRA(save_best=...)``)."""
     from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-    value = metric_value(trainer, callback.save_best)
-    if value is None:
-        rank_zero_warn(f"MatryoshkaLoRA(save_best={callback.save_best!r}): no metric of that name was logged in this "
-                       f"validation (logged: {sorted(trainer.callback_metrics)}); the best adapter is not saved.")
+    monitor, mode = best_monitor(callback.save_best, callback.save_best_mode)
+    value = metric_value(trainer, monitor)
+    if value is None or not math.isfinite(value):
+        rank_zero_warn(f"MatryoshkaLoRA(save_best={callback.save_best!r}): {monitor!r} was not logged (or is not finite) "
+                       f"in this validation (logged: {sorted(trainer.callback_metrics)}); the best adapter is not "
+                       f"updated.")
         return
-    if callback.best_score is not None and not value > callback.best_score:
+    best = callback.best_score
+    if best is not None and not (value < best if mode == "min" else value > best):
         return
     final = _final_dir(callback, trainer)
     path = save_from_trainer(trainer, pl_module, final.with_name(final.name + "_best"), _callbacks(callback, trainer),
-                             monitor=callback.save_best, monitor_value=value)
+                             monitor=monitor, monitor_value=value)
     callback.best_score, callback.best_adapter_path = value, str(path)
-    rank_zero_info(f"MatryoshkaLoRA: {callback.save_best}={value:.4g} is the best so far; saved the adapter to {path}.")
+    rank_zero_info(f"MatryoshkaLoRA: {monitor}={value:.4g} is the best so far; saved the adapter to {path}.")

@@ -12,10 +12,11 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
+from .adapter_io import check_save_adapter, check_save_best_mode, save_best_from_trainer, save_final_from_trainer
 from .config import MatLoRAConfig, TargetSpec
 from .evaluation import RankCurveValidation, check_rank_eval
 from .distributed import check_not_sharded, is_deepspeed, prepare_strategy
-from .inject import adapted_layers, adapter_state_keys, freeze_base, inject, no_match_message
+from .inject import adapted_layers, adapter_state_keys, freeze_base, inject, linear_layer_names, no_match_message
 from .rank import RankController
 from .summary import format_summary
 
@@ -54,8 +55,11 @@ class MatryoshkaLoRA(pl.Callback):
         save_adapter: at the end of ``fit``, save the adapter with :func:`~lightning_matlora.save_adapter` (with
             the last measured rank curve, if any): ``True`` → ``<checkpoint dir>/matlora_adapter``, a path → there,
             ``False`` → not at all. The path is logged and kept in ``.adapter_path``.
-        save_best: name of a logged metric to maximise (e.g. the AURAC of the rank-curve evaluation); after each
-            validation where it improves, the adapter is saved to ``<save_adapter dir>_best``.
+        save_best: keep the best adapter of the run in ``<save_adapter dir>_best``, saved after each validation
+            where the monitored metric improves: ``True`` monitors the rank-curve evaluation's ``val/aurac_loss``
+            (minimised), a string names any logged metric (minimised if its name contains "loss", else
+            maximised; see ``save_best_mode``), ``None``/``False`` keeps no best adapter.
+        save_best_mode: ``"auto"`` (as above), ``"min"`` or ``"max"``.
         rank_eval: per-rank validation (see :mod:`lightning_matlora.evaluation`): every validation epoch, the loss
             returned by ``validation_step`` is measured at every eval rank and logged as ``val/loss@r<k>`` and
             ``val/aurac_loss``. ``"auto"`` (one mixed-rank pass when the step returns per-row losses, else one
@@ -69,7 +73,7 @@ class MatryoshkaLoRA(pl.Callback):
                  dropout: float = 0.0, mode: str = "matryoshka", rank_scale: str = "rank",
                  p: Sequence[float] | None = None, eval_ranks: Sequence[int] | None = None,
                  adapter_dtype: str | torch.dtype | None = None, seed: int = 0, verbose: bool = True,
-                 save_adapter: bool | str = True, save_best: str | None = None,
+                 save_adapter: bool | str = True, save_best: bool | str | None = None, save_best_mode: str = "auto",
                  rank_eval: str | None = "auto") -> None:
         super().__init__()
         self.config = MatLoRAConfig(
@@ -81,7 +85,8 @@ class MatryoshkaLoRA(pl.Callback):
         self.controller = RankController(self.config)
         self.verbose = verbose
         self.adapted: list[str] = []
-        self.save_adapter, self.save_best = save_adapter, save_best
+        self.save_adapter, self.save_best = check_save_adapter(save_adapter), save_best
+        self.save_best_mode = check_save_best_mode(save_best_mode)
         self.adapter_path: str | None = None
         self.best_adapter_path: str | None = None
         self.best_score: float | None = None
@@ -93,6 +98,16 @@ class MatryoshkaLoRA(pl.Callback):
     def p(self) -> torch.Tensor:
         """The training diagonal (float32, length r_max)."""
         return self.controller.p
+
+    @property
+    def last_curve(self) -> dict[str, Any] | None:
+        """The last validation epoch's rank curve (``{"metric", "ranks", "scores"}``), saved with the adapter."""
+        return self.rank_eval.last_curve() if self.rank_eval is not None else None
+
+    @property
+    def last_aurac(self) -> float | None:
+        """The last validation epoch's AURAC (``None`` if not measured or not finite)."""
+        return self.rank_eval.last_aurac() if self.rank_eval is not None else None
 
     def apply(self, module: nn.Module) -> list[str]:
         """Adapt ``module`` without a Trainer: inject, freeze the base, return the adapted layers' names.
@@ -108,17 +123,22 @@ class MatryoshkaLoRA(pl.Callback):
 
     # -------------------------------------------------------------------------------------------- hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._owns(pl_module):
-            return  # fit then validate with the same trainer: already adapted by us
-        prepare_strategy(trainer, pl_module)  # refuses unsupported strategies and ZeRO-3 on a materialised model
-        names = self._inject(pl_module)
-        builds_later = _overrides(pl_module, "configure_model")
-        if builds_later:
-            _wrap_hook(pl_module, "configure_model", after=lambda: self._after_configure_model(pl_module))
-        elif not adapted_layers(pl_module):
-            raise ValueError(no_match_message(pl_module, self.config))
-        if adapted_layers(pl_module):
-            self._finish(pl_module, names)
+        # already adapted by us (fit then validate with the same trainer, or `.apply(module)` before the fit):
+        # skip the injection, but checkpoints must still load as adapter-only below
+        if not self._owns(pl_module):
+            prepare_strategy(trainer, pl_module)  # refuses unsupported strategies and ZeRO-3 on a materialised model
+            names = self._inject(pl_module)
+            builds_later = _overrides(pl_module, "configure_model")
+            if builds_later:
+                _wrap_hook(pl_module, "configure_model", after=lambda: self._after_configure_model(pl_module))
+            elif not adapted_layers(pl_module):
+                hint = ("" if linear_layer_names(pl_module) else
+                        " If your LightningModule builds its model in `setup()`, build it in `configure_model()` "
+                        "instead: Lightning calls callbacks' setup before the module's, and MatryoshkaLoRA adapts "
+                        "models built in configure_model right after that hook.")
+                raise ValueError(no_match_message(pl_module, self.config) + hint)
+            if adapted_layers(pl_module):
+                self._finish(pl_module, names)
         _wrap_hook(pl_module, "on_load_checkpoint", before=lambda ckpt: self._check_checkpoint(pl_module, ckpt))
         # checkpoints hold only the adapter, so loading them must not demand the frozen base's keys
         pl_module.strict_loading = False
@@ -131,6 +151,10 @@ class MatryoshkaLoRA(pl.Callback):
         self._finish(pl_module, self.adapted + names if names else self.adapted)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        merged = sorted({m.merged_rank for m in adapted_layers(pl_module).values()} - {None})
+        if merged:
+            raise RuntimeError(f"The model is merged at rank {merged[0]}: a merged adapter does not train. Call "
+                               f"lightning_matlora.unmerge(model) before trainer.fit.")
         if not is_deepspeed(trainer.strategy):  # DeepSpeed builds its optimizer from the trainable parameters only
             _drop_frozen_from_optimizers(trainer)
 
@@ -154,6 +178,18 @@ class MatryoshkaLoRA(pl.Callback):
         if self.rank_eval is not None:
             self.rank_eval.epoch_end(trainer, pl_module)
 
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.rank_eval is not None and trainer.state.fn == "validate":
+            self.rank_eval.report(trainer)
+        if self.save_best and not trainer.sanity_checking and trainer.state.fn == "fit":
+            save_best_from_trainer(self, trainer, pl_module)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.rank_eval is not None:
+            self.rank_eval.report(trainer)
+        if self.save_adapter is not False:
+            save_final_from_trainer(self, trainer, pl_module)
+
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict")
@@ -161,30 +197,15 @@ class MatryoshkaLoRA(pl.Callback):
             keep = set(adapter_state_keys(pl_module, self.config))
             checkpoint["state_dict"] = {k: v for k, v in state.items() if k in keep}
 
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.rank_eval is not None and trainer.state.fn == "validate":
-            self.rank_eval.report(trainer)
-        if self.save_best and not trainer.sanity_checking:
-            from .adapter_io import save_best_from_trainer
-
-            save_best_from_trainer(self, trainer, pl_module)
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.rank_eval is not None:
-            self.rank_eval.report(trainer)
-        if self.save_adapter is not False:
-            from .adapter_io import save_final_from_trainer
-
-            save_final_from_trainer(self, trainer, pl_module)
-
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.controller.set(None)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict(), "adapted": list(self.adapted)}
+        return {"config": self.config.to_dict(), "adapted": list(self.adapted), "best_score": self.best_score}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._check_config(state_dict.get("config", {}))
+        self.best_score = state_dict.get("best_score")  # a resumed run keeps its best adapter unless beaten
 
     # ---------------------------------------------------------------------------------------- internals
     def _owns(self, module: nn.Module) -> bool:

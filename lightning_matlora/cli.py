@@ -86,7 +86,8 @@ def format_info(path: str) -> str:
         metric = curve.get("metric", "score")
         width = max(len(metric), 5)
         lines += ["", f"  Measured rank curve", f"  {'rank':>6}  {metric:>{width}}"]
-        lines += [f"  {r:>6}  {s:>{width}.4f}" for r, s in zip(curve["ranks"], curve["scores"])]
+        lines += [f"  {r:>6}  " + (f"{s:>{width}.4f}" if s is not None else f"{'nan':>{width}}")
+                  for r, s in zip(curve["ranks"], curve["scores"])]
     else:
         lines += ["", "  No measured rank curve stored (the run did not evaluate ranks)."]
     if a.aurac is not None:

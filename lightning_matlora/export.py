@@ -83,6 +83,8 @@ def peft_rank_k(adapter: SavedAdapter, rank: int, fold_scale: bool = False
         peft_scaling = lora_alpha / (math.sqrt(k) if use_rslora else k)
         if not math.isclose(peft_scaling, s, rel_tol=1e-6):  # pragma: no cover - guards the mapping above
             raise AssertionError(f"PEFT scaling {peft_scaling} differs from s({k}) = {s}.")
+    if float(lora_alpha).is_integer():
+        lora_alpha = int(lora_alpha)  # servers that type lora_alpha as an int read 1, not 1.0
     tensors: dict[str, torch.Tensor] = {}
     for name in sorted(adapter.layers):
         A, B = adapter.factors(name)

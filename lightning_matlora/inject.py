@@ -52,6 +52,7 @@ def find_targets(model: nn.Module, config: MatLoRAConfig) -> list[str]:
     for name, _ in model.named_modules():
         if name and _matches(name, saved):
             inside_saved.add(name)
+    bypassed = _bypassed_layers(model)
     selected = []
     for name, module in model.named_modules():
         if not name or isinstance(module, MatryoshkaLinear) or ".base_layer" in name or name.endswith("base_layer"):
@@ -61,14 +62,29 @@ def find_targets(model: nn.Module, config: MatLoRAConfig) -> list[str]:
         if _matches(name, config.exclude_modules):
             continue
         if config.target_modules == "all-linear":
-            if is_supported(module) and name not in heads:
+            if is_supported(module) and name not in heads and name not in bypassed:
                 selected.append(name)
             continue
         if _matches(name, config.target_modules):
             if not is_supported(module):
                 raise TypeError(_unsupported(name, module))
+            if name in bypassed:
+                raise TypeError(f"target_modules selects {name!r}, a linear layer inside {bypassed[name]}, which "
+                                f"reads its weight directly instead of calling it, so an adapter there would never "
+                                f"run: narrow target_modules (or add {name!r} to exclude_modules).")
             selected.append(name)
     return selected
+
+
+def _bypassed_layers(model: nn.Module) -> dict[str, str]:
+    """Linear layers whose parent uses their weight without calling them (``nn.MultiheadAttention.out_proj``),
+    by name → the parent's type name."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            for child_name, _ in module.named_children():
+                out[f"{name}.{child_name}" if name else child_name] = type(module).__name__
+    return out
 
 
 def _unsupported(name: str, module: nn.Module) -> str:
@@ -127,7 +143,8 @@ def _saved_prefixes(model: nn.Module, config: MatLoRAConfig) -> list[str]:
 def adapter_parameter_names(model: nn.Module, config: MatLoRAConfig) -> list[str]:
     """Names of the parameters a nested adapter owns: the factors and the parameters of ``modules_to_save``."""
     prefixes = _saved_prefixes(model, config)
-    return [n for n, _ in model.named_parameters() if _owned(n, prefixes)]
+    # remove_duplicate=False: a tied parameter (GPT-2's lm_head.weight is wte.weight) is listed under every name
+    return [n for n, _ in model.named_parameters(remove_duplicate=False) if _owned(n, prefixes)]
 
 
 def adapter_state_keys(model: nn.Module, config: MatLoRAConfig) -> list[str]:
@@ -139,5 +156,6 @@ def adapter_state_keys(model: nn.Module, config: MatLoRAConfig) -> list[str]:
 def freeze_base(model: nn.Module, config: MatLoRAConfig) -> None:
     """Freeze every parameter except the adapter factors and the parameters of ``modules_to_save``."""
     owned = set(adapter_parameter_names(model, config))
-    for name, param in model.named_parameters():
-        param.requires_grad_(name in owned)
+    keep = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if n in owned}
+    for param in model.parameters():
+        param.requires_grad_(id(param) in keep)

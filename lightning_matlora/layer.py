@@ -66,6 +66,7 @@ class MatryoshkaLinear(nn.Module):
         self.controller = controller
         r = controller.r_max
         weight = base_layer.weight
+        self.adapter_dtype = adapter_dtype  # None: follow the base weight's dtype, also through .to(dtype)
         dtype = adapter_dtype or weight.dtype
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=weight.device))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, dtype=dtype, device=weight.device))
@@ -77,12 +78,33 @@ class MatryoshkaLinear(nn.Module):
     def r_max(self) -> int:
         return self.controller.r_max
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's (frozen) weight: some models read ``layer.weight`` directly (T5 checks its dtype)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
     def reset_parameters(self) -> None:
         """The reference code's initialisation: A ~ U(−1/√R, 1/√R), B = 0 (the adapted model equals the base)."""
         bound = 1.0 / math.sqrt(self.r_max)
         with torch.no_grad():
             nn.init.uniform_(self.lora_A, -bound, bound)
             nn.init.zeros_(self.lora_B)
+
+    def _apply(self, fn, recurse: bool = True):
+        """``Module.to(dtype)``/``.half()``/``.bfloat16()`` convert every parameter; an explicit ``adapter_dtype``
+        is kept (Lightning's ``"bf16-true"`` precision converts the whole model after the callback's setup)."""
+        super()._apply(fn, recurse)
+        if self.adapter_dtype is not None:
+            for param in (self.lora_A, self.lora_B):
+                if param.dtype != self.adapter_dtype:
+                    param.data = param.data.to(self.adapter_dtype)
+                    if param.grad is not None:
+                        param.grad = param.grad.to(self.adapter_dtype)
+        return self
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r_max={self.r_max}"

@@ -60,6 +60,10 @@ class RankController:
     def set(self, rank: RankSetting) -> None:
         """Activate a rank setting (validated: ints and tensor entries must lie in 1…r_max)."""
         if rank is not None:
+            if isinstance(rank, torch.Tensor) and rank.dim() == 0 and not rank.dtype.is_floating_point:
+                rank = int(rank)  # a 0-d integer tensor is one rank for the whole batch
+            elif not isinstance(rank, (torch.Tensor, bool)) and hasattr(rank, "__index__"):
+                rank = int(rank.__index__())  # numpy integers and other int-like scalars
             if isinstance(rank, torch.Tensor):
                 if rank.dim() != 1 or rank.dtype.is_floating_point or rank.dtype == torch.bool:
                     raise ValueError("A per-row rank tensor must be 1-D and of an integer dtype (one rank per row "
@@ -113,11 +117,12 @@ class RankController:
             return self.p[:k].clone()
         return torch.full((k,), rank_scale(k, self.config.scaling, self.config.alpha), dtype=torch.float32)
 
-    def row_coefficients(self, ranks: torch.Tensor, rule: str | None = None) -> torch.Tensor:
+    def row_coefficients(self, ranks: torch.Tensor, rule: str | None = None, k: int | None = None) -> torch.Tensor:
         """Per-row coefficients (float32, ``rows × max(ranks)``): row i is ``rank_coefficients(ranks[i])`` padded
-        with zeros, i.e. a prefix mask times the row's scale."""
+        with zeros, i.e. a prefix mask times the row's scale. ``k``: ``max(ranks)`` when the caller knows it
+        (saves a data-dependent read that ``torch.compile`` cannot trace)."""
         rule = rule or self.config.rank_scale
-        k = int(ranks.max())
+        k = int(ranks.max()) if k is None else k
         cols = torch.arange(k)
         mask = (cols[None, :] < ranks[:, None]).to(torch.float32)
         if rule == "trained":
@@ -157,6 +162,8 @@ class RankController:
             b = self._step_rank if self._step_rank is not None else self.r_max
             return b, torch.full((b,), rank_scale(b, self.config.scaling, self.config.alpha), dtype=torch.float32)
         if mode == "rowwise":
-            coef = self.row_coefficients(self.rowwise_ranks(rows), rule="rank")
-            return coef.shape[1], coef
+            ranks = self.config.ranks  # the cyclic assignment uses the largest rank once rows ≥ len(ranks)
+            k = max(ranks[(i + self._row_offset) % len(ranks)] for i in range(min(rows, len(ranks))))
+            coef = self.row_coefficients(self.rowwise_ranks(rows), rule="rank", k=k)
+            return k, coef
         return self.r_max, self.p.clone()

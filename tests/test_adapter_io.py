@@ -249,3 +249,10 @@ def test_not_an_adapter_directory(tmp_path):
 def test_metadata_must_be_json(tmp_path):
     with pytest.raises(ValueError, match="JSON-serialisable"):
         save_adapter(trained(tiny_llama(), r_max=2), tmp_path / "ad", extra=object())
+
+
+def test_diverged_curve_is_stored_as_null(tmp_path):
+    save_adapter(trained(tiny_llama(), r_max=2), tmp_path / "ad", curve={2: float("nan"), 1: 0.5}, aurac=float("nan"))
+    doc = json.loads((tmp_path / "ad" / "matlora_config.json").read_text())  # strict JSON: no NaN tokens
+    assert doc["rank_curve"]["scores"] == [0.5, None] and doc["aurac"] is None
+    assert read_adapter(tmp_path / "ad").score_at(2) is None

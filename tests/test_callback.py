@@ -31,6 +31,13 @@ def lightning_log():
     logger.removeHandler(handler)
 
 
+class _AdapterSnapshot(L.Callback):
+    """The adapter's values when training starts (after the callback injected it)."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.initial = {n: p.detach().clone() for n, p in pl_module.named_parameters() if _is_adapter(n)}
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("dtype, adapter_dtype", [(torch.float32, None), (torch.bfloat16, None),
                                                   (torch.bfloat16, "float32")])
@@ -39,7 +46,8 @@ def test_fit_trains_only_the_adapter(family, dtype, adapter_dtype):
     module = CausalLM(model)
     before = {id(p): (n, p.detach().clone()) for n, p in module.named_parameters()}
     cb = MatryoshkaLoRA(r_max=8, adapter_dtype=adapter_dtype)
-    t = trainer([cb], max_steps=3)
+    snap = _AdapterSnapshot()
+    t = trainer([cb, snap], max_steps=3)
     t.fit(module, token_loader())
     assert t.global_step == 3
 
@@ -58,12 +66,13 @@ def test_fit_trains_only_the_adapter(family, dtype, adapter_dtype):
         assert not p.requires_grad, n
         old_name, old = before[id(p)]
         assert torch.equal(p, old), f"{old_name} changed during fit"
-    # adapter weights changed
+    # adapter weights changed (compared with their values when training started)
+    assert snap.initial.keys() == adapter.keys()
     for n, p in adapter.items():
         assert p.requires_grad
-        assert not torch.equal(p, before[id(p)][1]) if id(p) in before else torch.count_nonzero(p) > 0
+        assert not torch.equal(p, snap.initial[n]), f"{n} did not train"
         if n.endswith("lora_B"):
-            assert torch.count_nonzero(p) > 0, n
+            assert torch.count_nonzero(snap.initial[n]) == 0 and torch.count_nonzero(p) > 0, n
     # the optimizer holds exactly the adapter parameters, although configure_optimizers passed self.parameters()
     opt_params = [p for g in t.optimizers[0].param_groups for p in g["params"]]
     assert len(opt_params) == len({id(p) for p in opt_params})
@@ -139,10 +148,10 @@ def _adapter_state(module) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("mode", ["matryoshka", "dylora"])
 def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, mode):
-    def run(max_epochs, seed, ckpt_path=None, ckpt_dir=None, r_max=4):
+    def run(max_epochs, seed, ckpt_path=None, ckpt_dir=None, r_max=4, target_modules="all-linear"):
         L.seed_everything(seed, verbose=False)
         module = CausalLM(tiny_llama(seed=0), lr=5e-3)
-        cb = MatryoshkaLoRA(r_max=r_max, mode=mode, seed=3)
+        cb = MatryoshkaLoRA(r_max=r_max, mode=mode, seed=3, target_modules=target_modules)
         callbacks = [cb] + ([ModelCheckpoint(dirpath=ckpt_dir)] if ckpt_dir else [])
         t = trainer(callbacks, max_epochs=max_epochs, max_steps=-1, enable_checkpointing=bool(ckpt_dir))
         t.fit(module, token_loader(n=12), ckpt_path=ckpt_path)  # 3 steps per epoch
@@ -167,3 +176,93 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, mode):
     with pytest.raises(ValueError, match=re.escape("r_max=4")) as err:
         run(2, seed=1, ckpt_path=ckpt, r_max=8)
     assert "resume with MatryoshkaLoRA(r_max=4" in str(err.value)
+    with pytest.raises(ValueError, match=r"target_modules=.*resume with the same target_modules"):
+        run(2, seed=1, ckpt_path=ckpt, target_modules=["q_proj"])
+
+
+@pytest.mark.parametrize("adapter_dtype, expected", [("float32", torch.float32), (None, torch.bfloat16)])
+def test_bf16_true_precision_keeps_the_requested_adapter_dtype(adapter_dtype, expected):
+    # Lightning's "bf16-true" converts the whole module with .to(bfloat16) after setup; an explicit
+    # adapter_dtype must survive that (else float32 adapters silently train in bfloat16).
+    module = CausalLM(tiny_llama())
+    cb = MatryoshkaLoRA(r_max=4, target_modules=["q_proj", "v_proj"], adapter_dtype=adapter_dtype)
+    t = trainer([cb], max_steps=2, precision="bf16-true")
+    t.fit(module, token_loader())
+    layers = adapted_layers(module).values()
+    assert all(m.base_layer.weight.dtype == torch.bfloat16 for m in layers)
+    assert all(m.lora_A.dtype == expected and m.lora_B.dtype == expected for m in layers)
+    assert all(torch.count_nonzero(m.lora_B) > 0 for m in layers)
+    opt_params = [p for g in t.optimizers[0].param_groups for p in g["params"]]
+    assert len(opt_params) == 8 and all(p.dtype == expected for p in opt_params)
+
+
+def test_apply_then_fit_with_the_same_callback_resumes(tmp_path):
+    """A notebook flow: cb.apply(module) first, then Trainer(callbacks=[cb]); resuming must still load the
+    adapter-only checkpoint (the callback must not skip its loading setup for a module it already adapted)."""
+    def run(max_epochs, ckpt_path=None, ckpt_dir=None):
+        L.seed_everything(0, verbose=False)
+        module = CausalLM(tiny_llama(seed=0), lr=5e-3)
+        cb = MatryoshkaLoRA(r_max=4, target_modules=["q_proj", "v_proj"], verbose=False)
+        cb.apply(module)
+        callbacks = [cb] + ([ModelCheckpoint(dirpath=ckpt_dir)] if ckpt_dir else [])
+        t = trainer(callbacks, max_epochs=max_epochs, max_steps=-1, enable_checkpointing=bool(ckpt_dir))
+        t.fit(module, token_loader(n=8), ckpt_path=ckpt_path)
+        return module
+
+    full = run(2)
+    run(1, ckpt_dir=tmp_path)
+    (ckpt,) = _ckpt_files(tmp_path)
+    resumed = run(2, ckpt_path=ckpt)
+    ref, got = _adapter_state(full), _adapter_state(resumed)
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-6, atol=1e-7)
+
+
+class _RankRecorder(L.Callback):
+    def __init__(self, cb: MatryoshkaLoRA) -> None:
+        self.cb, self.records = cb, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # runs after the MatryoshkaLoRA hook
+        ctrl = self.cb.controller
+        rows = ctrl.rowwise_ranks(batch.shape[0]).tolist() if self.cb.config.mode == "rowwise" else None
+        self.records.append((trainer.global_step, ctrl.step_rank, rows))
+
+
+@pytest.mark.parametrize("mode", ["dylora", "rowwise", "lora"])
+def test_modes_in_fit_with_gradient_accumulation(mode):
+    module = CausalLM(tiny_llama())
+    cb = MatryoshkaLoRA(r_max=4, mode=mode, target_modules=["q_proj", "down_proj"], seed=5)
+    rec = _RankRecorder(cb)
+    t = trainer([cb, rec], max_steps=4, accumulate_grad_batches=2)
+    t.fit(module, token_loader(n=32, batch_size=4))
+    assert [r[0] for r in rec.records] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert all(torch.count_nonzero(m.lora_B) > 0 for m in adapted_layers(module).values())
+    if mode == "dylora":  # one rank per optimizer step, shared by its micro-batches, drawn from (seed, step)
+        from lightning_matlora import RankController
+        ref = RankController(cb.config)
+        for step, b, _ in rec.records:
+            ref.begin_step(step)
+            assert b == ref.step_rank
+        assert all(rec.records[i][1] == rec.records[i + 1][1] for i in range(0, 8, 2))
+    if mode == "rowwise":  # every train rank in every micro-batch (4 rows ≥ |S| = 3)
+        assert all(set(rows) == {1, 2, 4} for _, _, rows in rec.records)
+
+
+def test_public_api_names_and_defaults():
+    import inspect
+
+    import lightning_matlora as lm
+
+    for name in ("MatryoshkaLoRA", "MatryoshkaLinear", "build_p", "set_rank", "at_rank", "merge", "unmerge",
+                 "default_ranks", "adapted_layers", "controller_of", "begin_step", "MatLoRAConfig"):
+        assert name in lm.__all__ and hasattr(lm, name), name
+    assert issubclass(MatryoshkaLoRA, L.Callback)
+    params = inspect.signature(MatryoshkaLoRA).parameters
+    expected = dict(r_max=64, ranks=None, target_modules="all-linear", exclude_modules=("lm_head",),
+                    modules_to_save=None, scaling="sqrt", alpha=1.0, dropout=0.0, mode="matryoshka",
+                    rank_scale="rank", p=None, eval_ranks=None, adapter_dtype=None)
+    assert list(params)[:len(expected)] == list(expected)
+    assert {k: params[k].default for k in expected} == expected
+    assert inspect.signature(lm.build_p).parameters["scaling"].default == "sqrt"
+    cb = MatryoshkaLoRA(r_max=64)
+    assert cb.config.ranks == [1, 2, 4, 8, 16, 32, 64] and cb.config.eval_ranks == cb.config.ranks

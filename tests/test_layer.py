@@ -127,3 +127,20 @@ def test_default_adapter_dtype_follows_base_and_init():
     assert torch.count_nonzero(layer.lora_B) == 0
     a = layer.lora_A.float()
     assert a.abs().max() <= 1 / 16 ** 0.5 + 1e-3 and a.std() > 0.1 / 4  # U(-1/sqrt(R), 1/sqrt(R)), not degenerate
+
+
+def test_explicit_adapter_dtype_survives_module_conversion():
+    model, cb, layer = adapt_single(make_base("linear", 6, 5), r_max=4, adapter_dtype="float32")
+    x = _input((3, 6), torch.bfloat16, seed=51)
+    (model(x.float()) ** 2).sum().backward()  # a stale float32 grad must follow its parameter
+    model.to(torch.bfloat16)
+    assert layer.base_layer.weight.dtype == torch.bfloat16
+    assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float32
+    assert layer.lora_A.grad.dtype == torch.float32
+    (model(x).float() ** 2).sum().backward()
+    model.double()
+    assert layer.lora_A.dtype == torch.float32 and layer.base_layer.weight.dtype == torch.float64
+    # without an explicit adapter_dtype the adapter follows the module
+    model2, _, layer2 = adapt_single(make_base("linear", 6, 5), r_max=4)
+    model2.to(torch.bfloat16)
+    assert layer2.lora_A.dtype == torch.bfloat16

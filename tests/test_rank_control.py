@@ -249,3 +249,54 @@ def test_at_rank_restores_previous_setting_even_after_exception():
         with at_rank(model, 9):  # invalid: raises on entry, leaves the setting alone
             pass
     assert get_rank(model) == 2
+
+
+def test_lora_mode_with_dropout_equals_peft_in_train_mode():
+    """Dropout acts on the adapter input only, as PEFT's lora_dropout (same RNG stream ⇒ same masks)."""
+    from peft import LoraConfig, get_peft_model
+
+    R, targets = 4, ["q_proj", "up_proj"]
+    base = tiny_llama()
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=R, lora_alpha=R, target_modules=targets,
+                                                                 lora_dropout=0.3))
+    names = MatryoshkaLoRA(r_max=R, mode="lora", target_modules=targets, scaling="none", dropout=0.3,
+                           verbose=False).apply(base)
+    _randomise_adapters(base, seed=4)
+    peft_layers = dict(peft_model.named_modules())
+    for name in names:
+        ours, theirs = base.get_submodule(name), peft_layers["base_model.model." + name]
+        with torch.no_grad():
+            theirs.lora_A["default"].weight.copy_(ours.lora_A)
+            theirs.lora_B["default"].weight.copy_(ours.lora_B)
+    base.train()
+    peft_model.train()
+    ids = _tokens(2)
+    torch.manual_seed(11)
+    ours = base(input_ids=ids).logits
+    torch.manual_seed(11)
+    theirs = peft_model(input_ids=ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    torch.manual_seed(12)
+    assert not torch.allclose(base(input_ids=ids).logits, ours, atol=1e-4)  # dropout is active
+    base.eval()
+    with torch.no_grad(), at_rank(base, R):
+        eval_a, eval_b = base(input_ids=ids).logits, base(input_ids=ids).logits
+    assert torch.equal(eval_a, eval_b)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("rule", ["rank", "trained"])
+def test_per_row_ranks_on_whole_models(family, rule):
+    model = tiny_llama() if family == "llama" else tiny_gpt2()
+    MatryoshkaLoRA(r_max=8, rank_scale=rule, verbose=False).apply(model)
+    _randomise_adapters(model, seed=6)
+    ids = _tokens(7, shape=(4, 6))
+    ranks = torch.tensor([8, 1, 3, 6])
+    with torch.no_grad():
+        with at_rank(model, ranks):
+            batched = model(input_ids=ids).logits
+        for i, k in enumerate(ranks.tolist()):
+            with at_rank(model, k):
+                torch.testing.assert_close(batched[i], model(input_ids=ids[i:i + 1]).logits[0], rtol=1e-4, atol=1e-5)
+        with at_rank(model, 1):  # the ranks really differ
+            assert not torch.allclose(model(input_ids=ids[:1]).logits[0], batched[0], atol=1e-3)

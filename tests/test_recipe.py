@@ -206,14 +206,15 @@ def test_alpaca_schema_and_templates(tmp_path):
 
 def test_truncation_cuts_the_answer_tail_never_all_of_it_and_is_reported(tmp_path, capsys):
     rows = [{"question": "Encode ab", "answer": "#### " + "x" * 40}] * 3 + [{"question": "Encode a", "answer": "ok"}] * 7
-    dm = _data(tmp_path, rows, max_length=30, val_fraction=0.3)
+    dm = _data(tmp_path, rows, max_length=40, val_fraction=0.3)
     dm.setup("fit")
     every = dm.splits["train"] + dm.splits["val"]
-    assert sum(e.truncated for e in every) == 3 == sum(dm.truncated.values())
+    assert sum(e.truncated for e in every) == 3 == dm.truncated["train"] + dm.truncated["val"]
     for e in every:
-        assert len(e.input_ids) <= 30 and len(e.input_ids) > e.n_prompt  # at least one answer token kept
+        assert len(e.input_ids) <= 40 and len(e.input_ids) > e.n_prompt  # at least one answer token kept
+        assert e.truncated == (len(e.input_ids) == 40)
     printed = capsys.readouterr()
-    assert "longer than max_length=30" in printed.out + printed.err
+    assert "longer than max_length=40" in printed.out + printed.err
 
 
 def test_split_is_deterministic_and_disjoint(tmp_path):

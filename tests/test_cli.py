@@ -1,0 +1,85 @@
+"""The `matlora` command line: info, export, merge, errors and --help."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_llama
+from lightning_matlora import save_adapter
+from lightning_matlora.cli import main
+from test_adapter_io import X, logits, trained
+
+
+@pytest.fixture
+def adapter(tmp_path):
+    model = trained(tiny_llama(), r_max=8)
+    save_adapter(model, tmp_path / "ad", curve={1: 0.25, 2: 0.5, 4: 0.625, 8: 0.75}, aurac=0.53125, step=12)
+    return model, tmp_path / "ad"
+
+
+def test_info_prints_config_and_curve_table(adapter, capsys):
+    _, path = adapter
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "r_max           8" in out and "train ranks     [1, 2, 4, 8]" in out
+    assert "layers          14 (down_proj ×2, gate_proj ×2" in out
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert rows == [["1", "0.2500"], ["2", "0.5000"], ["4", "0.6250"], ["8", "0.7500"]]
+    assert "AURAC  0.5312" in out and "step=12" in out
+
+
+def test_export_and_overwrite(adapter, tmp_path, capsys):
+    model, path = adapter
+    out = tmp_path / "k3"
+    assert main(["export", str(path), "--rank", "3", "--out", str(out)]) == 0
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 3
+    assert main(["export", str(path), "--rank", "2", "--out", str(out)]) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert main(["export", str(path), "--rank", "2", "--out", str(out), "--overwrite"]) == 0
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 2
+
+
+@pytest.mark.parametrize("rank", ["0", "9", "two"])
+def test_export_bad_rank(adapter, tmp_path, capsys, rank):
+    _, path = adapter
+    assert main(["export", str(path), "--rank", rank, "--out", str(tmp_path / "o")]) == 1
+    assert "rank must be an integer in 1…r_max=8" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_export_all_and_merge(adapter, tmp_path):
+    model, path = adapter
+    assert main(["export", str(path), "--rank", "all", "--out", str(tmp_path / "all")]) == 0
+    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == ["rank_1", "rank_2", "rank_4", "rank_8"]
+    assert "measured score at rank 4: 0.625" in (tmp_path / "all" / "rank_4" / "README.md").read_text()
+    tiny_llama().save_pretrained(tmp_path / "base")
+    assert main(["merge", str(path), "--base", str(tmp_path / "base"), "--rank", "5", "--out",
+                 str(tmp_path / "m")]) == 0
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(X).logits, logits(model, 5), rtol=1e-5, atol=1e-5)
+    assert main(["merge", str(path), "--base", str(tmp_path / "base"), "--rank", "5", "--out",
+                 str(tmp_path / "m")]) == 1
+
+
+def test_missing_adapter_and_usage(tmp_path, capsys):
+    assert main(["info", str(tmp_path / "nope")]) == 1
+    assert "No adapter directory" in capsys.readouterr().err
+    assert main([]) == 2
+    with pytest.raises(SystemExit):
+        main(["export", str(tmp_path)])  # --rank and --out are required
+
+
+def test_python_dash_m_help():
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "lightning_matlora", "export", "--help"], capture_output=True, text=True,
+                       timeout=120, cwd=root)
+    assert r.returncode == 0 and "--rank K|all" in r.stdout and "--overwrite" in r.stdout
