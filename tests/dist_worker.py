@@ -31,21 +31,23 @@ from lightning_matlora.distributed import full_adapter_state_dict  # noqa: E402
 R_MAX = 8
 N_SEQ, SEQ_LEN = 16, 12  # one epoch of 4 steps on 2 processes (global batch 4)
 PER_DEVICE_BATCH = 2
+N_VAL = 12  # validation sequences: 3 batches of 2 per process
 MAX_STEPS = 4
 LR = 0.5
 
 
-def dataset() -> TensorDataset:
-    g = torch.Generator().manual_seed(1234)
-    return TensorDataset(torch.randint(0, 97, (N_SEQ, SEQ_LEN), generator=g))
+def dataset(seed: int = 1234, n: int = N_SEQ) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randint(0, 97, (n, SEQ_LEN), generator=g))
 
 
 class TinyLM(pl.LightningModule):
     """A tiny Llama built in configure_model (the same base and RNG stream under every strategy)."""
 
-    def __init__(self, shard: bool = False, batch_size: int = PER_DEVICE_BATCH, prepare: bool = True) -> None:
+    def __init__(self, shard: bool = False, batch_size: int = PER_DEVICE_BATCH, prepare: bool = True,
+                 val: bool = False) -> None:
         super().__init__()
-        self.shard, self.batch_size, self.prepare = shard, batch_size, prepare
+        self.shard, self.batch_size, self.prepare, self.val = shard, batch_size, prepare, val
         # the base weights, loaded in configure_model: a model built under deepspeed.zero.Init skips transformers'
         # weight init (its parameters are already partitioned), so every strategy loads the same weights instead
         self.base_weights = tiny_llama(seed=0).state_dict()
@@ -86,6 +88,21 @@ class TinyLM(pl.LightningModule):
         ctrl = next(iter(m.controller for m in self.modules() if hasattr(m, "controller")), None)
         self.step_ranks.append(ctrl.step_rank if ctrl is not None else None)
         return loss
+
+    def validation_step(self, batch, batch_idx):
+        """One loss per row (the rank curve's one-pass evaluation)."""
+        (ids,) = batch
+        logits = self.model(input_ids=ids).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        return nll.mean(1)
+
+    def val_dataloader(self):
+        if not self.val:
+            return []
+        data = dataset(seed=99, n=N_VAL)
+        sampler = DistributedSampler(data, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank,
+                                     shuffle=False)
+        return DataLoader(data, batch_size=self.batch_size, sampler=sampler)
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=LR, momentum=0.9)
@@ -153,7 +170,7 @@ def trainer(scenario: str, callbacks, out: Path, **kw) -> pl.Trainer:
     return pl.Trainer(accelerator="cpu", devices=1 if nodes else 2, num_nodes=2 if nodes else 1,
                       strategy=make_strategy(scenario), max_steps=MAX_STEPS, callbacks=callbacks,
                       logger=False, enable_progress_bar=False, enable_model_summary=False,
-                      default_root_dir=str(out), use_distributed_sampler=False, **kw)
+                      default_root_dir=str(out), use_distributed_sampler=False, num_sanity_val_steps=0, **kw)
 
 
 def fit(scenario: str, out: Path, ckpt_dir: Path | None = None, ckpt_path: str | None = None, **cb_kw):
@@ -163,7 +180,7 @@ def fit(scenario: str, out: Path, ckpt_dir: Path | None = None, ckpt_path: str |
     if ckpt_dir is not None:
         callbacks.append(ModelCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=2, save_top_k=-1,
                                          filename="{step}"))
-    module = TinyLM(shard=scenario == "fsdp2")
+    module = TinyLM(shard=scenario == "fsdp2", val=scenario == "ddp")
     t = trainer(scenario, callbacks, out)
     t.fit(module, ckpt_path=ckpt_path)
     return t, module, cb
@@ -244,6 +261,13 @@ def main() -> None:
     mine = {"local": local_adapter(module), "full": full, "losses": module.losses, "rows": module.rows}
     result.update(full=full, losses=module.losses, world_size=t.world_size, strategy=type(t.strategy).__name__)
     mine["optimizer_numel"] = optimizer_numel(t)
+    if cb.rank_eval is not None and cb.rank_eval.history:
+        result["curve"] = cb.rank_eval.history[-1][1]  # reduced over both processes' validation data
+    if cb.adapter_path and rank == 0:  # the adapter the callback saved at the end of fit
+        from lightning_matlora import read_adapter
+
+        result["saved"] = read_adapter(cb.adapter_path).tensors
+        result["saved_dir"] = cb.adapter_path
 
     if scenario != "nodes":
         ckpt = out / "ckpt" / "step=2.ckpt"

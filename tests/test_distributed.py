@@ -7,7 +7,9 @@ process. References: the DDP run for the sharded strategies; a single process on
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +26,7 @@ from lightning_matlora.rank import RankController
 WORKER = Path(__file__).with_name("dist_worker.py")
 ROOT = WORKER.parent.parent
 pytestmark = pytest.mark.slow
+TIMEOUT_S = 300  # one launch: ~20-40 s normally, up to a few minutes for DeepSpeed's first op compilation
 
 
 def free_port() -> int:
@@ -48,15 +51,17 @@ def _launch(scenario: str, out: Path, cache: Path) -> list[subprocess.CompletedP
     else:
         cmds = [base + ["--nnodes=1", "--nproc-per-node=2", str(WORKER), scenario, str(out)]]
     procs = [subprocess.Popen(c, cwd=ROOT, env=_env(cache), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for c in cmds]
+                              text=True, start_new_session=True) for c in cmds]
     done = []
     for c, p in zip(cmds, procs):
         try:
-            stdout, _ = p.communicate(timeout=400)
-        except subprocess.TimeoutExpired:
+            stdout, _ = p.communicate(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:  # a hang: end this launch's process groups (torchrun and its workers)
             for q in procs:
-                q.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(q.pid, signal.SIGKILL)
             stdout, _ = p.communicate()
+            stdout += f"\n[killed after {TIMEOUT_S} s]"
         done.append(subprocess.CompletedProcess(c, p.returncode, stdout, ""))
     return done
 
@@ -122,16 +127,40 @@ def test_ddp_equals_single_process_on_the_same_global_batches(ddp, tmp_path):
     import lightning.pytorch as pl
 
     pl.seed_everything(0)
-    module = W.TinyLM(batch_size=2 * W.PER_DEVICE_BATCH)
+    module = W.TinyLM(batch_size=2 * W.PER_DEVICE_BATCH, val=True)
+    cb = MatryoshkaLoRA(r_max=W.R_MAX, verbose=False, save_adapter=False)
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=W.MAX_STEPS, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=str(tmp_path),
-                         use_distributed_sampler=False, callbacks=[MatryoshkaLoRA(r_max=W.R_MAX, verbose=False)])
+                         enable_model_summary=False, default_root_dir=str(tmp_path), num_sanity_val_steps=0,
+                         use_distributed_sampler=False, callbacks=[cb])
     trainer.fit(module)
     single = full_adapter_state_dict(trainer)
     seen = [sorted(a + b) for a, b in zip(*(r["rows"] for r in ddp["ranks"]))]
     assert seen == [sorted(rows) for rows in module.rows], "the same global batches"
     _assert_same(ddp["full"], single, atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(_global_losses(ddp), torch.tensor(module.losses), atol=1e-5, rtol=0)
+
+
+def test_ddp_rank_curve_is_reduced_over_every_process(ddp, tmp_path):
+    """The callback's rank curve under DDP equals one process's curve on all the validation data (same adapter)."""
+    import lightning.pytorch as pl
+
+    from lightning_matlora.adapter_io import load_adapter
+
+    assert sorted(ddp["curve"]) == [1, 2, 4, 8]
+    # one process, the DDP run's saved adapter, all validation sequences
+    module = W.TinyLM(batch_size=5, val=True)  # other batch boundaries than DDP's: the curve weighs rows
+    module.configure_model()
+    cb = MatryoshkaLoRA(r_max=W.R_MAX, verbose=False, save_adapter=False)
+    cb.apply(module)
+    load_adapter(module.model, ddp["saved_dir"])
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=str(tmp_path), use_distributed_sampler=False,
+                         callbacks=[cb])
+    trainer.validate(module)
+    single = cb.rank_eval.history[-1][1]
+    for k in single:  # one process's mean over all rows, not rank 0's half
+        assert abs(ddp["curve"][k] - single[k]) < 1e-5, (k, ddp["curve"][k], single[k])
+    assert len({round(v, 4) for v in single.values()}) > 1, "the ranks differ"
 
 
 def test_dylora_draws_the_same_rank_on_every_process_each_step(ddp):
@@ -222,6 +251,18 @@ def test_zero3_partitions_adapters_and_refuses_a_materialised_model(zero3):
     assert all(v.numel() == 0 for v in r0["local"].values()), "ZeRO-3 partitions the adapters too"
     msg = r0["materialised_error"]
     assert msg is not None and "configure_model" in msg and "ZeRO-3" in msg
+
+
+@pytest.mark.parametrize("run", ["ddp", "fsdp2", "zero2", "zero3"])
+def test_the_adapter_saved_by_the_callback_is_complete(run, request):
+    """What MatryoshkaLoRA wrote at the end of fit (save_adapter) is the full adapter, under every strategy."""
+    result, ddp = request.getfixturevalue(run), request.getfixturevalue("ddp")
+    saved = result["saved"]
+    expected = {k.removeprefix("model."): v for k, v in ddp["full"].items()}  # keys relative to the Llama
+    assert set(saved) == set(expected)
+    for k, v in expected.items():
+        assert saved[k].shape == v.shape, k
+        torch.testing.assert_close(saved[k], v, atol=1e-5, rtol=1e-4, msg=k)
 
 
 # -------------------------------------------------------------------------------------------- bad input
