@@ -22,7 +22,8 @@ torch.manual_seed(0)
 dm = InstructData(tokenizer=str(HERE / 'assets' / 'base'), max_length=64); dm.setup('fit')
 tok = dm.tokenizer
 model = AutoModelForCausalLM.from_pretrained(str(HERE / 'assets' / 'base'))
-cb = MatryoshkaLoRA(r_max=r_max, mode=mode, rank_scale=rule, verbose=False, save_adapter=False, rank_eval=None); cb.apply(model)
+cb = MatryoshkaLoRA(r_max=r_max, mode=mode, rank_scale=rule, verbose=False, save_adapter=False, rank_eval=None)
+cb.apply(model)
 params = [p for p in model.parameters() if p.requires_grad]
 opt = torch.optim.AdamW(params, lr=lr)
 sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s+1)/20, max(0.0, (steps-s)/(steps-20))))
@@ -40,7 +41,8 @@ def evaluate():
             ids = torch.full((len(ex), n), tok.pad_token_id); am = torch.zeros_like(ids)
             for j, e in enumerate(ex):
                 ids[j, n-e.n_prompt:] = torch.tensor(e.input_ids[:e.n_prompt]); am[j, n-e.n_prompt:] = 1
-            g = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+            g = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=12, do_sample=False,
+                               pad_token_id=tok.pad_token_id)
             txt = tok.batch_decode(g[:, n:], skip_special_tokens=True)
             em = 100 * sum(final_answer(t) == e.reference for t, e in zip(txt, ex)) / len(ex)
         res[k] = (round(acc, 1), round(em, 1))
@@ -56,4 +58,5 @@ while step < steps:
         if step % 100 == 0: print(step, round(float(loss), 3), f'{time.time()-t0:.0f}s', flush=True)
         if step >= steps: break
 r = evaluate()
-print(mode, rule, lr, steps, r, 'AURAC acc', round(aurac(list(r), [v[0] for v in r.values()]), 1), 'em', round(aurac(list(r), [v[1] for v in r.values()]), 1), flush=True)
+print(mode, rule, lr, steps, r, 'AURAC acc', round(aurac(list(r), [v[0] for v in r.values()]), 1),
+      'em', round(aurac(list(r), [v[1] for v in r.values()]), 1), flush=True)

@@ -28,8 +28,8 @@ DATA = RECIPES / "assets" / "data" / "encode.jsonl"
 OFFLINE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 # a cut-down run: a few optimizer steps on a slice of the bundled task
-CALLBACK = ('--trainer.callbacks=[{"class_path": "lightning_matlora.MatryoshkaLoRA", "init_args": {"r_max": 4, "ranks": [1, 2, 4], '
-            '"mode": "rowwise", "rank_eval": null, "save_adapter": false}}]')
+CALLBACK = ('--trainer.callbacks=[{"class_path": "lightning_matlora.MatryoshkaLoRA", "init_args": {"r_max": 4, '
+            '"ranks": [1, 2, 4], "mode": "rowwise", "rank_eval": null, "save_adapter": false}}]')
 EVAL = ["--data.max_train_examples", "128", "--data.max_val_examples", "32", "--model.num_generate", "8",
         "--trainer.enable_progress_bar", "false", CALLBACK]
 QUICK = ["--trainer.max_steps", "4", "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1", *EVAL]
