@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import MatLoRAConfig
-from .distributed import _clean, full_adapter_state_dict
+from .distributed import clean_name, full_adapter_state_dict
 from .inject import _saved_prefixes, adapted_layers, freeze_base, inject
 from .layer import MatryoshkaLinear, is_supported, layer_dims
 from .model import controller_of
@@ -161,7 +161,7 @@ def peft_target_modules(root: nn.Module, names: Iterable[str]) -> list[str]:
     the usual form) when they select nothing else, else the full module names."""
     names = set(names)
     suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
-    selected = {_clean(n) for n, _ in root.named_modules()}
+    selected = {clean_name(n) for n, _ in root.named_modules()}
     selected = {n for n in selected
                 if n and not n.endswith(".base_layer") and any(n == s or n.endswith("." + s) for s in suffixes)}
     return suffixes if selected == names else sorted(names)
@@ -180,11 +180,11 @@ def snapshot(model: nn.Module, *, curve: Any = None, aurac: float | None = None,
                            f"saving or exporting its adapter (the factors are saved, not merged weights).")
     # the full adapter on every process (gathers FSDP/FSDP2/ZeRO-3 shards: a collective), wrapper names cleaned
     state = full_adapter_state_dict(model)
-    layers = {_clean(n): m for n, m in layers.items()}
-    saved_prefixes = [_clean(p) for p in _saved_prefixes(model, ctrl.config)]
+    layers = {clean_name(n): m for n, m in layers.items()}
+    saved_prefixes = [clean_name(p) for p in _saved_prefixes(model, ctrl.config)]
     owned = list(layers) + saved_prefixes
-    root_name, root = model_root(model, lambda n, _m: not n or all(o.startswith(_clean(n) + ".") for o in owned))
-    prefix = _clean(root_name) + "." if root_name else ""
+    root_name, root = model_root(model, lambda n, _m: not n or all(o.startswith(clean_name(n) + ".") for o in owned))
+    prefix = clean_name(root_name) + "." if root_name else ""
     tensors = {k[len(prefix):]: v.contiguous() for k, v in state.items()}
     infos = {name[len(prefix):]: LayerInfo(layer.in_features, layer.out_features, bool(layer.is_conv1d))
              for name, layer in sorted(layers.items())}
@@ -589,7 +589,8 @@ def run_metadata(trainer: Any, callbacks: Iterable[Any]) -> dict[str, Any]:
 
             _, curve, area = history[-1]
             meta["curve"] = {"metric": f"{PREFIX}/{NAME}", "ranks": list(curve), "scores": list(curve.values())}
-            meta["aurac"] = area
+            if math.isfinite(area):  # a NaN rank makes the AURAC NaN: keep the curve, record no AURAC
+                meta["aurac"] = area
             return meta
     for cb in callbacks:
         curve = getattr(cb, "last_curve", None)

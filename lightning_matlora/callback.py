@@ -15,7 +15,7 @@ from torch import nn
 from .adapter_io import check_save_adapter, check_save_best_mode, save_best_from_trainer, save_final_from_trainer
 from .config import MatLoRAConfig, TargetSpec
 from .evaluation import RankCurveValidation, check_rank_eval
-from .distributed import check_not_sharded, prepare_strategy
+from .distributed import check_not_sharded, is_deepspeed, prepare_strategy
 from .inject import adapted_layers, adapter_state_keys, freeze_base, inject, linear_layer_names, no_match_message
 from .rank import RankController
 from .summary import format_summary
@@ -99,6 +99,16 @@ class MatryoshkaLoRA(pl.Callback):
         """The training diagonal (float32, length r_max)."""
         return self.controller.p
 
+    @property
+    def last_curve(self) -> dict[str, Any] | None:
+        """The last validation epoch's rank curve (``{"metric", "ranks", "scores"}``), saved with the adapter."""
+        return self.rank_eval.last_curve() if self.rank_eval is not None else None
+
+    @property
+    def last_aurac(self) -> float | None:
+        """The last validation epoch's AURAC (``None`` if not measured or not finite)."""
+        return self.rank_eval.last_aurac() if self.rank_eval is not None else None
+
     def apply(self, module: nn.Module) -> list[str]:
         """Adapt ``module`` without a Trainer: inject, freeze the base, return the adapted layers' names.
 
@@ -145,7 +155,8 @@ class MatryoshkaLoRA(pl.Callback):
         if merged:
             raise RuntimeError(f"The model is merged at rank {merged[0]}: a merged adapter does not train. Call "
                                f"lightning_matlora.unmerge(model) before trainer.fit.")
-        _drop_frozen_from_optimizers(trainer)
+        if not is_deepspeed(trainer.strategy):  # DeepSpeed builds its optimizer from the trainable parameters only
+            _drop_frozen_from_optimizers(trainer)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:

@@ -184,7 +184,7 @@ def format_curve_table(curve: Mapping[int, Number], name: str = "loss", higher_i
     lines = [title or f"Rank curve of {name} ({'higher' if higher_is_better else 'lower'} is better):",
              f"  {'rank':>{width}}  {name:>12}  {'vs best':>9}"]
     for r, v in items:
-        rel = (v - best) / abs(best) * 100 if best not in (0.0,) and not math.isnan(best) else float("nan")
+        rel = (v - best) / abs(best) * 100 if best != 0 and not math.isnan(best) else float("nan")
         lines.append(f"  {r:>{width}}  {v:>12.5g}  {rel:>+8.2f}%")
     lines.append(f"  AURAC ({axis} axis): {aurac([r for r, _ in items], [v for _, v in items], axis):.5g}")
     lines.append("  Advice: " + describe_rank_choice(curve, tolerance, True, higher_is_better, name))

@@ -198,7 +198,8 @@ def prepare_for_sharding(pl_module: pl.LightningModule) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------- gathering
-def _clean(name: str) -> str:
+def clean_name(name: str) -> str:
+    """A parameter or module name without the path components FSDP/checkpoint/compile wrappers insert."""
     return ".".join(p for p in name.split(".") if p not in _WRAPPER_PARTS)
 
 
@@ -213,13 +214,13 @@ def adapter_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """(clean name, tensor) of every adapter-owned parameter and buffer of ``module``, in a fixed order, without
     calling ``state_dict`` (whose hooks would gather the whole sharded model)."""
     config = controller_of(module).config
-    prefixes = [_clean(p) for p in _saved_prefixes(module, config)]
+    prefixes = [clean_name(p) for p in _saved_prefixes(module, config)]
     for name, t in module.named_parameters():
-        name = _clean(name)
+        name = clean_name(name)
         if _owned(name, prefixes):
             yield name, t
     for name, t in module.named_buffers():
-        name = _clean(name)
+        name = clean_name(name)
         if any(name.startswith(k + ".") for k in prefixes):
             yield name, t
 
@@ -268,7 +269,7 @@ def full_adapter_state_dict(target: pl.Trainer | nn.Module) -> dict[str, torch.T
         for name, t in items:
             if _is_fsdp_sharded(t):
                 t = t.full_tensor()
-            out[name] = t.detach().to("cpu", copy=True)
+            out[name] = t.detach().to("cpu", copy=True).contiguous()
     return out
 
 
@@ -280,4 +281,4 @@ def _fsdp1_adapter_state(root: nn.Module, module: nn.Module) -> dict[str, torch.
     keys = {n for n, _ in adapter_tensors(module)}
     sd = get_model_state_dict(root, options=StateDictOptions(full_state_dict=False, ignore_frozen_params=True))
     sd = _gather_state_dict(sd)
-    return {_clean(k): v.detach().to("cpu", copy=True) for k, v in sd.items() if _clean(k) in keys}
+    return {clean_name(k): v.detach().to("cpu", copy=True) for k, v in sd.items() if clean_name(k) in keys}

@@ -7,7 +7,8 @@ Contract with the user's LightningModule (nothing to change in it):
 2. Its return value must be the loss: a tensor, or a dict with ``"loss"``. A scalar is a batch mean; a 1-D tensor
    with one loss per row of the batch (or a dict with a ``"per_row_loss"`` of that shape) is *per-row*.
 3. Right after, in ``on_validation_batch_end``, the callback evaluates every eval rank by calling
-   ``validation_step`` again with ``self.log``/``self.log_dict`` silenced and the states of the module's
+   ``validation_step`` again (through the strategy, as Lightning does: same precision context and model
+   wrappers) with ``self.log``/``self.log_dict`` silenced and the states of the module's
    torchmetrics metrics restored afterwards:
 
    - *one pass* (``rank_eval="auto"`` when the step's loss is per-row, or ``"mixed"``): the batch is replicated
@@ -28,6 +29,7 @@ counters) happen once per extra call; set ``rank_eval=None`` and use :class:`Ran
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import warnings
 from collections.abc import Iterator, Mapping
@@ -115,7 +117,7 @@ def step_loss(output: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
 def silenced(module: pl.LightningModule) -> Iterator[None]:
     """Run user code without its ``self.log``/``self.log_dict`` reaching Lightning and with the states of the
     module's torchmetrics metrics restored afterwards."""
-    metrics = [m for m in module.modules() if isinstance(m, Metric) and not isinstance(m, RankCurveMetric)]
+    metrics = [m for m in module.modules() if isinstance(m, Metric)]
     saved = []
     for m in metrics:
         state = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else
@@ -167,7 +169,8 @@ class RankCurveValidation:
 
     # ------------------------------------------------------------------------------------------------ hooks
     def epoch_start(self, pl_module: pl.LightningModule) -> None:
-        self.metric = self.metric.to(pl_module.device)
+        device = pl_module.device if pl_module.device.type != "mps" else torch.device("cpu")  # float64 states
+        self.metric = self.metric.to(device)
         self.metric.reset()
 
     def batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
@@ -182,7 +185,7 @@ class RankCurveValidation:
                 raise ValueError("rank_eval='mixed' replicates the batch along its first dimension, but the batch's "
                                  "tensors have no common first dimension: use rank_eval='sequential'.")
             try:
-                self._mixed(pl_module, batch, batch_idx, rows, kwargs)
+                self._mixed(trainer, pl_module, batch, batch_idx, rows, kwargs)
                 self.used_mixed = True
                 return
             except _MixedUnsupported as err:
@@ -190,17 +193,17 @@ class RankCurveValidation:
                     raise ValueError(f"rank_eval='mixed' cannot run this validation_step: {err}") from None
                 warnings.warn(f"MatryoshkaLoRA falls back to one validation pass per eval rank: {err}", stacklevel=2)
                 self._mixed_failed = True
-        self._sequential(pl_module, batch, batch_idx, rows, kwargs)
+        self._sequential(trainer, pl_module, batch, batch_idx, rows, kwargs)
         self.used_mixed = False
 
-    def _mixed(self, pl_module: pl.LightningModule, batch: Any, batch_idx: int, rows: int,
+    def _mixed(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, rows: int,
                kwargs: dict[str, Any]) -> None:
         K = len(self.ranks)
         per_row_ranks = torch.tensor(self.ranks, dtype=torch.long).repeat_interleave(rows)
         big = replicate_batch(batch, K)
         try:
             with silenced(pl_module), at_rank(pl_module, per_row_ranks):
-                _, per_row = step_loss(pl_module.validation_step(big, batch_idx, **kwargs))
+                _, per_row = step_loss(trainer.strategy.validation_step(big, batch_idx, **kwargs))
         except ValueError as err:
             if "per-row ranks" in str(err):  # an adapted layer saw a first dimension other than the batch's rows
                 raise _MixedUnsupported(str(err)) from None
@@ -213,11 +216,11 @@ class RankCurveValidation:
         for i, k in enumerate(self.ranks):
             self.metric.update(k, means[i], rows)
 
-    def _sequential(self, pl_module: pl.LightningModule, batch: Any, batch_idx: int, rows: int | None,
-                    kwargs: dict[str, Any]) -> None:
+    def _sequential(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int,
+                    rows: int | None, kwargs: dict[str, Any]) -> None:
         for k in self.ranks:
             with silenced(pl_module), at_rank(pl_module, k):
-                loss, per_row = step_loss(pl_module.validation_step(batch, batch_idx, **kwargs))
+                loss, per_row = step_loss(trainer.strategy.validation_step(batch, batch_idx, **kwargs))
             value = (per_row if per_row is not None else loss).detach().float().mean()
             self.metric.update(k, value, rows or 1)
 
@@ -228,12 +231,29 @@ class RankCurveValidation:
             return
         curve = {k: float(v) for k, v in result["curve"].items()}
         area = float(result["aurac"])
+        # the values are already reduced across processes (identical everywhere); sync_dist only keeps Lightning
+        # from warning about unsynchronised epoch-level logging
         for k in self.ranks:
-            pl_module.log(metric_name(k, self.width), curve[k], add_dataloader_idx=False)
-        pl_module.log(aurac_name(), area, prog_bar=True, add_dataloader_idx=False)
+            pl_module.log(metric_name(k, self.width), curve[k], add_dataloader_idx=False, sync_dist=True)
+        pl_module.log(aurac_name(), area, prog_bar=True, add_dataloader_idx=False, sync_dist=True)
         self.history.append((trainer.current_epoch, curve, area))
+        path = self.plot_path(trainer)  # trainer.log_dir is a collective under DDP: every process asks
         if trainer.is_global_zero:
-            self._plot(trainer)
+            self._plot(trainer, path)
+
+    def last_curve(self) -> dict[str, Any] | None:
+        """The last validation epoch's curve as ``{"metric": "val/loss", "ranks": [...], "scores": [...]}``
+        (what a saved adapter records); ``None`` before the first epoch."""
+        if not self.history:
+            return None
+        curve = self.history[-1][1]
+        return {"metric": f"{PREFIX}/{NAME}", "ranks": list(curve), "scores": list(curve.values())}
+
+    def last_aurac(self) -> float | None:
+        """The last epoch's AURAC; ``None`` before the first epoch or when it is not finite (a NaN rank)."""
+        if not self.history or not math.isfinite(self.history[-1][2]):
+            return None
+        return self.history[-1][2]
 
     def report(self, trainer: pl.Trainer) -> None:
         """Print the table of the last epoch's curve with the rank advice (global rank zero only)."""
@@ -248,15 +268,18 @@ class RankCurveValidation:
     def plot_path(self, trainer: pl.Trainer) -> str:
         return os.path.join(trainer.log_dir or trainer.default_root_dir, f"rank_curve_{NAME}.png")
 
-    def _plot(self, trainer: pl.Trainer) -> None:
+    def _plot(self, trainer: pl.Trainer, path: str) -> None:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             return
+        few = len(self.history) <= 12  # beyond that a legend hides the plot: colours go dark → bright by epoch
         fig, _ = plot_rank_curves([c for _, c, _ in self.history],
-                                  labels=[f"epoch {e}: AURAC {a:.4g}" for e, _, a in self.history],
-                                  ylabel=f"{PREFIX}/{NAME}", title="MatryoshkaLoRA rank curve")
-        path = self.plot_path(trainer)
+                                  labels=[f"epoch {e}: AURAC {a:.4g}" for e, _, a in self.history] if few else None,
+                                  ylabel=f"{PREFIX}/{NAME}",
+                                  title="MatryoshkaLoRA rank curve" + ("" if few else
+                                                                       f", epochs {self.history[0][0]}–"
+                                                                       f"{self.history[-1][0]} (dark → bright)"))
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         fig.savefig(path, dpi=100)
         from lightning.pytorch.loggers import TensorBoardLogger

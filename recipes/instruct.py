@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Optional
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # recipes/ modules
@@ -37,15 +38,25 @@ SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 class InstructCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--num_threads", type=Optional[int], default=None,
+                            help="CPU threads of torch (default: torch's choice); the bundled tiny model runs "
+                                 "fastest on one")
         parser.link_arguments("model.name_or_path", "data.tokenizer")
         parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
 
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        if config.get("num_threads"):
+            torch.set_num_threads(int(config["num_threads"]))
+
 
 def main(args: list[str] | None = None, run: bool = True) -> InstructCLI:
+    """Run the CLI (``args`` as on the command line; ``run=False``: no subcommand, just build the objects)."""
     torch.set_float32_matmul_precision("high")
+    defaults = {"default_config_files": [str(DEFAULT_CONFIG)]}
     return InstructCLI(InstructLM, InstructData, seed_everything_default=0, args=args, run=run,
                        save_config_kwargs={"overwrite": True},
-                       parser_kwargs={s: {"default_config_files": [str(DEFAULT_CONFIG)]} for s in SUBCOMMANDS})
+                       parser_kwargs={s: defaults for s in SUBCOMMANDS} if run else defaults)
 
 
 if __name__ == "__main__":

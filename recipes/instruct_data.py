@@ -153,6 +153,7 @@ def load_source(path: str, name: str | None = None, revision: str | None = None)
             if builder is None:
                 raise ValueError(f"Cannot read {path}: give a .json, .jsonl, .parquet or .csv file, a directory, or a "
                                  f"dataset name on the hub.")
+            _check_not_empty(p)
             return datasets.load_dataset(builder, data_files={"train": str(p)})
         if p.is_dir():
             if (p / "dataset_dict.json").exists() or (p / "state.json").exists():
@@ -171,6 +172,23 @@ def load_source(path: str, name: str | None = None, revision: str | None = None)
                          f"{'is switched off on this machine (HF_HUB_OFFLINE=1)' if offline else 'could not be reached'}"
                          f". Point --data.path at a local .jsonl/.json/.parquet/.csv file or a directory "
                          f"(e.g. one written by dataset.save_to_disk). ({type(e).__name__}: {e})") from None
+
+
+def _check_not_empty(path: Path) -> None:
+    """A clear error for a data file without a single example (``datasets`` fails obscurely on those)."""
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        empty = pq.ParquetFile(str(path)).metadata.num_rows == 0
+    elif path.suffix.lower() in (".jsonl", ".csv"):
+        with path.open() as f:
+            lines = [ln for ln in (f.readline() for _ in range(2)) if ln.strip()]
+        empty = not lines if path.suffix.lower() == ".jsonl" else len(lines) < 2  # csv: header + one row
+    else:
+        empty = not path.read_text().strip() or path.read_text().strip() in ("[]", "{}")
+    if empty:
+        raise ValueError(f"The data file {path} holds no examples (its train split would be empty): give a file with "
+                         f"at least one example per line (JSONL) or row (Parquet/CSV).")
 
 
 class InstructData(pl.LightningDataModule):

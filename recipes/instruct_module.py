@@ -10,7 +10,6 @@ rank–accuracy table with the AURAC of each metric and the rank advice, saves t
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -20,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from lightning_matlora import at_rank, controller_of
+from lightning_matlora import (MatryoshkaLoRA, RankCurveMetric, at_rank, aurac, controller_of, describe_rank_choice,
+                               load_adapter, plot_rank_curves, select_rank)
+from lightning_matlora.adapter_io import save_from_trainer
 from lightning_matlora.inject import adapted_layers
 
 RECIPES = Path(__file__).resolve().parent
@@ -38,28 +39,18 @@ def load_or_explain(fn: Callable, name_or_path: str, what: str, **kwargs: Any) -
         if Path(name_or_path).exists():
             raise
         offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
-        why = ("this machine is offline (HF_HUB_OFFLINE=1), so hub names only work for models already in the local "
-               "cache" if offline else "it is not a local directory and the hub could not serve it (no network, "
-               "or the name is wrong)")
+        if offline:
+            why = ("this machine is offline (HF_HUB_OFFLINE=1), so hub names only work for models already in the "
+                   "local cache, and this one is not there")
+        elif "connect" in str(e).lower():
+            why = ("this machine is offline (the hub could not be reached) and the name is neither a local directory "
+                   "nor in the local cache")
+        else:
+            why = "it is not a local directory and the hub could not serve it (check the name and your access)"
         raise ValueError(f"Cannot load the {what} {name_or_path!r}: {why}. Point --model.name_or_path at a local "
                          f"directory holding a transformers model (config.json, weights, tokenizer files), e.g. one "
                          f"written by save_pretrained, or run where the hub is reachable. "
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-
-
-def aurac(ranks: list[int], scores: list[float]) -> float:
-    """Area under the rank–score curve on the log2-rank axis, divided by its span (one rank: its score)."""
-    if len(ranks) == 1:
-        return float(scores[0])
-    t = [math.log2(r) for r in ranks]
-    area = sum((t[i + 1] - t[i]) * (scores[i] + scores[i + 1]) / 2 for i in range(len(t) - 1))
-    return area / (t[-1] - t[0])
-
-
-def advise_rank(ranks: list[int], scores: list[float], tolerance: float = 1.0) -> int:
-    """The smallest rank whose score is within ``tolerance`` points of the best."""
-    best = max(scores)
-    return next(r for r, s in zip(ranks, scores) if s >= best - tolerance)
 
 
 class InstructLM(pl.LightningModule):
@@ -103,7 +94,6 @@ class InstructLM(pl.LightningModule):
         self.curve: dict[int, dict[str, float]] = {}
         self.base_metrics: dict[str, float] | None = None
         self.outputs: dict[str, str] = {}
-        self._sums: dict[int, torch.Tensor] = {}
 
     # ---------------------------------------------------------------------------------------------- helpers
     @property
@@ -171,52 +161,65 @@ class InstructLM(pl.LightningModule):
             out += tok.batch_decode(gen[:, n:], skip_special_tokens=True)
         return out
 
-    def _exact_match(self) -> float:
-        """Percentage of the first ``num_generate`` validation examples whose greedy final answer is right
-        (examples split across processes, counts summed)."""
+    def _exact_match_counts(self) -> tuple[float, int]:
+        """(percentage, count) of this process's share of the first ``num_generate`` validation examples whose
+        greedy final answer is right, at the current rank."""
         from instruct_data import final_answer
 
-        examples = self.trainer.datamodule.splits["val"][:self.hparams.num_generate]
-        world, me = self.trainer.world_size, self.global_rank
-        mine = examples[me::world]
-        texts = self._generate([e.input_ids[:e.n_prompt] for e in mine]) if mine else []
+        split = "test" if self.trainer.testing else "val"
+        examples = self.trainer.datamodule.splits[split][:self.hparams.num_generate]
+        mine = examples[self.global_rank::self.trainer.world_size]
+        if not mine:
+            return 0.0, 0
+        texts = self._generate([e.input_ids[:e.n_prompt] for e in mine])
         hits = sum(final_answer(t) == e.reference for t, e in zip(texts, mine))
-        counts = torch.tensor([float(hits), float(len(mine))], device=self.device)
-        counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
-        return float(100.0 * counts[0] / counts[1].clamp(min=1))
+        return 100.0 * hits / len(mine), len(mine)
 
-    def _summarise(self, sums: torch.Tensor) -> dict[str, float]:
-        sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
-        n = float(sums[2].clamp(min=1))
-        return {"loss": float(sums[0]) / n, "token_acc": 100.0 * float(sums[1]) / n}
+    def _new_curves(self, ranks: list[int]) -> None:
+        """One :class:`RankCurveMetric` per measure (weighted means, reduced across processes by torchmetrics)."""
+        self.curves = torch.nn.ModuleDict({n: RankCurveMetric(ranks=ranks, higher_is_better=(n != "loss"))
+                                           for n in METRICS}).to(self.device)
+
+    def _update_tokens(self, k: int, batch: dict[str, torch.Tensor]) -> None:
+        loss_sum, correct, n = self._token_stats(batch)
+        if n > 0:
+            self.curves["loss"].update(k, loss_sum / n, n)
+            self.curves["token_acc"].update(k, 100.0 * correct / n, n)
+
+    def _compute_curves(self, ranks: list[int], generation: bool) -> dict[int, dict[str, float]]:
+        """Runs generation (if asked) at every rank, then computes every curve on every process."""
+        if generation:
+            for k in ranks:
+                with at_rank(self.model, k):
+                    em, n = self._exact_match_counts()
+                self.curves["exact_match"].update(k, em, n)
+        names = METRICS if generation else METRICS[:2]
+        computed = {n: self.curves[n].compute()["curve"] for n in names}
+        for c in self.curves.values():
+            c.reset()
+        return {k: {n: float(computed[n][k]) for n in names} for k in ranks}
 
     def on_validation_epoch_start(self) -> None:
-        self._sums = {k: torch.zeros(3, device=self.device) for k in self.ranks()}
+        self._new_curves(self.ranks())
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        for k in self._sums:
+        for k in self.ranks():
             with at_rank(self.model, k):
-                self._sums[k] += self._token_stats(batch)
+                self._update_tokens(k, batch)
 
     def on_validation_epoch_end(self) -> None:
+        curve = self._compute_curves(self.ranks(), self._with_generation() and not self.trainer.sanity_checking)
         if self.trainer.sanity_checking:
             return
-        gen = self._with_generation()
-        curve = {}
-        for k, sums in self._sums.items():
-            curve[k] = self._summarise(sums)
-            if gen:
-                with at_rank(self.model, k):
-                    curve[k]["exact_match"] = self._exact_match()
         self.curve = curve
         ranks = list(curve)
         for k, m in curve.items():
             for name, v in m.items():
-                self.log(f"val/{name}@{k}", v, sync_dist=False, rank_zero_only=False)
-        for name in ("token_acc", "exact_match"):
+                self.log(f"val/{name}@r{k:0{len(str(max(ranks)))}d}", v)
+        for name in METRICS:
             if all(name in m for m in curve.values()):
-                self.log(f"val/aurac_{name}", aurac(ranks, [curve[k][name] for k in ranks]))
-        self.log("val/loss", curve[max(ranks)]["loss"], prog_bar=True)
+                self.log(f"val/aurac_{name}", aurac(ranks, [curve[k][name] for k in ranks]),
+                         prog_bar=name != "loss")
         rank_zero_info(f"epoch {self.current_epoch}: " + "  ".join(
             f"r{k}: acc {m['token_acc']:.1f}" + (f" em {m['exact_match']:.1f}" if "exact_match" in m else "")
             for k, m in curve.items()))
@@ -226,14 +229,12 @@ class InstructLM(pl.LightningModule):
         """Loss, token accuracy (and exact match) of the model as it is now, over the whole validation split."""
         was_training = self.model.training
         self.model.eval()
-        sums = torch.zeros(3, device=self.device)
-        k = controller_of(self.model).r_max
-        with at_rank(self.model, k):
-            for batch in self.trainer.datamodule.val_dataloader():
-                sums += self._token_stats({n: t.to(self.device) for n, t in batch.items()})
-            metrics = self._summarise(sums)
-            if self._with_generation():
-                metrics["exact_match"] = self._exact_match()
+        k = controller_of(self.model).r_max  # any rank: the adapter is zero
+        self._new_curves([k])
+        for batch in self.trainer.datamodule.val_dataloader():
+            with at_rank(self.model, k):
+                self._update_tokens(k, {n: t.to(self.device) for n, t in batch.items()})
+        metrics = self._compute_curves([k], self._with_generation())[k]
         self.model.train(was_training)
         return metrics
 
@@ -248,12 +249,17 @@ class InstructLM(pl.LightningModule):
 
     # ----------------------------------------------------------------------------------------- end of fit
     def on_fit_end(self) -> None:
-        if self.global_rank != 0:
-            return
         out = Path(self.hparams.output_dir or self.trainer.log_dir or self.trainer.default_root_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        adapter_dir = save_adapter_dir(self.model, out / "adapter", self.hparams.name_or_path)
+        ranks = sorted(self.curve)
+        key = _advice_metric(self.curve)
+        curve = {"metric": key, "ranks": ranks, "scores": [self.curve[k][key] for k in ranks]} if ranks else None
+        adapter_dir = out / "adapter"
+        # every process takes part (sharded adapters are gathered), global rank zero writes
+        save_from_trainer(self.trainer, self.model, adapter_dir, [], curve=curve,
+                          aurac=aurac(ranks, curve["scores"]) if curve else None, base_model=self.hparams.name_or_path)
         self.outputs["adapter"] = str(adapter_dir)
+        if not self.trainer.is_global_zero:
+            return
         if not self.curve:
             print(f"\nNo validation ran, so there is no rank curve. Adapter saved to {adapter_dir}")
             return
@@ -267,8 +273,15 @@ class InstructLM(pl.LightningModule):
 
     # -------------------------------------------------------------------------------------- load / predict
     def setup(self, stage: str) -> None:
+        for cb in self.trainer.callbacks if self._trainer is not None else []:
+            if isinstance(cb, MatryoshkaLoRA) and getattr(cb, "rank_eval", None) is not None:
+                cb.rank_eval = None  # this module measures its own curves (loss, token accuracy, exact match)
         if self.hparams.adapter and stage in ("validate", "test", "predict"):
-            load_adapter_dir(self.model, self.hparams.adapter)
+            try:
+                load_adapter(self.model, self.hparams.adapter)
+            except ValueError as e:
+                raise ValueError(f"{e} With the recipe, run {stage} with the training run's MatryoshkaLoRA "
+                                 f"settings, e.g. --config <run dir>/config.yaml.") from None
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self.validation_step(batch, batch_idx)
@@ -279,6 +292,10 @@ class InstructLM(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self.on_validation_epoch_end()
         if self.global_rank == 0 and self.curve:
+            print("\n" + format_report(self.curve, None).replace("(validation)", "(test)"))
+
+    def on_validation_end(self) -> None:
+        if self.trainer.state.fn == "validate" and self.global_rank == 0 and self.curve:
             print("\n" + format_report(self.curve, None))
 
     def predict_step(self, batch: list[str], batch_idx: int) -> list[dict[str, Any]]:
@@ -298,102 +315,53 @@ def _fmt_metrics(m: dict[str, float]) -> str:
     return s + (f", exact match {m['exact_match']:.1f}%" if "exact_match" in m else "")
 
 
+def _advice_metric(curve: dict[int, dict[str, float]]) -> str:
+    """Exact match when it was measured and is not zero everywhere, else answer-token accuracy."""
+    if curve and all("exact_match" in m for m in curve.values()) and any(m["exact_match"] > 0 for m in curve.values()):
+        return "exact_match"
+    return "token_acc"
+
+
 def format_report(curve: dict[int, dict[str, float]], base: dict[str, float] | None) -> str:
     """The end-of-fit table: one row per eval rank (and the base), the AURAC of each metric, the rank advice."""
     ranks = sorted(curve)
     names = [n for n in METRICS if all(n in curve[k] for k in ranks)]
     heads = {"loss": "loss", "token_acc": "token acc %", "exact_match": "exact match %"}
+
+    def cells(values: dict[str, float]) -> str:
+        return " ".join(f"{values.get(n, float('nan')):>14.4f}" if n == "loss"
+                        else f"{values.get(n, float('nan')):>14.1f}" for n in names)
+
     lines = ["Rank curve (validation)", f"{'rank':>6} " + " ".join(f"{heads[n]:>14}" for n in names)]
     if base:
-        lines.append(f"{'base':>6} " + " ".join(f"{base.get(n, float('nan')):>14.4f}" if n == "loss"
-                                               else f"{base.get(n, float('nan')):>14.1f}" for n in names))
-    for k in ranks:
-        lines.append(f"{k:>6} " + " ".join(f"{curve[k][n]:>14.4f}" if n == "loss" else f"{curve[k][n]:>14.1f}"
-                                          for n in names))
-    lines.append(f"{'AURAC':>6} " + " ".join(f"{aurac(ranks, [curve[k][n] for k in ranks]):>14.4f}" if n == "loss"
-                                             else f"{aurac(ranks, [curve[k][n] for k in ranks]):>14.1f}"
-                                             for n in names))
-    key = "exact_match" if "exact_match" in names and any(curve[k]["exact_match"] > 0 for k in ranks) else "token_acc"
-    scores = [curve[k][key] for k in ranks]
-    r = advise_rank(ranks, scores)
-    lines.append(f"Advice: rank {r} keeps {heads[key].rstrip(' %')} within 1 point of the best "
-                 f"({max(scores):.1f}% at rank {ranks[scores.index(max(scores))]}); serve it with --model.rank {r}.")
+        lines.append(f"{'base':>6} " + cells(base))
+    lines += [f"{k:>6} " + cells(curve[k]) for k in ranks]
+    lines.append(f"{'AURAC':>6} " + cells({n: aurac(ranks, [curve[k][n] for k in ranks]) for n in names}))
+    key = _advice_metric(curve)
+    scores = {k: curve[k][key] for k in ranks}
+    r = select_rank(scores, tolerance=0.01)
+    lines.append(f"Advice (select_rank, {heads[key].rstrip(' %')}): "
+                 + describe_rank_choice(scores, tolerance=0.01, name=heads[key].rstrip(" %"))
+                 + f" Serve it with --model.rank {r}.")
     return "\n".join(lines)
 
 
 def plot_curve(curve: dict[int, dict[str, float]], base: dict[str, float] | None, path: Path) -> Path | None:
-    """Accuracy against rank (log2 axis), base level dashed; ``None`` if matplotlib is missing."""
+    """Accuracy against rank (log2 axis) with the base level dashed; ``None`` if matplotlib is missing."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401
     except ImportError:
         return None
     ranks = sorted(curve)
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for name, label in (("token_acc", "answer-token accuracy"), ("exact_match", "exact match")):
-        if all(name in curve[k] for k in ranks):
-            line, = ax.plot(ranks, [curve[k][name] for k in ranks], marker="o", label=label)
-            if base and name in base:
-                ax.axhline(base[name], ls="--", color=line.get_color(), alpha=0.6, label=f"base {label}")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(ranks, [str(r) for r in ranks])
-    ax.set_xlabel("rank")
-    ax.set_ylabel("%")
+    names = [n for n in ("token_acc", "exact_match") if all(n in curve[k] for k in ranks)]
+    labels = {"token_acc": "answer-token accuracy", "exact_match": "exact match"}
+    fig, ax = plot_rank_curves([{k: curve[k][n] for k in ranks} for n in names],
+                               labels=[f"{labels[n]} (AURAC {aurac(ranks, [curve[k][n] for k in ranks]):.1f})"
+                                       for n in names], ylabel="%", title="Validation accuracy by adapter rank")
+    for line, n in zip(ax.get_lines(), names):
+        if base and n in base:
+            ax.axhline(base[n], ls="--", color=line.get_color(), alpha=0.6, label=f"base model: {labels[n]}")
     ax.set_ylim(0, 100)
     ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
-
-
-def save_adapter_dir(model: torch.nn.Module, path: Path, base: str) -> Path:
-    """Write the adapter's tensors (``adapter_model.safetensors``) and settings (``matlora_config.json``)."""
-    from safetensors.torch import save_file
-
-    from lightning_matlora.inject import adapter_state_keys
-
-    cfg = controller_of(model).config
-    state = model.state_dict()
-    tensors = {k: state[k].detach().cpu().contiguous() for k in adapter_state_keys(model, cfg)}
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path / "adapter_model.safetensors"))
-    (path / "matlora_config.json").write_text(json.dumps({"config": cfg.to_dict(), "base_model": base}, indent=1))
-    return path
-
-
-def load_adapter_dir(model: torch.nn.Module, path: str) -> None:
-    """Load a directory written by :func:`save_adapter_dir` into ``model``: adapt it with the saved settings if it
-    is not adapted yet; otherwise check that its adapter has the saved structure and rule, then copy the tensors."""
-    from safetensors.torch import load_file
-
-    from lightning_matlora import MatLoRAConfig, MatryoshkaLoRA
-
-    meta = json.loads((Path(path) / "matlora_config.json").read_text())
-    saved = MatLoRAConfig.from_dict(meta["config"])
-    if not adapted_layers(model):
-        d = saved.to_dict()
-        MatryoshkaLoRA(**d, verbose=False).apply(model)
-    else:
-        mine = controller_of(model).config
-        diff = [f for f in ("r_max", "target_modules", "exclude_modules", "scaling", "alpha", "rank_scale", "p")
-                if _norm(getattr(mine, f)) != _norm(getattr(saved, f))]
-        if diff:
-            raise ValueError(f"The adapter in {path} was trained with {', '.join(f'{f}={getattr(saved, f)!r}' for f in diff)}"
-                             f" but the MatryoshkaLoRA callback here has {', '.join(f'{f}={getattr(mine, f)!r}' for f in diff)}"
-                             f": pass the training run's settings (e.g. --config <run dir>/config.yaml).")
-    tensors = load_file(str(Path(path) / "adapter_model.safetensors"))
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    unexpected = [k for k in unexpected]
-    expected_missing = [k for k in missing if k.endswith(("lora_A", "lora_B"))]
-    if unexpected or expected_missing:
-        raise ValueError(f"The adapter in {path} does not fit this model ({len(unexpected)} unknown tensors, "
-                         f"{len(expected_missing)} adapter tensors missing): load it onto its base model "
-                         f"{meta.get('base_model')!r}.")
-
-
-def _norm(v: Any) -> Any:
-    return list(v) if isinstance(v, tuple) else v

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import lightning.pytorch as pl  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy  # noqa: E402
-from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset  # noqa: E402
 
 from conftest import tiny_llama  # noqa: E402
 from lightning_matlora import MatryoshkaLoRA, prepare_for_sharding  # noqa: E402
@@ -31,34 +31,50 @@ from lightning_matlora.distributed import full_adapter_state_dict  # noqa: E402
 R_MAX = 8
 N_SEQ, SEQ_LEN = 16, 12  # one epoch of 4 steps on 2 processes (global batch 4)
 PER_DEVICE_BATCH = 2
+N_VAL = 12  # validation sequences: 3 batches of 2 per process
 MAX_STEPS = 4
 LR = 0.5
 
 
-def dataset() -> TensorDataset:
-    g = torch.Generator().manual_seed(1234)
-    return TensorDataset(torch.randint(0, 97, (N_SEQ, SEQ_LEN), generator=g))
+def dataset(seed: int = 1234, n: int = N_SEQ) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randint(0, 97, (n, SEQ_LEN), generator=g))
 
 
 class TinyLM(pl.LightningModule):
     """A tiny Llama built in configure_model (the same base and RNG stream under every strategy)."""
 
-    def __init__(self, shard: bool = False) -> None:
+    def __init__(self, shard: bool = False, batch_size: int = PER_DEVICE_BATCH, prepare: bool = True,
+                 val: bool = False) -> None:
         super().__init__()
-        self.shard = shard
+        self.shard, self.batch_size, self.prepare, self.val = shard, batch_size, prepare, val
+        # the base weights, loaded in configure_model: a model built under deepspeed.zero.Init skips transformers'
+        # weight init (its parameters are already partitioned), so every strategy loads the same weights instead
+        self.base_weights = tiny_llama(seed=0).state_dict()
         self.model: torch.nn.Module | None = None
         self.losses: list[float] = []
+        self.rows: list[list[int]] = []
         self.step_ranks: list[int | None] = []
 
     def configure_model(self) -> None:
         if self.model is not None:
             return
         self.model = tiny_llama(seed=0)
+        params = [p for p in self.model.parameters() if hasattr(p, "ds_id")]
+        if params:  # ZeRO-3: gather, load on rank 0, re-partition
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+                self.model.load_state_dict(self.base_weights)
+        else:
+            self.model.load_state_dict(self.base_weights)
         self.model.train()
+        torch.manual_seed(1)  # the adapters' initialisation, right after this hook
         if self.shard:  # FSDP2: adapters first, then fully_shard
             from torch.distributed.fsdp import fully_shard
 
-            prepare_for_sharding(self)
+            if self.prepare:
+                prepare_for_sharding(self)
             mesh = self.device_mesh["data_parallel"]
             for block in self.model.model.layers:
                 fully_shard(block, mesh=mesh)
@@ -68,15 +84,35 @@ class TinyLM(pl.LightningModule):
         (ids,) = batch
         loss = self.model(input_ids=ids, labels=ids).loss
         self.losses.append(float(loss.detach()))
+        self.rows.append(ids[:, 0].tolist())  # which sequences this step saw (their first tokens)
         ctrl = next(iter(m.controller for m in self.modules() if hasattr(m, "controller")), None)
         self.step_ranks.append(ctrl.step_rank if ctrl is not None else None)
         return loss
+
+    def validation_step(self, batch, batch_idx):
+        """One loss per row (the rank curve's one-pass evaluation)."""
+        (ids,) = batch
+        logits = self.model(input_ids=ids).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        return nll.mean(1)
+
+    def val_dataloader(self):
+        if not self.val:
+            return []
+        data = dataset(seed=99, n=N_VAL)
+        sampler = DistributedSampler(data, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank,
+                                     shuffle=False)
+        return DataLoader(data, batch_size=self.batch_size, sampler=sampler)
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=LR, momentum=0.9)
 
     def train_dataloader(self):
-        return ResumableLoader(dataset(), batch_size=PER_DEVICE_BATCH, shuffle=False)
+        # explicit: rank r takes sequences r, r + world, ...; a step's global batch is the next world × batch sequences
+        data = dataset()
+        sampler = DistributedSampler(data, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank,
+                                     shuffle=False)
+        return ResumableLoader(data, batch_size=self.batch_size, sampler=sampler)
 
 
 class ResumableLoader(DataLoader):
@@ -105,12 +141,19 @@ class ResumableLoader(DataLoader):
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):
     """Test-only: DeepSpeed's ZeRO on CPU processes with gloo (the stock strategy insists on CUDA)."""
 
-    def setup_environment(self) -> None:
+    def setup_environment(self) -> None:  # the stock one refuses any accelerator but CUDA
         DDPStrategy.setup_environment(self)
 
+    def setup_distributed(self) -> None:  # the stock one checks CUDA device indices
+        from lightning.fabric.utilities.seed import reset_seed
+
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
     @property
-    def root_device(self) -> torch.device:
-        return torch.device("cpu")
+    def root_device(self) -> torch.device:  # an index, for deepspeed.initialize(args.device_rank); CPU ignores it
+        return torch.device("cpu", self.local_rank)
 
 
 def make_strategy(scenario: str):
@@ -127,7 +170,7 @@ def trainer(scenario: str, callbacks, out: Path, **kw) -> pl.Trainer:
     return pl.Trainer(accelerator="cpu", devices=1 if nodes else 2, num_nodes=2 if nodes else 1,
                       strategy=make_strategy(scenario), max_steps=MAX_STEPS, callbacks=callbacks,
                       logger=False, enable_progress_bar=False, enable_model_summary=False,
-                      default_root_dir=str(out), use_distributed_sampler=True, **kw)
+                      default_root_dir=str(out), use_distributed_sampler=False, num_sanity_val_steps=0, **kw)
 
 
 def fit(scenario: str, out: Path, ckpt_dir: Path | None = None, ckpt_path: str | None = None, **cb_kw):
@@ -137,7 +180,7 @@ def fit(scenario: str, out: Path, ckpt_dir: Path | None = None, ckpt_path: str |
     if ckpt_dir is not None:
         callbacks.append(ModelCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=2, save_top_k=-1,
                                          filename="{step}"))
-    module = TinyLM(shard=scenario == "fsdp2")
+    module = TinyLM(shard=scenario == "fsdp2", val=scenario == "ddp")
     t = trainer(scenario, callbacks, out)
     t.fit(module, ckpt_path=ckpt_path)
     return t, module, cb
@@ -152,6 +195,18 @@ def local_adapter(module: torch.nn.Module) -> dict[str, torch.Tensor]:
         if n.endswith("lora_A") or n.endswith("lora_B"):
             out[n] = (p.to_local() if isinstance(p, DTensor) else p).detach().cpu().clone()
     return out
+
+
+def optimizer_numel(t: pl.Trainer) -> int:
+    """Elements this process's torch optimizer updates (DeepSpeed: its fp32 partitions; FSDP2: local shards)."""
+    opt = t.optimizers[0]
+    opt = getattr(opt, "_optimizer", opt)  # LightningOptimizer
+    for field in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups"):  # ZeRO-3, ZeRO-1/2
+        if hasattr(opt, field):
+            return sum(p.numel() for p in getattr(opt, field))
+    from torch.distributed.tensor import DTensor
+
+    return sum((p.to_local() if isinstance(p, DTensor) else p).numel() for g in opt.param_groups for p in g["params"])
 
 
 def checkpoint_report(path: Path) -> dict:
@@ -178,6 +233,23 @@ def checkpoint_report(path: Path) -> dict:
     return report
 
 
+class EagerLM(TinyLM):
+    """Builds its model in __init__ (fine under DDP, wrong under ZeRO-3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = tiny_llama(seed=0)
+
+
+def expect_error(scenario: str, out: Path, module: pl.LightningModule) -> str | None:
+    """Fit ``module`` and return the message of the error it raises (None if it trains)."""
+    try:
+        trainer(scenario, [MatryoshkaLoRA(r_max=R_MAX, verbose=False)], out).fit(module)
+    except (ValueError, RuntimeError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
 def main() -> None:
     scenario, out = sys.argv[1], Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
@@ -186,8 +258,16 @@ def main() -> None:
     t, module, cb = fit(scenario, out / "a", ckpt_dir=out / "ckpt")
     rank = t.global_rank
     full = full_adapter_state_dict(t)
-    mine = {"local": local_adapter(module), "full": full, "losses": module.losses}
+    mine = {"local": local_adapter(module), "full": full, "losses": module.losses, "rows": module.rows}
     result.update(full=full, losses=module.losses, world_size=t.world_size, strategy=type(t.strategy).__name__)
+    mine["optimizer_numel"] = optimizer_numel(t)
+    if cb.rank_eval is not None and cb.rank_eval.history:
+        result["curve"] = cb.rank_eval.history[-1][1]  # reduced over both processes' validation data
+    if cb.adapter_path and rank == 0:  # the adapter the callback saved at the end of fit
+        from lightning_matlora import read_adapter
+
+        result["saved"] = read_adapter(cb.adapter_path).tensors
+        result["saved_dir"] = cb.adapter_path
 
     if scenario != "nodes":
         ckpt = out / "ckpt" / "step=2.ckpt"
@@ -207,6 +287,11 @@ def main() -> None:
             mine["mismatch_error"] = None
         except ValueError as e:
             mine["mismatch_error"] = str(e)
+
+    if scenario == "fsdp2":  # fully_shard before the adapters existed: a clear error
+        mine["sharded_first_error"] = expect_error(scenario, out / "e", TinyLM(shard=True, prepare=False))
+    if scenario == "zero3":  # a model materialised in __init__, before ZeRO-3 could partition it
+        mine["materialised_error"] = expect_error(scenario, out / "e", EagerLM())
 
     torch.save(mine, out / f"rank{rank}.pt")
     if torch.distributed.is_initialized():

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics import MeanMetric
 
 from lightning_matlora import MatryoshkaLoRA, adapted_layers, at_rank, aurac
-from lightning_matlora.evaluation import batch_rows, replicate_batch
+from lightning_matlora.evaluation import batch_rows, replicate_batch, step_loss
 
 from conftest import tiny_llama
 
@@ -108,12 +108,12 @@ def randomise_adapter(module: torch.nn.Module, seed: int = 0) -> None:
 def test_fit_logs_curve_aurac_table_png_and_tensorboard(tmp_path, caplog):
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    train, val = loaders()
+    train, val = loaders(n_train=16, n_val=8)
     module = LM("scalar")
     cb = MatryoshkaLoRA(r_max=8, verbose=True)
     logger = TensorBoardLogger(str(tmp_path), name="tb")
     with caplog.at_level(logging.INFO):
-        t = trainer(tmp_path, callbacks=[cb], logger=logger, log_every_n_steps=1)
+        t = trainer(tmp_path, callbacks=[cb], logger=logger, log_every_n_steps=1, num_sanity_val_steps=1)
         t.fit(module, train, val)
     names = ["val/loss@r1", "val/loss@r2", "val/loss@r4", "val/loss@r8"]
     metrics = t.callback_metrics
@@ -132,7 +132,7 @@ def test_fit_logs_curve_aurac_table_png_and_tensorboard(tmp_path, caplog):
     assert float(metrics["val_mean"]) == pytest.approx(p_loss, rel=1e-5)
     # one curve per epoch, a PNG next to the logs, a figure in TensorBoard, a table with advice at fit end
     cb_eval = cb.rank_eval
-    assert [e for e, _, _ in cb_eval.history] == [0, 1]
+    assert [e for e, _, _ in cb_eval.history] == [0, 1]  # the sanity check is not an epoch
     png = os.path.join(logger.log_dir, "rank_curve_loss.png")
     assert os.path.getsize(png) > 1000
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -142,6 +142,13 @@ def test_fit_logs_curve_aurac_table_png_and_tensorboard(tmp_path, caplog):
     assert "val/rank_curve_loss" in acc.Tags()["images"]
     assert len(acc.Images("val/rank_curve_loss")) == 2
     assert "val/loss@r8" in acc.Tags()["scalars"]
+    # the adapter saved at the end of fit records the last curve and its AURAC
+    from lightning_matlora import read_adapter
+
+    saved = read_adapter(cb.adapter_path)
+    assert saved.rank_curve["ranks"] == [1, 2, 4, 8] and saved.rank_curve["metric"] == "val/loss"
+    assert saved.rank_curve["scores"] == pytest.approx([ref[k] for k in (1, 2, 4, 8)], rel=1e-5)
+    assert saved.aurac == pytest.approx(float(metrics["val/aurac_loss"]), rel=1e-6)
     text = caplog.text
     assert "MatryoshkaLoRA rank curve after epoch 1" in text and "Advice: rank" in text and "AURAC" in text
 
@@ -159,12 +166,15 @@ def adapted_lm():
     return build
 
 
-@pytest.mark.parametrize("returns", ["scalar", "dict", "per_row", "dict_per_row"])
-def test_validate_curve_matches_reference_on_both_paths(tmp_path, adapted_lm, returns):
+@pytest.mark.parametrize("returns", ["dict", "dict_per_row"])
+def test_validate_curve_matches_reference_on_both_paths(tmp_path, adapted_lm, returns, caplog):
     _, val = loaders(n_val=10, batch_size=4)  # last batch has 2 rows: weighting by rows matters
     module, cb = adapted_lm(returns)
+    cb.rank_eval.verbose = True
     t = trainer(tmp_path, callbacks=[cb])
-    t.validate(module, val, verbose=False)
+    with caplog.at_level(logging.INFO):
+        t.validate(module, val, verbose=False)
+    assert "MatryoshkaLoRA rank curve after epoch 0" in caplog.text  # the table is printed at the end of validate
     assert cb.rank_eval.used_mixed is (returns in ("per_row", "dict_per_row"))
     ref = reference_curve(module.model, val, [1, 3, 8])
     got = {k: float(t.callback_metrics[f"val/loss@r{k}"]) for k in (1, 3, 8)}
@@ -195,6 +205,42 @@ def test_rank_eval_off_logs_nothing(tmp_path, adapted_lm):
     t = trainer(tmp_path, callbacks=[cb])
     t.validate(module, val, verbose=False)
     assert not any("@r" in n for n in t.callback_metrics)
+
+
+class TokenMLP(pl.LightningModule):
+    """Flattens (batch, tokens, features) to (batch·tokens, features) before its Linear layers, so per-row ranks
+    (one per batch row) cannot reach them: the one-pass evaluation must fall back to one pass per rank."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+
+    def per_row(self, batch):
+        x, y = batch
+        logits = self.net(x.reshape(-1, x.shape[-1]))
+        return F.cross_entropy(logits, y.reshape(-1), reduction="none").view(y.shape).mean(1)
+
+    def validation_step(self, batch, batch_idx):
+        return self.per_row(batch)
+
+
+def test_auto_falls_back_when_layers_see_flattened_rows(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(10, 5, 6, generator=g), torch.randint(3, (10, 5), generator=g))
+    val = DataLoader(data, batch_size=4)
+    module = TokenMLP()
+    cb = MatryoshkaLoRA(r_max=8, eval_ranks=[1, 2, 8], exclude_modules=None, verbose=False)
+    cb.apply(module)
+    randomise_adapter(module)
+    with pytest.warns(UserWarning, match="falls back to one validation pass per eval rank"):
+        trainer(tmp_path, callbacks=[cb]).validate(module, val, verbose=False)
+    assert cb.rank_eval.used_mixed is False
+    with torch.no_grad():
+        for k in (1, 2, 8):
+            with at_rank(module, k):
+                ref = float(torch.cat([module.per_row(b) for b in val]).double().mean())
+            assert float(cb.rank_eval.history[-1][1][k]) == pytest.approx(ref, rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -228,6 +274,20 @@ def test_unknown_rank_eval_mode_fails_at_construction():
 
 
 # ------------------------------------------------------------------------------------------ batch helpers
+def test_step_loss_reads_every_supported_return():
+    per = torch.tensor([1.0, 2.0, 3.0])
+    assert step_loss(per.mean())[1] is None and float(step_loss(per.mean())[0]) == 2.0
+    assert step_loss({"loss": per.mean(), "logits": None})[1] is None
+    assert step_loss(per)[1] is per
+    assert step_loss({"loss": per.mean(), "per_row_loss": per})[1] is per
+    assert step_loss({"per_row_loss": per})[1] is per
+    for bad, what in [(None, "NoneType"), ({"acc": per}, "a dict with keys ['acc']"),
+                      (torch.zeros(2, 2), "a tensor of shape (2, 2)"), (torch.tensor(3), "a tensor of shape ()")]:
+        with pytest.raises(ValueError, match="RankCurveMetric") as err:
+            step_loss(bad)
+        assert what in str(err.value)
+
+
 def test_replicate_batch_and_rows():
     batch = {"input_ids": torch.arange(6).view(3, 2), "mask": torch.ones(3, 2), "name": "x"}
     assert batch_rows(batch) == 3
@@ -235,3 +295,38 @@ def test_replicate_batch_and_rows():
     assert torch.equal(big["input_ids"], torch.cat([batch["input_ids"]] * 2)) and big["name"] == "x"
     assert batch_rows({"a": torch.zeros(3), "b": torch.zeros(4)}) is None
     assert batch_rows(["no tensors"]) is None
+
+
+# ------------------------------------------------------------------------------------------ two processes
+@pytest.mark.slow
+def test_curve_reduces_across_two_ddp_processes(tmp_path):
+    """Each process validates half of the rows; the logged curve is the whole set's (Lightning DDP, gloo)."""
+    _, val = loaders(n_val=12, batch_size=3)
+    module = LM("per_row")
+    cb = MatryoshkaLoRA(r_max=8, eval_ranks=[1, 3, 8], verbose=False)
+    cb.apply(module)
+    randomise_adapter(module)
+    ref = reference_curve(module.model, val, [1, 3, 8])
+    t = trainer(tmp_path, callbacks=[cb], strategy="ddp_spawn", devices=2)
+    t.validate(module, val, verbose=False)
+    for k in (1, 3, 8):
+        assert float(t.callback_metrics[f"val/loss@r{k}"]) == pytest.approx(ref[k], rel=1e-5)
+    assert float(t.callback_metrics["val/aurac_loss"]) == pytest.approx(aurac(list(ref), list(ref.values())), rel=1e-5)
+
+
+def test_nan_rank_is_reported_not_hidden_and_does_not_block_saving(caplog):
+    """A diverged rank: the AURAC is NaN, the table says so, the saved metadata keeps the curve without an AURAC."""
+    import math
+    from types import SimpleNamespace
+
+    from lightning_matlora.adapter_io import run_metadata
+
+    cb = MatryoshkaLoRA(r_max=4, verbose=True)
+    curve = {1: 2.0, 2: 1.5, 4: float("nan")}
+    cb.rank_eval.history.append((0, curve, aurac(list(curve), list(curve.values()))))
+    assert math.isnan(cb.rank_eval.history[-1][2]) and cb.last_aurac is None
+    meta = run_metadata(SimpleNamespace(global_step=3, current_epoch=0), [cb])
+    assert "aurac" not in meta and math.isnan(meta["curve"]["scores"][2])
+    with caplog.at_level(logging.INFO):
+        cb.rank_eval.report(None)
+    assert "no rank advised: the scores at ranks [4] are NaN" in caplog.text and "AURAC (log2 axis): nan" in caplog.text

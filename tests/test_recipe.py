@@ -20,14 +20,19 @@ import instruct_data as idata  # noqa: E402
 import instruct_module as imod  # noqa: E402
 import make_data  # noqa: E402
 
+# LightningCLI(args=...) warns when pytest's own argv is present; the recipe is driven through args= on purpose
+pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+
 BASE = RECIPES / "assets" / "base"
 DATA = RECIPES / "assets" / "data" / "encode.jsonl"
 OFFLINE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 # a cut-down run: a few optimizer steps on a slice of the bundled task
-QUICK = ["--trainer.max_steps", "4", "--trainer.max_epochs", "1", "--data.max_train_examples", "128",
-         "--data.max_val_examples", "32", "--model.num_generate", "8", "--trainer.enable_progress_bar", "false",
-         "--trainer.callbacks.init_args.r_max", "4", "--trainer.callbacks.init_args.ranks", "[1, 2, 4]"]
+CALLBACK = ('--trainer.callbacks=[{"class_path": "lightning_matlora.MatryoshkaLoRA", "init_args": {"r_max": 4, '
+            '"ranks": [1, 2, 4], "mode": "rowwise", "rank_eval": null, "save_adapter": false}}]')
+EVAL = ["--data.max_train_examples", "128", "--data.max_val_examples", "32", "--model.num_generate", "8",
+        "--trainer.enable_progress_bar", "false", CALLBACK]
+QUICK = ["--trainer.max_steps", "4", "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1", *EVAL]
 
 
 def _data(tmp_path: Path, rows: list[dict], name: str = "d.jsonl", **kw) -> idata.InstructData:
@@ -100,20 +105,23 @@ def fitted(tmp_path_factory):
 def test_fit_cli_end_to_end_prints_curve_advice_and_paths(fitted):
     root, out = fitted
     assert "Base model before fine-tuning" in out
-    assert "Rank curve (validation)" in out and "AURAC" in out and "Advice: rank" in out
+    assert "Rank curve (validation)" in out and "AURAC" in out and "Advice (select_rank" in out and "--model.rank" in out
     table = out[out.index("Rank curve (validation)"):]
     for k in (1, 2, 4):
         assert f"\n{k:>6} " in table
     adapter = Path(out.split("Adapter saved to ")[1].split()[0])
     png = Path(out.split("Rank curve plotted to ")[1].split()[0])
     assert adapter.is_dir() and png.is_file() and png.stat().st_size > 1000
-    from safetensors.torch import load_file
+    from lightning_matlora import read_adapter
 
-    tensors = load_file(str(adapter / "adapter_model.safetensors"))
-    b = [t for k, t in tensors.items() if k.endswith("lora_B")]
-    assert b and any(t.abs().sum() > 0 for t in b)  # trained: B left zero
-    assert all(t.shape[-1] == 4 for k, t in tensors.items() if k.endswith("lora_B"))  # r_max 4
+    saved = read_adapter(adapter)  # the library's adapter format, with the measured curve
+    assert saved.r_max == 4 and len(saved.layers) == 21  # q k v o gate up down × 3 layers
+    b = [saved.factors(n)[1] for n in saved.layers]
+    assert any(t.abs().sum() > 0 for t in b)  # trained: B left zero
+    assert saved.rank_curve["ranks"] == [1, 2, 4]
     curve = json.loads((png.parent / "rank_curve.json").read_text())
+    metric = saved.rank_curve["metric"]
+    assert saved.rank_curve["scores"] == [pytest.approx(curve["curve"][str(k)][metric]) for k in (1, 2, 4)]
     assert sorted(map(int, curve["curve"])) == [1, 2, 4]
     for m in curve["curve"].values():
         assert set(m) == {"loss", "token_acc", "exact_match"}
@@ -132,9 +140,9 @@ def test_predict_generates_at_the_chosen_rank_from_the_saved_adapter(fitted, tmp
     adapter = out.split("Adapter saved to ")[1].split()[0]
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Encode kaer\n\nEncode guqt\n")
-    cli = instruct.main(["predict", "--model.adapter", adapter, "--model.rank", "2", "--data.prompts_file",
+    cli = instruct.main(["--model.adapter", adapter, "--model.rank", "2", "--data.prompts_file",
                          str(prompts), "--data.prompts", '["Encode rek"]', "--trainer.default_root_dir",
-                         str(tmp_path), *QUICK[QUICK.index("--trainer.callbacks.init_args.r_max"):],
+                         str(tmp_path), CALLBACK,
                          "--trainer.enable_progress_bar", "false"], run=False)
     preds = cli.trainer.predict(cli.model, datamodule=cli.datamodule)
     flat = [p for batch in preds for p in batch]
@@ -142,15 +150,16 @@ def test_predict_generates_at_the_chosen_rank_from_the_saved_adapter(fitted, tmp
                                            for q in ("Encode rek", "Encode kaer", "Encode guqt")]
     assert all(p["rank"] == 2 for p in flat)
     # the loaded adapter is the saved one, and predict's answers are greedy decoding at rank 2 of it
-    from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    from lightning_matlora import at_rank
+    from lightning_matlora import adapted_layers, at_rank, read_adapter
 
-    saved = load_file(str(Path(adapter) / "adapter_model.safetensors"))
-    state = cli.model.model.state_dict()
-    for k, t in saved.items():
-        assert torch.equal(state[k], t), k
+    saved = read_adapter(adapter)
+    layers = adapted_layers(cli.model.model)
+    assert sorted(layers) == sorted(saved.layers)
+    for name, layer in layers.items():
+        A, B = saved.factors(name)
+        assert torch.equal(layer.lora_A.detach(), A) and torch.equal(layer.lora_B.detach(), B), name
     tok = AutoTokenizer.from_pretrained(str(BASE))
     ids = tok(flat[0]["prompt"], return_tensors="pt")
     with at_rank(cli.model.model, 2):
@@ -158,14 +167,30 @@ def test_predict_generates_at_the_chosen_rank_from_the_saved_adapter(fitted, tmp
     assert tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True) == flat[0]["answer"]
 
 
+def test_validate_with_the_saved_adapter_reproduces_the_fit_curve(fitted, tmp_path, capsys):
+    """Reloading the saved adapter and validating gives the curve measured at the end of fit (same data)."""
+    import instruct
+
+    root, out = fitted
+    adapter = out.split("Adapter saved to ")[1].split()[0]
+    want = json.loads((Path(adapter).parent / "rank_curve.json").read_text())["curve"]
+    cli = instruct.main(["validate", "--model.adapter", adapter, "--trainer.default_root_dir", str(tmp_path),
+                         *EVAL])
+    assert sorted(cli.model.curve) == [1, 2, 4]
+    for k, m in cli.model.curve.items():
+        for name, v in m.items():
+            assert v == pytest.approx(want[str(k)][name], abs=1e-3), (k, name)
+    assert "Rank curve (validation)" in capsys.readouterr().out
+
+
 def test_predict_rejects_an_adapter_trained_with_other_settings(fitted, tmp_path):
     import instruct
 
     root, out = fitted
     adapter = out.split("Adapter saved to ")[1].split()[0]
-    cli = instruct.main(["predict", "--model.adapter", adapter, "--data.prompts", '["Encode rek"]',
+    cli = instruct.main(["--model.adapter", adapter, "--data.prompts", '["Encode rek"]',
                          "--trainer.default_root_dir", str(tmp_path)], run=False)  # default r_max, not 4
-    with pytest.raises(ValueError, match="r_max=4.*--config"):
+    with pytest.raises(ValueError, match=r"r_max=4.*--config <run dir>/config.yaml"):
         cli.trainer.predict(cli.model, datamodule=cli.datamodule)
 
 
@@ -204,16 +229,20 @@ def test_alpaca_schema_and_templates(tmp_path):
         idata.render_prompt(rows[0], "alpaca", "Q: {question}")
 
 
-def test_truncation_cuts_the_answer_tail_never_all_of_it_and_is_reported(tmp_path, capsys):
+def test_truncation_cuts_the_answer_tail_never_all_of_it_and_is_reported(tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
     rows = [{"question": "Encode ab", "answer": "#### " + "x" * 40}] * 3 + [{"question": "Encode a", "answer": "ok"}] * 7
-    dm = _data(tmp_path, rows, max_length=30, val_fraction=0.3)
+    dm = _data(tmp_path, rows, max_length=40, val_fraction=0.3)
     dm.setup("fit")
     every = dm.splits["train"] + dm.splits["val"]
-    assert sum(e.truncated for e in every) == 3 == sum(dm.truncated.values())
+    assert sum(e.truncated for e in every) == 3 == dm.truncated["train"] + dm.truncated["val"]
     for e in every:
-        assert len(e.input_ids) <= 30 and len(e.input_ids) > e.n_prompt  # at least one answer token kept
-    printed = capsys.readouterr()
-    assert "longer than max_length=30" in printed.out + printed.err
+        assert len(e.input_ids) <= 40 and len(e.input_ids) > e.n_prompt  # at least one answer token kept
+        assert e.truncated == (len(e.input_ids) == 40)
+    assert "2 of 7 train examples were longer than max_length=40" in caplog.text
+    assert "1 of 3 val examples were longer than max_length=40" in caplog.text
 
 
 def test_split_is_deterministic_and_disjoint(tmp_path):
@@ -227,14 +256,11 @@ def test_split_is_deterministic_and_disjoint(tmp_path):
     assert len(splits[0][1]) == 10 and not {tuple(x) for x in splits[0][0]} & {tuple(x) for x in splits[0][1]}
 
 
-def test_final_answer_and_aurac():
+def test_final_answer():
     assert idata.final_answer("She has 3 + 4 = 7 apples.\n#### 1,234") == "1234"
     assert idata.final_answer("so the answer is 42.") == "42"
     assert idata.final_answer("#### kber") == "kber"
-    ranks, acc = [1, 2, 4, 8, 16, 32], [40, 44, 46, 47, 48, 48]  # the spec's worked example
-    assert imod.aurac(ranks, acc) == pytest.approx(45.80, abs=0.005)
-    assert imod.aurac([8], [3.0]) == 3.0
-    assert imod.advise_rank(ranks, acc) == 8
+    assert idata.final_answer("no number here ") == "no number here"
 
 
 # --------------------------------------------------------------------------------------------- bad input
@@ -260,14 +286,19 @@ def test_prompt_longer_than_max_length_is_an_error(tmp_path):
 
 
 def test_empty_split_is_an_error(tmp_path):
-    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    d = datasets.DatasetDict({"train": datasets.Dataset.from_list([{"question": "a", "answer": "b"}] * 4),
-                              "validation": datasets.Dataset.from_list([{"question": "a", "answer": "b"}]).select([])})
-    d.save_to_disk(str(tmp_path / "ds"))
-    dm = idata.InstructData(path=str(tmp_path / "ds"), tokenizer=str(BASE))
-    with pytest.raises(ValueError, match="'validation' split .* is empty"):
-        dm.setup("fit")
+    empty = tmp_path / "empty.parquet"  # the columns are right, the rows are missing
+    pq.write_table(pa.table({"question": pa.array([], pa.string()), "answer": pa.array([], pa.string())}), empty)
+    (tmp_path / "empty.jsonl").write_text("\n")
+    for f in (empty, tmp_path / "empty.jsonl"):
+        dm = idata.InstructData(path=str(f), tokenizer=str(BASE))
+        with pytest.raises(ValueError, match="holds no examples .*train split would be empty"):
+            dm.setup("fit")
+    one = _data(tmp_path, [{"question": "a", "answer": "b"}])  # nothing left to hold out for validation
+    with pytest.raises(ValueError, match="has 1 example"):
+        one.setup("fit")
 
 
 def test_bad_data_fails_in_the_cli_before_training(tmp_path):
@@ -277,6 +308,7 @@ def test_bad_data_fails_in_the_cli_before_training(tmp_path):
     bad.write_text(json.dumps({"text": "hello"}) + "\n")
     with pytest.raises(ValueError, match=r"\['text'\]"):
         instruct.main(["fit", "--data.path", str(bad), "--trainer.default_root_dir", str(tmp_path), *QUICK])
+    # (LightningCLI's args= runs the subcommand in this process, as on the command line)
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
