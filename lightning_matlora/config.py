@@ -53,7 +53,7 @@ class MatLoRAConfig:
     scaling: str = "sqrt"
     alpha: float = 1.0
     dropout: float = 0.0
-    mode: str = "matryoshka"
+    mode: str = "rowwise"
     rank_scale: str = "rank"
     p: list[float] | None = None
     eval_ranks: list[int] | None = None

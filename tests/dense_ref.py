@@ -72,8 +72,9 @@ def make_base(kind: str, d_in: int, d_out: int, dtype=torch.float32, bias: bool 
 
 def adapt_single(base: nn.Module, nonzero_b: bool = True, seed: int = 0, **cfg):
     """Wrap ``base`` in an ``nn.Sequential`` and adapt it; returns (model, callback, layer). B is randomised unless
-    ``nonzero_b`` is False, so that every identity involves both factors."""
+    ``nonzero_b`` is False, so that every identity involves both factors. ``mode`` defaults to "matryoshka"."""
     model = nn.Sequential(base)
+    cfg.setdefault("mode", "matryoshka")  # the identities here are those of the P forward (the paper's mode)
     cb = MatryoshkaLoRA(verbose=False, **cfg)
     torch.manual_seed(seed)
     cb.apply(model)

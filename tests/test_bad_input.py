@@ -29,11 +29,12 @@ def test_r_max_must_be_a_positive_int(r_max):
     (dict(scaling="log"), r"Unknown scaling 'log': use one of \('none', 'rank', 'sqrt'\)"),
     (dict(mode="matryoshka_lora"), r"Unknown mode 'matryoshka_lora': use one of \('matryoshka', 'lora'"),
     (dict(rank_scale="prefix"), r"Unknown rank_scale 'prefix': use 'rank'.*or 'trained'"),
-    (dict(r_max=4, p=[1.0, 1.0, 1.0]), r"p has length 3 but r_max is 4: give one diagonal entry per adapter"),
-    (dict(r_max=4, p=[1.0, math.nan, 1.0, 1.0]), r"p has NaN or infinite entries: every entry .* must be finite"),
-    (dict(r_max=4, p=[1.0, math.inf, 1.0, 1.0]), r"must be finite"),
-    (dict(r_max=4, p=[1.0, -0.5, 1.0, 1.0]), r"p has negative entries: the training diagonal must be non-negative"),
+    (dict(r_max=4, p=[1.0, 1.0, 1.0], mode="matryoshka"), r"p has length 3 but r_max is 4: give one diagonal entry per adapter"),
+    (dict(r_max=4, p=[1.0, math.nan, 1.0, 1.0], mode="matryoshka"), r"p has NaN or infinite entries: every entry .* must be finite"),
+    (dict(r_max=4, p=[1.0, math.inf, 1.0, 1.0], mode="matryoshka"), r"must be finite"),
+    (dict(r_max=4, p=[1.0, -0.5, 1.0, 1.0], mode="matryoshka"), r"p has negative entries: the training diagonal must be non-negative"),
     (dict(r_max=4, p=[1.0] * 4, mode="dylora"), r"only applies to mode='matryoshka'.*drop p or switch mode"),
+    (dict(r_max=4, p=[1.0] * 4), r"only applies to mode='matryoshka'.*drop p or switch mode"),
     (dict(r_max=4, mode="lora", ranks=[2, 4]), r"mode='lora' trains plain LoRA at r_max.*drop `ranks`"),
     (dict(alpha=0.0), r"alpha must be a finite number > 0"),
     (dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
@@ -47,10 +48,10 @@ def test_bad_settings_fail_at_construction(kwargs, pattern):
 
 
 def test_p_accepts_a_tensor_and_validates_it():
-    cb = MatryoshkaLoRA(r_max=3, p=torch.tensor([3.0, 2.0, 0.0]))
+    cb = MatryoshkaLoRA(r_max=3, p=torch.tensor([3.0, 2.0, 0.0]), mode="matryoshka")
     assert cb.p.tolist() == [3.0, 2.0, 0.0]
     with pytest.raises(ValueError, match="finite"):
-        MatryoshkaLoRA(r_max=3, p=torch.tensor([3.0, float("nan"), 0.0]))
+        MatryoshkaLoRA(r_max=3, p=torch.tensor([3.0, float("nan"), 0.0]), mode="matryoshka")
 
 
 # ------------------------------------------------------------------------------------------------ target layers

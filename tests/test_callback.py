@@ -259,10 +259,14 @@ def test_public_api_names_and_defaults():
     assert issubclass(MatryoshkaLoRA, L.Callback)
     params = inspect.signature(MatryoshkaLoRA).parameters
     expected = dict(r_max=64, ranks=None, target_modules="all-linear", exclude_modules=("lm_head",),
-                    modules_to_save=None, scaling="sqrt", alpha=1.0, dropout=0.0, mode="matryoshka",
+                    modules_to_save=None, scaling="sqrt", alpha=1.0, dropout=0.0, mode="rowwise",
                     rank_scale="rank", p=None, eval_ranks=None, adapter_dtype=None)
     assert list(params)[:len(expected)] == list(expected)
     assert {k: params[k].default for k in expected} == expected
     assert inspect.signature(lm.build_p).parameters["scaling"].default == "sqrt"
     cb = MatryoshkaLoRA(r_max=64)
     assert cb.config.ranks == [1, 2, 4, 8, 16, 32, 64] and cb.config.eval_ranks == cb.config.ranks
+    # the default mode is "rowwise" (issue 7's accuracy study, docs/results.md); the paper's configuration is one
+    # argument away and trains with Algorithm 1's P
+    paper = MatryoshkaLoRA(r_max=64, mode="matryoshka")
+    assert paper.config.rank_scale == "rank" and torch.equal(paper.p, lm.build_p(paper.config.ranks, 64, "sqrt"))

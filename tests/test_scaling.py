@@ -80,6 +80,6 @@ def test_config_train_diagonal_uses_explicit_p_or_algorithm1():
     cfg = MatLoRAConfig(r_max=8, ranks=[2, 8], scaling="rank", alpha=2.0)
     torch.testing.assert_close(cfg.train_diagonal.double(), naive_p([2, 8], 8, "rank", 2.0), rtol=1e-6, atol=0)
     explicit = [0.5] * 4 + [0.0] * 4
-    cfg = MatLoRAConfig(r_max=8, p=explicit)
+    cfg = MatLoRAConfig(r_max=8, p=explicit, mode="matryoshka")
     assert cfg.train_diagonal.tolist() == explicit
     assert MatLoRAConfig.from_dict(cfg.to_dict()) == cfg
