@@ -164,6 +164,8 @@ class MatryoshkaLoRA(pl.Callback):
                              batch_idx: int) -> None:
         if self.controller.setting is not None:
             self.controller.set(None)
+        if self.controller.num_processes != trainer.world_size:
+            self.controller.set_process(trainer.global_rank, trainer.world_size)
         self.controller.begin_step(trainer.global_step, batch_idx)
 
     # per-rank validation: delegated to lightning_matlora.evaluation

@@ -76,7 +76,12 @@ def unmerge(model: nn.Module) -> None:
         m.unmerge()
 
 
-def begin_step(model: nn.Module, step: int, micro_step: int = 0) -> None:
+def begin_step(model: nn.Module, step: int, micro_step: int = 0, process_index: int = 0,
+               num_processes: int = 1) -> None:
     """Draw the per-step randomness of ``"dylora"`` and ``"rowwise"`` training (the callback does this for you;
-    call it in a hand-written training loop before each micro-batch)."""
-    controller_of(model).begin_step(step, micro_step)
+    call it in a hand-written training loop before each micro-batch). Under data parallelism pass this
+    process's index and the number of processes, so that ``"rowwise"`` spreads the ranks over the global batch."""
+    ctrl = controller_of(model)
+    if (ctrl.process_index, ctrl.num_processes) != (process_index, num_processes):
+        ctrl.set_process(process_index, num_processes)
+    ctrl.begin_step(step, micro_step)

@@ -46,6 +46,9 @@ class RankController:
         self._setting: RankSetting = None
         self._step_rank: int | None = None  # dylora: the rank sampled for the current optimizer step
         self._row_offset = 0  # rowwise: where the cyclic rank assignment starts in the current step
+        # rowwise under data parallelism: row i of process g is row i·world + g of the global batch (the
+        # interleaving of torch's DistributedSampler), so the train ranks are spread over the global batch
+        self.process_index, self.num_processes = 0, 1
         self._cache: dict[tuple, RankPlan] = {}
 
     # ----------------------------------------------------------------------------------------------- settings
@@ -130,11 +133,23 @@ class RankController:
         scale = rank_scale(ranks, self.config.scaling, self.config.alpha)
         return mask * scale[:, None]
 
+    def set_process(self, index: int, count: int) -> None:
+        """Declare this process's place in data-parallel training (``"rowwise"`` spreads ranks globally)."""
+        if not 0 <= index < count:
+            raise ValueError(f"process index {index} outside 0…{count - 1}")
+        self.process_index, self.num_processes = int(index), int(count)
+        self._cache.clear()
+
+    def _rowwise_index(self, i: int) -> int:
+        return (self._row_offset + i * self.num_processes + self.process_index) % len(self.config.ranks)
+
     def rowwise_ranks(self, rows: int) -> torch.Tensor:
         """The rank of each of ``rows`` rows in a ``"rowwise"`` training step: the train ranks assigned
-        cyclically from this step's offset, so each rank gets ⌊rows/n⌋ or ⌈rows/n⌉ rows."""
+        cyclically over the global batch from this step's offset (row i of process g is global row
+        i·world + g), so each rank gets ⌊rows/n⌋ or ⌈rows/n⌉ of the global batch's rows."""
         ranks = torch.tensor(self.config.ranks, dtype=torch.long)
-        return ranks[(torch.arange(rows) + self._row_offset) % len(ranks)]
+        index = (self._row_offset + torch.arange(rows) * self.num_processes + self.process_index) % len(ranks)
+        return ranks[index]
 
     # -------------------------------------------------------------------------------------------------- plan
     def plan(self, rows: int, device: torch.device, dtype: torch.dtype) -> RankPlan:
@@ -163,7 +178,7 @@ class RankController:
             return b, torch.full((b,), rank_scale(b, self.config.scaling, self.config.alpha), dtype=torch.float32)
         if mode == "rowwise":
             ranks = self.config.ranks  # the cyclic assignment uses the largest rank once rows ≥ len(ranks)
-            k = max(ranks[(i + self._row_offset) % len(ranks)] for i in range(min(rows, len(ranks))))
+            k = max(ranks[self._rowwise_index(i)] for i in range(min(rows, len(ranks))))
             coef = self.row_coefficients(self.rowwise_ranks(rows), rule="rank", k=k)
             return k, coef
         return self.r_max, self.p.clone()
