@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import statistics
 import sys
@@ -57,11 +56,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from lightning_matlora import MatryoshkaLoRA, begin_step, build_p, default_ranks, set_rank  # noqa: E402
-
-try:  # the shared home of AURAC once the rank-curve work lands; a local trapezoid until then
-    from lightning_matlora import aurac as _lib_aurac  # type: ignore[attr-defined]
-except Exception:  # pragma: no cover - depends on what is merged
-    _lib_aurac = None
+from lightning_matlora import aurac as _lib_aurac  # noqa: E402
 
 METHODS = ("matryoshka", "matryoshka-trained", "matryoshka-P/|S|", "rowwise", "dylora", "lora-truncated", "grid")
 ONE_RUN = ("matryoshka", "matryoshka-P/|S|", "rowwise", "dylora", "lora-truncated")  # training runs (not rules)
@@ -215,14 +210,8 @@ def evaluate(model, task: Task, rows: int, device: str, seed: int) -> tuple[floa
 
 
 def aurac(ranks: list[int], scores: list[float], axis: str = "log2") -> float:
-    """Area under the rank–score curve over the span of the axis (spec: AURAC)."""
-    if _lib_aurac is not None:
-        return float(_lib_aurac(ranks, scores, axis=axis))
-    if len(ranks) == 1:
-        return float(scores[0])
-    t = [math.log2(r) if axis == "log2" else float(r) for r in ranks]
-    area = sum((t[i + 1] - t[i]) * (scores[i] + scores[i + 1]) / 2 for i in range(len(t) - 1))
-    return area / (t[-1] - t[0])
+    """Area under the rank–score curve over the span of the axis (spec: AURAC), as a float."""
+    return float(_lib_aurac(ranks, scores, axis=axis))
 
 
 # ------------------------------------------------------------------------------------------------------ runs

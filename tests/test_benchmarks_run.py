@@ -1,0 +1,43 @@
+"""The benchmark scripts run end to end at a tiny size (their figures are in docs/, not asserted here)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args: list[str], timeout: int = 300) -> str:
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_speed_benchmark_runs_and_reports_every_target(tmp_path):
+    out = tmp_path / "speed.md"
+    _run(["benchmarks/speed.py", "--hidden", "32", "--inter", "64", "--layers", "1", "--heads", "2", "--kv-heads",
+          "2", "--vocab", "97", "--batch", "2", "--seq", "8", "--r", "4", "--ranks", "1", "4", "--reps", "2",
+          "--warmup", "1", "--no-memory", "--out", str(out)])
+    text = out.read_text()
+    for ratio in ("matryoshka / PEFT", "matryoshka / lora", "rowwise / matryoshka", "merged / base"):
+        assert ratio in text
+
+
+@pytest.mark.slow
+def test_accuracy_study_runs_at_tiny_size(tmp_path):
+    out = tmp_path / "study.md"
+    _run(["benchmarks/accuracy.py", "--size", "tiny", "--out", str(out)])
+    text = out.read_text()
+    assert "grid" in text and "rowwise" in text and "AURAC" in text
+
+
+@pytest.mark.slow
+def test_multirank_eval_benchmark_runs(tmp_path):
+    stdout = _run(["benchmarks/multirank_eval.py", "--hidden", "32", "--layers", "1", "--vocab", "97", "--seq", "8",
+                   "--r-max", "8", "--batch-sizes", "1", "2", "--reps", "2"])
+    assert "mixed" in stdout.lower()
