@@ -27,6 +27,17 @@ def _randomise_adapters(model, seed=0):
 
 
 # ------------------------------------------------------------------------------------------ mode="lora" vs PEFT
+def _copy_factors_into_peft(ours_model, peft_model, names):
+    """Give PEFT's LoRA layers our factors (same orientation: a copy, no transpose); returns PEFT's modules."""
+    peft_layers = dict(peft_model.named_modules())
+    for name in names:
+        ours, theirs = ours_model.get_submodule(name), peft_layers["base_model.model." + name]
+        with torch.no_grad():
+            theirs.lora_A["default"].weight.copy_(ours.lora_A)
+            theirs.lora_B["default"].weight.copy_(ours.lora_B)
+    return peft_layers
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("scaling, alpha, peft_kwargs", [
     ("none", 1.0, dict(lora_alpha=6)),  # s(R)=1 ⇔ PEFT lora_alpha/r = 1
@@ -45,12 +56,7 @@ def test_lora_mode_equals_peft_lora(family, scaling, alpha, peft_kwargs):
     names = cb.apply(base)
     assert cb.config.ranks == [R]
     _randomise_adapters(base, seed=3)
-    peft_layers = dict(peft_model.named_modules())
-    for name in names:
-        ours, theirs = base.get_submodule(name), peft_layers["base_model.model." + name]
-        with torch.no_grad():
-            theirs.lora_A["default"].weight.copy_(ours.lora_A)
-            theirs.lora_B["default"].weight.copy_(ours.lora_B)
+    peft_layers = _copy_factors_into_peft(base, peft_model, names)
     peft_adapted = {n.removeprefix("base_model.model.") for n, m in peft_layers.items() if hasattr(m, "lora_A")
                     and hasattr(m, "base_layer")}
     assert set(names) == peft_adapted and len(names) >= 2 * len(targets)
@@ -262,12 +268,7 @@ def test_lora_mode_with_dropout_equals_peft_in_train_mode():
     names = MatryoshkaLoRA(r_max=R, mode="lora", target_modules=targets, scaling="none", dropout=0.3,
                            verbose=False).apply(base)
     _randomise_adapters(base, seed=4)
-    peft_layers = dict(peft_model.named_modules())
-    for name in names:
-        ours, theirs = base.get_submodule(name), peft_layers["base_model.model." + name]
-        with torch.no_grad():
-            theirs.lora_A["default"].weight.copy_(ours.lora_A)
-            theirs.lora_B["default"].weight.copy_(ours.lora_B)
+    peft_layers = _copy_factors_into_peft(base, peft_model, names)
     base.train()
     peft_model.train()
     ids = _tokens(2)
