@@ -120,7 +120,7 @@ class MatryoshkaLoRA(pl.Callback):
         names = self._inject(module)
         if not adapted_layers(module):
             raise ValueError(no_match_message(module, self.config))
-        self._finish(module, names)
+        self._finish(module, announce=bool(names))
         return names
 
     # -------------------------------------------------------------------------------------------- hooks
@@ -140,7 +140,7 @@ class MatryoshkaLoRA(pl.Callback):
                         "models built in configure_model right after that hook.")
                 raise ValueError(no_match_message(pl_module, self.config) + hint)
             if adapted_layers(pl_module):
-                self._finish(pl_module, names)
+                self._finish(pl_module)
         _wrap_hook(pl_module, "on_load_checkpoint", before=lambda ckpt: self._check_checkpoint(pl_module, ckpt))
         # checkpoints hold only the adapter, so loading them must not demand the frozen base's keys
         pl_module.strict_loading = False
@@ -150,7 +150,8 @@ class MatryoshkaLoRA(pl.Callback):
         check_not_sharded(pl_module, names)  # fully_shard ran before the adapters existed
         if not adapted_layers(pl_module):
             raise ValueError(no_match_message(pl_module, self.config))
-        self._finish(pl_module, self.adapted + names if names else self.adapted)
+        # freeze whatever configure_model built; announce only layers this hook adapted (no second summary)
+        self._finish(pl_module, announce=bool(names))
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         merged = sorted({m.merged_rank for m in adapted_layers(pl_module).values()} - {None})
@@ -219,10 +220,10 @@ class MatryoshkaLoRA(pl.Callback):
     def _inject(self, module: nn.Module) -> list[str]:
         return inject(module, self.config, self.controller)
 
-    def _finish(self, module: nn.Module, names: list[str]) -> None:
+    def _finish(self, module: nn.Module, announce: bool = True) -> None:
         freeze_base(module, self.config)
         self.adapted = sorted(adapted_layers(module))
-        if self.verbose:
+        if self.verbose and announce:
             rank_zero_info(format_summary(module, self.config, self.adapted))
 
     def _check_config(self, saved: dict[str, Any]) -> None:

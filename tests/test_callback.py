@@ -110,6 +110,12 @@ def test_summary_at_setup(lightning_log):
     assert "r_max=8" in text and "[2, 8]" in text and "scaling=rank" in text
 
 
+def test_summary_printed_once_when_configure_model_adds_nothing(lightning_log):
+    module = BuildsInConfigureModel(model=tiny_llama())  # built before setup; configure_model is a no-op
+    trainer([MatryoshkaLoRA(r_max=4)], max_steps=1).fit(module, token_loader())
+    assert sum("MatryoshkaLoRA: adapted" in m for m in lightning_log.messages) == 1
+
+
 def test_apply_prints_summary_too(lightning_log):
     names = MatryoshkaLoRA(r_max=2).apply(tiny_gpt2())
     assert any(f"adapted {len(names)} layers" in m for m in lightning_log.messages)
