@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from lightning_matlora import MatryoshkaLoRA, begin_step, build_p, default_ranks, set_rank  # noqa: E402
+from lightning_matlora import MatryoshkaLoRA, begin_step, build_p, default_ranks, set_rank, set_rank_scale  # noqa: E402,E501
 from lightning_matlora import aurac as _lib_aurac  # noqa: E402
 
 METHODS = ("matryoshka", "matryoshka-trained", "matryoshka-P/|S|", "rowwise", "dylora", "lora-truncated", "grid")
@@ -282,7 +282,7 @@ def run_job(job: Job, args: argparse.Namespace) -> dict:
     out = {"regime": job.regime, "method": job.method, "lr": job.lr, "seed": job.seed, "steps": job.steps,
            "budget": job.budget, "train_s": train_s, "diverged": diverged, "curves": {}}
     for rule in rules:
-        cb.controller.config.rank_scale = rule  # same trained weights, other inference rule (plans are re-made)
+        set_rank_scale(base, rule)  # same trained weights, other inference rule
         curve = {}
         for k in eval_ranks:
             set_rank(base, k)

@@ -55,6 +55,16 @@ def at_rank(model: nn.Module, rank: RankSetting) -> Iterator[nn.Module]:
         ctrl.set(previous)
 
 
+def set_rank_scale(model: nn.Module, rank_scale: str) -> None:
+    """Serve the same trained weights under another inference rule: ``"rank"`` (the paper's, s(k) on the rank-k
+    prefix) or ``"trained"`` (the prefix p_1…p_k of the training diagonal). Evaluation, merging, saving and
+    export all follow the new rule (it is part of the adapter's configuration)."""
+    layers = adapted_layers(model).values()
+    if any(m.merged_rank is not None for m in layers):
+        raise RuntimeError("The model is merged: call unmerge(model) before changing its inference rule.")
+    controller_of(model).set_rule(rank_scale)
+
+
 def merge(model: nn.Module, rank: int) -> None:
     """Fold rank ``rank`` (under the ``rank_scale`` rule) into every adapted layer's base weight.
 

@@ -86,6 +86,15 @@ class RankController:
         self._setting = rank
         self._cache.clear()
 
+    def set_rule(self, rank_scale: str) -> None:
+        """Change the inference rule at rank k (``"rank"`` or ``"trained"``) of these trained weights."""
+        from .config import RANK_SCALES
+
+        if rank_scale not in RANK_SCALES:
+            raise ValueError(f"Unknown rank_scale {rank_scale!r}: use one of {RANK_SCALES}.")
+        self.config.rank_scale = rank_scale
+        self._cache.clear()
+
     def begin_step(self, step: int, micro_step: int = 0) -> None:
         """Draw the per-step randomness of the training forward, deterministically from (seed, step).
 

@@ -144,3 +144,24 @@ def test_explicit_adapter_dtype_survives_module_conversion():
     model2, _, layer2 = adapt_single(make_base("linear", 6, 5), r_max=4)
     model2.to(torch.bfloat16)
     assert layer2.lora_A.dtype == torch.bfloat16
+
+
+def test_set_rank_scale_switches_the_rule_of_the_same_weights():
+    """One trained matryoshka adapter served under both rules: each equals its dense float64 reference."""
+    from lightning_matlora import at_rank, set_rank_scale
+
+    model, cb, layer = adapt_single(make_base("linear", 12, 10, torch.float64), r_max=8, mode="matryoshka")
+    x = _input((4, 12), torch.float64, seed=7)
+    W0, b = base_weights(layer.base_layer)
+    A, B = spec_factors(layer)
+    p = p_vector(cb.config.ranks, 8, "sqrt")
+    for rule in ("trained", "rank", "trained"):
+        set_rank_scale(model, rule)
+        assert cb.config.rank_scale == rule
+        for k in (1, 3, 8):
+            with at_rank(model, k):
+                y = model(x)
+            ref = rank_forward_ref(x, W0, b, A, B, k, "sqrt", rule=rule, p=p)
+            torch.testing.assert_close(y, ref.detach())
+    with pytest.raises(ValueError, match="rank_scale"):
+        set_rank_scale(model, "paper")
