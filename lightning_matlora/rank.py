@@ -119,13 +119,13 @@ class RankController:
         return self._step_rank
 
     # ----------------------------------------------------------------------------------------- coefficients
-    def rank_coefficients(self, k: int) -> torch.Tensor:
-        """The coefficients (float32, length k) that serve rank k under the ``rank_scale`` rule.
+    def rank_coefficients(self, k: int, rule: str | None = None) -> torch.Tensor:
+        """The coefficients (float32, length k) that serve rank k under ``rule`` (default: ``rank_scale``).
 
         ``"rank"``: s(k)·1 (the paper's rule). ``"trained"``: p_1…p_k (the prefix of the training diagonal).
         Merging and exporting rank k fold exactly these into B.
         """
-        if self.config.rank_scale == "trained":
+        if (rule or self.config.rank_scale) == "trained":
             return self.p[:k].clone()
         return torch.full((k,), rank_scale(k, self.config.scaling, self.config.alpha), dtype=torch.float32)
 
@@ -184,7 +184,7 @@ class RankController:
         # the training forward of the mode
         if mode == "dylora":
             b = self._step_rank if self._step_rank is not None else self.r_max
-            return b, torch.full((b,), rank_scale(b, self.config.scaling, self.config.alpha), dtype=torch.float32)
+            return b, self.rank_coefficients(b, rule="rank")  # DyLoRA trains rank b as the paper serves it
         if mode == "rowwise":
             ranks = self.config.ranks  # the cyclic assignment uses the largest rank once rows ≥ len(ranks)
             k = max(ranks[self._rowwise_index(i)] for i in range(min(rows, len(ranks))))
