@@ -8,6 +8,7 @@ and has no Lightning or torchmetrics dependency; :class:`~lightning_matlora.Rank
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Union
@@ -240,3 +241,153 @@ def plot_rank_curves(curves: Mapping[int, Number] | Sequence[Mapping[int, Number
     if labels is not None:
         ax.legend(fontsize="small")
     return fig, ax
+
+
+# ------------------------------------------------------------------------------------------- the value type
+@dataclasses.dataclass(frozen=True)
+class RankCurve:
+    """One rank curve: the score of an adapter served at each evaluated rank.
+
+    The one value type for a rank curve: :class:`~lightning_matlora.RankCurveMetric` computes it, the callback keeps
+    one per metric and epoch, a saved adapter records it (:meth:`to_json`/:meth:`from_json`), and ``matlora info``
+    prints it.
+
+    Attributes:
+        ranks: the evaluated ranks, ascending, distinct, each ≥ 1.
+        scores: one score per rank, in the metric's units (NaN marks a rank whose score diverged).
+        metric: the metric's name as logged, e.g. ``"loss"`` or ``"acc"`` (no ``val/`` prefix).
+        higher_is_better: ``True`` for accuracies, ``False`` for losses.
+
+    Example:
+        >>> c = RankCurve((1, 2, 4, 8, 16, 32), (40, 44, 46, 47, 48, 48), metric="acc")
+        >>> round(c.aurac(), 2), round(c.aurac("linear"), 2)
+        (45.8, 47.29)
+        >>> c.select_rank(tolerance=0.05)
+        4
+        >>> c.as_log_dict("val")["val/acc@r08"]
+        47.0
+    """
+
+    ranks: tuple[int, ...]
+    scores: tuple[float, ...]
+    metric: str = "score"
+    higher_is_better: bool = True
+
+    def __post_init__(self) -> None:
+        ranks = check_curve_ranks(list(self.ranks))
+        if isinstance(self.scores, torch.Tensor):
+            scores = [float(v) for v in self.scores.detach().double().cpu().flatten()]
+        else:
+            scores = [float("nan") if v is None else _float(v) for v in self.scores]
+        if len(scores) != len(ranks):
+            raise ValueError(f"A rank curve needs one score per rank: got {len(ranks)} ranks and {len(scores)} "
+                             f"scores.")
+        if not isinstance(self.metric, str) or not self.metric:
+            raise ValueError(f"metric must be a non-empty name such as 'loss' or 'acc', got {self.metric!r}.")
+        if not isinstance(self.higher_is_better, bool):
+            raise ValueError(f"higher_is_better must be True or False, got {self.higher_is_better!r}.")
+        order = sorted(range(len(ranks)), key=ranks.__getitem__)
+        object.__setattr__(self, "ranks", tuple(ranks[i] for i in order))
+        object.__setattr__(self, "scores", tuple(scores[i] for i in order))
+
+    @classmethod
+    def from_mapping(cls, curve: Mapping[int, Number], metric: str = "score",
+                     higher_is_better: bool = True) -> "RankCurve":
+        """A curve from ``{rank: score}``."""
+        items = _curve_items(curve)
+        return cls(tuple(r for r, _ in items), tuple(v for _, v in items), metric, higher_is_better)
+
+    def as_mapping(self) -> dict[int, float]:
+        """``{rank: score}``, ranks ascending."""
+        return dict(zip(self.ranks, self.scores))
+
+    def score_at(self, rank: int) -> float:
+        """The score at an evaluated ``rank`` (``KeyError`` naming the evaluated ranks otherwise)."""
+        if rank not in self.ranks:
+            raise KeyError(f"rank {rank} was not evaluated; the curve has ranks {list(self.ranks)}.")
+        return self.scores[self.ranks.index(rank)]
+
+    # ------------------------------------------------------------------------------------------- summaries
+    def aurac(self, axis: str = "log2") -> float:
+        """Area under the curve over the span of the rank axis (see :func:`aurac`); NaN if any score is NaN."""
+        return aurac(self.ranks, self.scores, axis)
+
+    def select_rank(self, tolerance: float | None = 0.01, relative: bool = True, budget: int | None = None) -> int:
+        """The rank to serve.
+
+        ``tolerance``: the smallest rank whose score is within ``tolerance`` of the best (see :func:`select_rank`).
+        ``budget``: the best-scoring evaluated rank ≤ ``budget`` (the smallest on ties); with both, the smallest
+        rank ≤ ``budget`` within ``tolerance`` of the best rank ≤ ``budget``.
+        """
+        curve = self.as_mapping()
+        if budget is not None:
+            if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+                raise ValueError(f"budget must be a rank ≥ 1 (the largest rank you can serve), got {budget!r}.")
+            curve = {r: v for r, v in curve.items() if r <= budget}
+            if not curve:
+                raise ValueError(f"No evaluated rank is ≤ budget={budget}; the curve has ranks {list(self.ranks)}.")
+            if tolerance is None:
+                return best_rank(curve, self.higher_is_better)
+        return select_rank(curve, 0.0 if tolerance is None else tolerance, relative, self.higher_is_better)
+
+    def describe(self, tolerance: float = 0.01) -> str:
+        """One sentence of advice (see :func:`describe_rank_choice`)."""
+        return describe_rank_choice(self.as_mapping(), tolerance, True, self.higher_is_better, self.metric)
+
+    def table(self, tolerance: float = 0.01, title: str | None = None, axis: str = "log2") -> str:
+        """The plain-text table of :func:`format_curve_table`."""
+        return format_curve_table(self.as_mapping(), self.metric, self.higher_is_better, axis, tolerance, title)
+
+    def log_key(self, rank: int, prefix: str = "val") -> str:
+        """``val/acc@r08``: the rank zero-padded to the width of the largest rank, so that names sort by rank."""
+        return f"{prefix}/{self.metric}@r{rank:0{len(str(max(self.ranks)))}d}"
+
+    def aurac_key(self, prefix: str = "val") -> str:
+        """``val/aurac_acc``."""
+        return f"{prefix}/aurac_{self.metric}"
+
+    def as_log_dict(self, prefix: str = "val", axis: str = "log2") -> dict[str, float]:
+        """``{"val/acc@r01": …, …, "val/aurac_acc": …}``: what the callback logs each validation epoch."""
+        out = {self.log_key(r, prefix): v for r, v in zip(self.ranks, self.scores)}
+        out[self.aurac_key(prefix)] = self.aurac(axis)
+        return out
+
+    def plot(self, ax: Any = None, axis: str = "log2", label: str | None = None) -> tuple:
+        """Draw the curve (see :func:`plot_rank_curves`); returns ``(figure, axes)``."""
+        return plot_rank_curves([self.as_mapping()], labels=[label] if label else None, ax=ax, axis=axis,
+                                ylabel=self.metric)
+
+    # ------------------------------------------------------------------------------------------------ JSON
+    def to_json(self) -> dict[str, Any]:
+        """``{"metric", "higher_is_better", "ranks", "scores"}``; a NaN score is written as ``null``."""
+        return {"metric": self.metric, "higher_is_better": self.higher_is_better, "ranks": list(self.ranks),
+                "scores": [v if math.isfinite(v) else None for v in self.scores]}
+
+    @classmethod
+    def from_json(cls, data: Any) -> "RankCurve":
+        """Read :meth:`to_json`'s form strictly: every field required, no other field, types checked.
+
+        Raises ``ValueError`` naming the field that is missing, extra or of the wrong type.
+        """
+        fields = ("metric", "higher_is_better", "ranks", "scores")
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a rank curve must be an object with fields {list(fields)}, got {type(data).__name__}.")
+        missing = [f for f in fields if f not in data]
+        extra = sorted(set(data) - set(fields))
+        if missing or extra:
+            raise ValueError(f"a rank curve needs exactly the fields {list(fields)}"
+                             + (f"; missing {missing}" if missing else "") + (f"; unknown {extra}" if extra else "")
+                             + ".")
+        if not isinstance(data["metric"], str):
+            raise ValueError(f"rank curve field 'metric' must be a string, got {data['metric']!r}.")
+        if not isinstance(data["higher_is_better"], bool):
+            raise ValueError(f"rank curve field 'higher_is_better' must be true or false, got "
+                             f"{data['higher_is_better']!r}.")
+        if not isinstance(data["ranks"], list) or not all(
+                isinstance(r, int) and not isinstance(r, bool) for r in data["ranks"]):
+            raise ValueError(f"rank curve field 'ranks' must be a list of integers, got {data['ranks']!r}.")
+        if not isinstance(data["scores"], list) or not all(
+                v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in data["scores"]):
+            raise ValueError(f"rank curve field 'scores' must be a list of numbers (null for a diverged rank), got "
+                             f"{data['scores']!r}.")
+        return cls(tuple(data["ranks"]), tuple(data["scores"]), data["metric"], data["higher_is_better"])
