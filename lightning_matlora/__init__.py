@@ -1,29 +1,74 @@
 """lightning_matlora: nested (MatryoshkaLoRA) adapters for PyTorch Lightning.
 
 One fine-tuning run trains a nested adapter; any prefix rank k ≤ r_max of it is a usable LoRA adapter.
+
+>>> import torch
+>>> from torch import nn
+>>> import lightning_matlora as lm
+>>> model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+>>> lm.MatryoshkaLoRA(r_max=8, verbose=False).apply(model)
+['0', '2']
+>>> with lm.at_rank(model, 2):
+...     y = model(torch.ones(1, 16))
+>>> tuple(y.shape)
+(1, 4)
+
+The names below are the public API; internals (the rank controller, the per-rank validation loop) stay
+importable from their modules (``lightning_matlora.rank``, ``lightning_matlora.control``, ...).
 """
 
-from .callback import MatryoshkaLoRA
+from __future__ import annotations
+
+import importlib
+import warnings
+from typing import Any
+
 from .adapter_io import SavedAdapter, load_adapter, read_adapter, save_adapter
-from .distributed import full_adapter_state_dict, prepare_for_sharding
+from .callback import MatryoshkaLoRA
 from .config import MatLoRAConfig
+from .control import at_rank, begin_step, get_rank, merge, set_rank, set_rank_scale, unmerge
+from .curve import RankCurve, aurac, select_rank
+from .distributed import full_adapter_state_dict, prepare_for_sharding
 from .export import export_peft, merge_to_base
-from .curve import aurac, describe_rank_choice, format_curve_table, plot_rank_curves, select_rank
-from .evaluation import RankCurveValidation
 from .inject import adapted_layers
 from .layer import MatryoshkaLinear
 from .metric import RankCurveMetric
-from .model import at_rank, begin_step, controller_of, get_rank, merge, set_rank, set_rank_scale, unmerge
-from .rank import RankController, RankPlan
-from .scaling import build_p, default_ranks, rank_scale
+from .scaling import build_p, default_ranks, scale_of_rank
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "MatryoshkaLoRA", "MatLoRAConfig", "MatryoshkaLinear", "RankController", "RankPlan",
-    "RankCurveMetric", "RankCurveValidation", "aurac", "describe_rank_choice", "format_curve_table",
-    "plot_rank_curves", "select_rank",
-    "adapted_layers", "at_rank", "begin_step", "build_p", "controller_of", "default_ranks", "get_rank", "merge",
-    "rank_scale", "set_rank", "set_rank_scale", "unmerge", "full_adapter_state_dict", "prepare_for_sharding", "__version__",
-    "SavedAdapter", "export_peft", "load_adapter", "merge_to_base", "read_adapter", "save_adapter",
+    # train
+    "MatryoshkaLoRA", "MatLoRAConfig", "MatryoshkaLinear", "adapted_layers", "prepare_for_sharding",
+    # run at a rank
+    "set_rank", "get_rank", "at_rank", "set_rank_scale", "merge", "unmerge", "begin_step",
+    # the method's quantities
+    "build_p", "default_ranks", "scale_of_rank",
+    # rank curves
+    "RankCurve", "RankCurveMetric", "aurac", "select_rank",
+    # adapters on disk
+    "SavedAdapter", "save_adapter", "load_adapter", "read_adapter", "export_peft", "merge_to_base",
+    "full_adapter_state_dict",
+    "__version__",
 ]
+
+# Names that left the top level (still importable from their modules); the old spelling warns once per use.
+_MOVED = {
+    "RankController": ("lightning_matlora.rank", "RankController"),
+    "RankPlan": ("lightning_matlora.rank", "RankPlan"),
+    "controller_of": ("lightning_matlora.control", "controller_of"),
+    "RankCurveValidation": ("lightning_matlora.evaluation", "RankCurveValidation"),
+    "describe_rank_choice": ("lightning_matlora.curve", "describe_rank_choice"),
+    "format_curve_table": ("lightning_matlora.curve", "format_curve_table"),
+    "plot_rank_curves": ("lightning_matlora.curve", "plot_rank_curves"),
+    "rank_scale": ("lightning_matlora.scaling", "scale_of_rank"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        module, attr = _MOVED[name]
+        warnings.warn(f"lightning_matlora.{name} is no longer public API: import {attr} from {module}.",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'lightning_matlora' has no attribute {name!r}")

@@ -38,7 +38,7 @@ from .config import MatLoRAConfig
 from .distributed import clean_name, full_adapter_state_dict
 from .inject import _saved_prefixes, adapted_layers, freeze_base, inject
 from .layer import MatryoshkaLinear, is_supported, layer_dims
-from .model import controller_of
+from .control import controller_of
 from .rank import RankController
 
 FORMAT = "matryoshka-lora"
@@ -174,10 +174,7 @@ def snapshot(model: nn.Module, *, curve: Any = None, aurac: float | None = None,
     :class:`SavedAdapter` on CPU, with keys relative to the transformers model. See :func:`save_adapter`."""
     ctrl = controller_of(model)
     layers = adapted_layers(model)
-    merged = sorted(n for n, m in layers.items() if m.merged_rank is not None)
-    if merged:
-        raise RuntimeError(f"The model is merged at rank {layers[merged[0]].merged_rank}: call unmerge(model) before "
-                           f"saving or exporting its adapter (the factors are saved, not merged weights).")
+    ctrl.check_unmerged("saving or exporting its adapter (the factors are saved, not merged weights)")
     # the full adapter on every process (gathers FSDP/FSDP2/ZeRO-3 shards: a collective), wrapper names cleaned
     state = full_adapter_state_dict(model)
     layers = {clean_name(n): m for n, m in layers.items()}

@@ -16,7 +16,8 @@ from .adapter_io import check_save_adapter, check_save_best_mode, save_best_from
 from .config import MatLoRAConfig, TargetSpec
 from .evaluation import RankCurveValidation, check_rank_eval
 from .distributed import check_not_sharded, is_deepspeed, prepare_strategy
-from .inject import adapted_layers, adapter_state_keys, freeze_base, inject, linear_layer_names, no_match_message
+from .control import controller_of
+from .inject import adapted_layers, freeze_base, inject, linear_layer_names, no_match_message
 from .rank import RankController
 from .summary import format_summary
 
@@ -98,7 +99,7 @@ class MatryoshkaLoRA(pl.Callback):
     # ----------------------------------------------------------------------------------------- public API
     @property
     def p(self) -> torch.Tensor:
-        """The training diagonal (float32, length r_max)."""
+        """The training diagonal (float64, length r_max)."""
         return self.controller.p
 
     @property
@@ -154,9 +155,9 @@ class MatryoshkaLoRA(pl.Callback):
         self._finish(pl_module, announce=bool(names))
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        merged = sorted({m.merged_rank for m in adapted_layers(pl_module).values()} - {None})
-        if merged:
-            raise RuntimeError(f"The model is merged at rank {merged[0]}: a merged adapter does not train. Call "
+        merged = controller_of(pl_module).merged_rank
+        if merged is not None:
+            raise RuntimeError(f"The model is merged at rank {merged}: a merged adapter does not train. Call "
                                f"lightning_matlora.unmerge(model) before trainer.fit.")
         if not is_deepspeed(trainer.strategy):  # DeepSpeed builds its optimizer from the trainable parameters only
             _drop_frozen_from_optimizers(trainer)
@@ -199,7 +200,7 @@ class MatryoshkaLoRA(pl.Callback):
                            checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict")
         if state:  # DeepSpeed writes its own shards and no "state_dict" here
-            keep = set(adapter_state_keys(pl_module, self.config))
+            keep = {k for k, _ in controller_of(pl_module).owned_tensors(pl_module)}
             checkpoint["state_dict"] = {k: v for k, v in state.items() if k in keep}
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -218,6 +219,9 @@ class MatryoshkaLoRA(pl.Callback):
         return bool(layers) and all(m.controller is self.controller for m in layers.values())
 
     def _inject(self, module: nn.Module) -> list[str]:
+        if self.controller.layers and not adapted_layers(module):
+            # this callback already adapted another model: the new one gets a controller of its own
+            self.controller = RankController(self.config)
         return inject(module, self.config, self.controller)
 
     def _finish(self, module: nn.Module, announce: bool = True) -> None:
@@ -251,7 +255,7 @@ class MatryoshkaLoRA(pl.Callback):
         state = checkpoint.get("state_dict")
         if state is None:
             return
-        expected = set(adapter_state_keys(pl_module, self.config))
+        expected = {k for k, _ in controller_of(pl_module).owned_tensors(pl_module)}
         missing = sorted(expected - set(state))
         if missing:
             raise ValueError(f"The checkpoint lacks {len(missing)} adapter tensors (e.g. {missing[0]!r}): it was not "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+import warnings
 from collections.abc import Sequence
 from typing import Any, Union
 
@@ -29,10 +31,17 @@ def dtype_name(dtype: str | torch.dtype | None) -> str | None:
     return name
 
 
-def _targets(spec: TargetSpec, what: str) -> str | list[str] | None:
+def _targets(spec: TargetSpec, what: str, regex: bool = True) -> str | list[str] | None:
     if spec is None or isinstance(spec, str):
         if isinstance(spec, str) and not spec:
             raise ValueError(f"{what} is an empty string: give 'all-linear', a list of name suffixes or a regex.")
+        if regex and isinstance(spec, str) and spec != "all-linear":
+            try:  # a string is a regex on full module names (PEFT's rule): compile it now, not at injection
+                re.compile(spec)
+            except re.error as err:
+                raise ValueError(f"{what}={spec!r} is not a valid regular expression ({err}): a string is matched "
+                                 f"as a regex against full module names; escape it, or give a list of module-name "
+                                 f"suffixes such as ['q_proj', 'v_proj'].") from None
         return spec
     items = list(spec)
     if not all(isinstance(s, str) and s for s in items):
@@ -41,9 +50,37 @@ def _targets(spec: TargetSpec, what: str) -> str | list[str] | None:
     return items
 
 
+#: The inference rule each training mode trained its ranks under (``"trained"`` at rank k serves p_1…p_k).
+_MODE_RULE = {"rowwise": "rank", "dylora": "rank"}
+
+
+def check_rule_for_mode(mode: str, rank_scale: str) -> None:
+    """Warn when an adapter trained by ``mode`` is served with a rule that mode never trained.
+
+    ``"rowwise"`` and ``"dylora"`` train every rank k as ``s(k)·x·A[:, :k]·B[:k, :]`` (the ``"rank"`` rule);
+    serving them with ``"trained"`` evaluates ``x·A[:, :k]·diag(p_1…p_k)·B[:k, :]``, a function they never trained.
+    ``"matryoshka"`` trains P (both rules are meaningful), ``"lora"`` trains ``s(r_max)·x·A·B``, which both rules
+    serve exactly at k = r_max.
+    """
+    trained = _MODE_RULE.get(mode)
+    if trained is not None and rank_scale != trained:
+        warnings.warn(f"mode={mode!r} trains every rank k under rank_scale={trained!r} (s(k) on the rank-k prefix), "
+                      f"but this adapter is served with rank_scale={rank_scale!r} (the prefix p_1…p_k of a training "
+                      f"diagonal this mode never used): use rank_scale={trained!r}, or mode='matryoshka' to train P.",
+                      UserWarning, stacklevel=3)
+
+
 @dataclasses.dataclass
 class MatLoRAConfig:
-    """Settings of a MatryoshkaLoRA adapter. See :class:`lightning_matlora.MatryoshkaLoRA` for each field."""
+    """Settings of a MatryoshkaLoRA adapter, validated at construction. See :class:`lightning_matlora.MatryoshkaLoRA`
+    for each field.
+
+    >>> cfg = MatLoRAConfig(r_max=8, mode="matryoshka")
+    >>> cfg.ranks, cfg.eval_ranks
+    ([1, 2, 4, 8], [1, 2, 4, 8])
+    >>> MatLoRAConfig.from_dict(cfg.to_dict()) == cfg
+    True
+    """
 
     r_max: int = 64
     ranks: list[int] | None = None
@@ -97,18 +134,19 @@ class MatLoRAConfig:
         excl = _targets(self.exclude_modules, "exclude_modules")
         self.exclude_modules = excl
         if self.modules_to_save is not None:
-            self.modules_to_save = _targets(self.modules_to_save, "modules_to_save")
+            self.modules_to_save = _targets(self.modules_to_save, "modules_to_save", regex=False)
             if isinstance(self.modules_to_save, str):
                 self.modules_to_save = [self.modules_to_save]
         self.adapter_dtype = dtype_name(self.adapter_dtype)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}.")
+        check_rule_for_mode(self.mode, self.rank_scale)
 
     @property
     def train_diagonal(self) -> torch.Tensor:
-        """p (float32, length r_max): the explicit ``p`` if given, else Algorithm 1 on the train ranks."""
+        """p (float64, length r_max): the explicit ``p`` if given, else Algorithm 1 on the train ranks."""
         if self.p is not None:
-            return torch.tensor(self.p, dtype=torch.float32)
+            return torch.tensor(self.p, dtype=torch.float64)
         return build_p(self.ranks, self.r_max, self.scaling, self.alpha)
 
     def to_dict(self) -> dict[str, Any]:

@@ -21,8 +21,8 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
-from .inject import _owned, _saved_prefixes, adapted_layers
-from .model import controller_of
+from .control import controller_of
+from .inject import adapted_layers
 
 SUPPORTED_STRATEGIES = (
     "single device (CPU, GPU or MPS); DDP on one or many nodes (strategy='ddp', 'ddp_spawn', 'ddp_fork', "
@@ -211,18 +211,10 @@ def _module_of(target: Any) -> tuple[nn.Module, Any]:
 
 
 def adapter_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(clean name, tensor) of every adapter-owned parameter and buffer of ``module``, in a fixed order, without
-    calling ``state_dict`` (whose hooks would gather the whole sharded model)."""
-    config = controller_of(module).config
-    prefixes = [clean_name(p) for p in _saved_prefixes(module, config)]
-    for name, t in module.named_parameters():
-        name = clean_name(name)
-        if _owned(name, prefixes):
-            yield name, t
-    for name, t in module.named_buffers():
-        name = clean_name(name)
-        if any(name.startswith(k + ".") for k in prefixes):
-            yield name, t
+    """(clean name, tensor) of every adapter-owned tensor of ``module`` (:meth:`RankController.owned_tensors`), in a
+    fixed order, without calling ``state_dict`` (whose hooks would gather the whole sharded model)."""
+    for name, t in controller_of(module).owned_tensors(module):
+        yield clean_name(name), t
 
 
 @contextlib.contextmanager

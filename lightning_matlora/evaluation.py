@@ -44,7 +44,7 @@ from torchmetrics import Metric
 from .config import MatLoRAConfig
 from .curve import format_curve_table, plot_rank_curves
 from .metric import RankCurveMetric
-from .model import at_rank
+from .control import at_rank
 
 RANK_EVAL_MODES = ("auto", "mixed", "sequential")
 PREFIX = "val"

@@ -25,6 +25,7 @@ from torch import nn
 
 from .adapter_io import (SavedAdapter, _transformers_types, atomic_directory, check_base, model_root, read_adapter,
                          snapshot)
+from .control import controller_of
 from .inject import adapted_layers
 from .layer import MatryoshkaLinear
 from .rank import RankController
@@ -245,7 +246,7 @@ def merge_to_base(adapter: AdapterSource, out_dir: str | os.PathLike, rank: int,
 
 def _merged_weight(layer: MatryoshkaLinear, k: int) -> torch.Tensor:
     w = layer.base_layer.weight
-    return (w.detach().float() + layer.delta_weight(k)).to(w.dtype)
+    return (w.detach().to(layer.merge_dtype()) + layer.delta_weight(k)).to(w.dtype)
 
 
 def _save(model: nn.Module, tmp: Path, state: dict[str, torch.Tensor], base: Any = None) -> None:
@@ -271,9 +272,7 @@ def _merge_adapted(model: nn.Module, out: Path, rank: int, overwrite: bool) -> P
                         "PreTrainedModel.")
     _, root = found
     k = check_rank(rank, next(iter(layers.values())).r_max)
-    merged = sorted(n for n, m in layers.items() if m.merged_rank is not None)
-    if merged:
-        raise RuntimeError("The model is merged: call unmerge(model) before merge_to_base.")
+    controller_of(model).check_unmerged("merge_to_base")
     root_layers = adapted_layers(root)
     with torch.no_grad():
         weights = {name: _merged_weight(layer, k) for name, layer in root_layers.items()}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
+import warnings
 from collections.abc import Sequence
 
 from torch import nn
@@ -37,7 +39,15 @@ def output_head_names(model: nn.Module) -> set[str]:
 
 
 def adapted_layers(model: nn.Module) -> dict[str, MatryoshkaLinear]:
-    """Every ``MatryoshkaLinear`` in ``model`` by its module name (names include ``.base_layer``-free paths)."""
+    """Every ``MatryoshkaLinear`` in ``model`` by its module name (a scan of the module tree).
+
+    >>> from torch import nn
+    >>> from lightning_matlora import MatryoshkaLoRA
+    >>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    >>> _ = MatryoshkaLoRA(r_max=2, verbose=False).apply(model)
+    >>> sorted(adapted_layers(model))
+    ['0', '2']
+    """
     return {n: m for n, m in model.named_modules() if isinstance(m, MatryoshkaLinear)}
 
 
@@ -105,11 +115,21 @@ def no_match_message(model: nn.Module, config: MatLoRAConfig) -> str:
             f"Use 'all-linear', a list of suffixes such as {suffixes[:2]}, or a regex on full names.")
 
 
-def inject(model: nn.Module, config: MatLoRAConfig, controller: RankController) -> list[str]:
-    """Replace every selected layer of ``model`` by a ``MatryoshkaLinear`` sharing ``controller``.
+def init_seed(seed: int, name: str) -> int:
+    """The seed of the initial factors of layer ``name``: a stable hash of (``seed``, ``name``), the same in every
+    process and Python session, independent of torch's global generator and of the order layers are adapted in."""
+    digest = hashlib.sha256(f"{int(seed)}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
-    Returns the names of the newly adapted layers (may be empty: the caller decides whether that is an error).
-    Raises if ``model`` already holds adapters of a different controller.
+
+def inject(model: nn.Module, config: MatLoRAConfig, controller: RankController) -> list[str]:
+    """Replace every selected layer of ``model`` by a ``MatryoshkaLinear`` sharing ``controller`` and attach the
+    controller to ``model`` (it then knows every adapted layer and ``modules_to_save`` module of ``model``).
+
+    The factors of layer ``name`` are initialised from :func:`init_seed` (``config.seed``, ``name``). Warns once,
+    naming them, about layers narrower than ``r_max``. Returns the names of the newly adapted layers (may be empty:
+    the caller decides whether that is an error). Raises if ``model`` already holds adapters of a different
+    controller.
     """
     existing = adapted_layers(model)
     foreign = [n for n, m in existing.items() if m.controller is not controller]
@@ -123,16 +143,25 @@ def inject(model: nn.Module, config: MatLoRAConfig, controller: RankController) 
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         base = getattr(parent, child)
-        setattr(parent, child, MatryoshkaLinear(base, controller, dropout=config.dropout, adapter_dtype=dtype))
+        layer = MatryoshkaLinear(base, controller, dropout=config.dropout, adapter_dtype=dtype,
+                                 init_seed=init_seed(config.seed, name))
+        setattr(parent, child, layer.train(base.training))  # an eval-mode model stays in eval mode
+    layers = adapted_layers(model)
+    _warn_narrow(config.r_max, {n: layers[n] for n in names})
+    saved = {n: model.get_submodule(n) for n in _saved_prefixes(model, config)}
+    controller.attach(model, layers, saved)
     return names
 
 
-def is_adapter_parameter(name: str) -> bool:
-    return name.endswith(".lora_A") or name.endswith(".lora_B") or name in ("lora_A", "lora_B")
-
-
-def _owned(name: str, saved_prefixes: list[str]) -> bool:
-    return is_adapter_parameter(name) or any(name.startswith(k + ".") for k in saved_prefixes)
+def _warn_narrow(r_max: int, layers: dict[str, MatryoshkaLinear]) -> None:
+    narrow = sorted(n for n, m in layers.items() if r_max > min(m.in_features, m.out_features))
+    if narrow:
+        shown = ", ".join(narrow[:6]) + (f", … ({len(narrow)} in all)" if len(narrow) > 6 else "")
+        width = min(min(layers[n].in_features, layers[n].out_features) for n in narrow)
+        warnings.warn(f"r_max={r_max} exceeds min(in_features, out_features) of {len(narrow)} adapted layers "
+                      f"({shown}; the narrowest is {width} wide): a rank above a layer's width adds parameters but "
+                      f"no expressive power there. Choose r_max ≤ {width}, or exclude those layers.",
+                      UserWarning, stacklevel=3)
 
 
 def _saved_prefixes(model: nn.Module, config: MatLoRAConfig) -> list[str]:
@@ -140,22 +169,12 @@ def _saved_prefixes(model: nn.Module, config: MatLoRAConfig) -> list[str]:
     return [n for n, _ in model.named_modules() if n and _matches(n, saved)]
 
 
-def adapter_parameter_names(model: nn.Module, config: MatLoRAConfig) -> list[str]:
-    """Names of the parameters a nested adapter owns: the factors and the parameters of ``modules_to_save``."""
-    prefixes = _saved_prefixes(model, config)
-    # remove_duplicate=False: a tied parameter (GPT-2's lm_head.weight is wte.weight) is listed under every name
-    return [n for n, _ in model.named_parameters(remove_duplicate=False) if _owned(n, prefixes)]
+def freeze_base(model: nn.Module, config: MatLoRAConfig | None = None) -> None:
+    """Freeze every parameter of ``model`` except the tensors its adapter owns (the factors and the parameters of
+    ``modules_to_save``, as :meth:`RankController.owned_tensors` lists them). ``config`` is not needed (the model's
+    controller knows what it owns); it is accepted for callers that pass it."""
+    from .control import controller_of
 
-
-def adapter_state_keys(model: nn.Module, config: MatLoRAConfig) -> list[str]:
-    """Keys of ``model.state_dict()`` a nested adapter owns (its parameters and the buffers of modules_to_save)."""
-    prefixes = _saved_prefixes(model, config)
-    return [n for n in model.state_dict() if _owned(n, prefixes)]
-
-
-def freeze_base(model: nn.Module, config: MatLoRAConfig) -> None:
-    """Freeze every parameter except the adapter factors and the parameters of ``modules_to_save``."""
-    owned = set(adapter_parameter_names(model, config))
-    keep = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if n in owned}
+    keep = {id(t) for _, t in controller_of(model).owned_tensors(model)}
     for param in model.parameters():
         param.requires_grad_(id(param) in keep)

@@ -52,10 +52,25 @@ class MatryoshkaLinear(nn.Module):
         controller: the model's shared rank state (decides k and the coefficients of each forward).
         dropout: dropout probability on the adapter's input (as PEFT's ``lora_dropout``).
         adapter_dtype: dtype of ``lora_A``/``lora_B``; ``None`` uses the base weight's dtype.
+        init_seed: seed of ``lora_A``'s random initialisation (a generator of its own); ``None`` draws from torch's
+            global generator. Injection passes one derived from the config's ``seed`` and the layer's name.
+
+    Usually created by :meth:`MatryoshkaLoRA.apply <lightning_matlora.MatryoshkaLoRA.apply>`, not by hand:
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from lightning_matlora import MatryoshkaLoRA, adapted_layers
+    >>> model = nn.Sequential(nn.Linear(16, 8))
+    >>> _ = MatryoshkaLoRA(r_max=4, verbose=False).apply(model)
+    >>> layer = adapted_layers(model)["0"]
+    >>> tuple(layer.lora_A.shape), tuple(layer.lora_B.shape)   # PEFT's orientation: r_max × in, out × r_max
+    ((4, 16), (8, 4))
+    >>> bool(layer.lora_B.abs().sum() == 0)   # B = 0: the adapted model starts equal to the base
+    True
     """
 
     def __init__(self, base_layer: nn.Module, controller: RankController, dropout: float = 0.0,
-                 adapter_dtype: torch.dtype | None = None) -> None:
+                 adapter_dtype: torch.dtype | None = None, init_seed: int | None = None) -> None:
         super().__init__()
         if not is_supported(base_layer):
             raise TypeError(f"MatryoshkaLinear wraps nn.Linear or transformers' Conv1D, not "
@@ -72,6 +87,7 @@ class MatryoshkaLinear(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, dtype=dtype, device=weight.device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged_rank: int | None = None
+        self.init_seed = init_seed
         self.reset_parameters()
 
     @property
@@ -88,10 +104,18 @@ class MatryoshkaLinear(nn.Module):
         return self.base_layer.bias
 
     def reset_parameters(self) -> None:
-        """The reference code's initialisation: A ~ U(−1/√R, 1/√R), B = 0 (the adapted model equals the base)."""
+        """The reference code's initialisation: A ~ U(−1/√R, 1/√R), B = 0 (the adapted model equals the base).
+
+        With ``init_seed``, A is drawn in float32 on the CPU from a generator seeded with it (the same values on
+        every device and process, whatever torch's global generator holds), then copied into ``lora_A``.
+        """
         bound = 1.0 / math.sqrt(self.r_max)
         with torch.no_grad():
-            nn.init.uniform_(self.lora_A, -bound, bound)
+            if self.init_seed is None:
+                nn.init.uniform_(self.lora_A, -bound, bound)
+            else:
+                g = torch.Generator().manual_seed(self.init_seed)
+                self.lora_A.copy_(torch.empty(self.lora_A.shape).uniform_(-bound, bound, generator=g))
             nn.init.zeros_(self.lora_B)
 
     def _apply(self, fn, recurse: bool = True):
@@ -116,7 +140,7 @@ class MatryoshkaLinear(nn.Module):
         if self.merged_rank is not None:
             return result
         A, B = self.lora_A, self.lora_B
-        plan = self.controller.plan(x.shape[0], x.device, A.dtype)
+        plan = self.controller.plan(x.shape[0], x.device, A.dtype, self.training)
         k = plan.k
         if k != A.shape[0]:
             A, B = A[:k], B[:, :k]
@@ -127,11 +151,16 @@ class MatryoshkaLinear(nn.Module):
         return result + F.linear(h * coef, B).to(result.dtype)
 
     # ------------------------------------------------------------------------------------------------- merge
+    def merge_dtype(self) -> torch.dtype:
+        """The dtype merging computes in: float64 if the base weight or the factors are float64, else float32."""
+        return torch.float64 if torch.float64 in (self.lora_A.dtype, self.base_layer.weight.dtype) else torch.float32
+
     def delta_weight(self, k: int) -> torch.Tensor:
-        """ΔW at rank k in the base weight's layout (``out × in`` for Linear, ``in × out`` for Conv1D),
-        computed in float32: ``B[:, :k] · diag(coef_k) · A[:k]`` with coef_k from the rank_scale rule."""
-        coef = self.controller.rank_coefficients(k).to(self.lora_A.device)
-        delta = (self.lora_B[:, :k].float() * coef) @ self.lora_A[:k].float()
+        """ΔW at rank k in the base weight's layout (``out × in`` for Linear, ``in × out`` for Conv1D), in
+        :meth:`merge_dtype`: ``B[:, :k] · diag(coef_k) · A[:k]`` with coef_k from the rank_scale rule."""
+        dtype = self.merge_dtype()
+        coef = self.controller.rank_coefficients(k).to(self.lora_A.device, dtype)
+        delta = (self.lora_B[:, :k].to(dtype) * coef) @ self.lora_A[:k].to(dtype)
         return delta.T if self.is_conv1d else delta
 
     @torch.no_grad()
@@ -140,7 +169,7 @@ class MatryoshkaLinear(nn.Module):
         if self.merged_rank is not None:
             raise RuntimeError(f"Layer is already merged at rank {self.merged_rank}: call unmerge() first.")
         w = self.base_layer.weight
-        w.data = (w.data.float() + self.delta_weight(k)).to(w.dtype)
+        w.data = (w.data.to(self.merge_dtype()) + self.delta_weight(k)).to(w.dtype)
         self.merged_rank = k
 
     @torch.no_grad()
@@ -149,5 +178,5 @@ class MatryoshkaLinear(nn.Module):
         if self.merged_rank is None:
             return
         w = self.base_layer.weight
-        w.data = (w.data.float() - self.delta_weight(self.merged_rank)).to(w.dtype)
+        w.data = (w.data.to(self.merge_dtype()) - self.delta_weight(self.merged_rank)).to(w.dtype)
         self.merged_rank = None

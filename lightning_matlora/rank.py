@@ -1,8 +1,11 @@
-"""Which prefix of the adapter a forward uses, and with which coefficients: the one home of rank slicing.
+"""The controller of an adapted model: which prefix of the adapter a forward uses, with which coefficients (the
+one home of rank slicing), and the model-wide adapter state (its layers, its merged rank, the tensors it owns).
 
-Every adapted layer of a model shares one :class:`RankController`. The controller holds the active rank setting
-and turns it into a :class:`RankPlan` — how many leading components k to use and the coefficients that multiply
-x·A[:, :k] before B — so that layers never compute a scale themselves.
+Every adapted layer of a model shares one :class:`RankController`, attached to the model when the layers are
+injected. The controller holds the active rank setting and turns it into a :class:`RankPlan` — how many leading
+components k to use and the coefficients that multiply x·A[:, :k] before B — so that layers never compute a scale
+themselves. It also knows its layers by name, so that setting, merging and saving act on the model without
+searching its module tree.
 
 Rank settings (see :func:`lightning_matlora.set_rank`):
 
@@ -10,17 +13,30 @@ Rank settings (see :func:`lightning_matlora.set_rank`):
   sampled rank for ``"dylora"``, one train rank per row for ``"rowwise"``).
 - an ``int`` k in 1…r_max: inference at rank k under the configured ``rank_scale`` rule.
 - a 1-D integer tensor: one rank per row of the batch (rows are the first dimension of the layer input).
+
+Coefficients are computed in float64 and cast once per (device, dtype) by :meth:`RankController.plan`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Union
+import warnings
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Union
 
 import torch
+from torch import nn
 
 from .config import MatLoRAConfig
-from .scaling import rank_scale
+from .scaling import scale_of_rank
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .layer import MatryoshkaLinear
+
+#: The attribute of an adapted model that holds its controller (a plain attribute, not a submodule).
+CONTROLLER_ATTR = "_matlora_controller"
+
+_DRAWN_MODES = ("dylora", "rowwise")  # modes whose training forward depends on a per-step draw
 
 RankSetting = Union[None, int, torch.Tensor]
 
@@ -38,11 +54,28 @@ class RankPlan:
 
 
 class RankController:
-    """Shared rank state of every adapted layer of one model (not an ``nn.Module``; holds no parameters)."""
+    """The shared state of one adapted model (not an ``nn.Module``; holds no parameters of its own).
+
+    Rank state: the active setting, the per-step draws of ``"dylora"``/``"rowwise"`` and the plan cache. Model
+    state: :attr:`layers` (adapted layers by name, relative to the module they were injected into), the
+    ``modules_to_save`` modules, :attr:`merged_rank` and :meth:`owned_tensors`. Obtain a model's controller with
+    :func:`lightning_matlora.control.controller_of`.
+
+    >>> from torch import nn
+    >>> from lightning_matlora import MatryoshkaLoRA
+    >>> from lightning_matlora.control import controller_of
+    >>> model = nn.Sequential(nn.Linear(8, 8))
+    >>> _ = MatryoshkaLoRA(r_max=4, verbose=False).apply(model)
+    >>> ctrl = controller_of(model)
+    >>> list(ctrl.layers), ctrl.merged_rank
+    (['0'], None)
+    >>> [name for name, _ in ctrl.owned_tensors(model)]
+    ['0.lora_A', '0.lora_B']
+    """
 
     def __init__(self, config: MatLoRAConfig) -> None:
         self.config = config
-        self.p = config.train_diagonal  # float32 on CPU, length r_max
+        self.p = config.train_diagonal  # float64 on CPU, length r_max
         self._setting: RankSetting = None
         self._step_rank: int | None = None  # dylora: the rank sampled for the current optimizer step
         self._row_offset = 0  # rowwise: where the cyclic rank assignment starts in the current step
@@ -50,6 +83,14 @@ class RankController:
         # interleaving of torch's DistributedSampler), so the train ranks are spread over the global batch
         self.process_index, self.num_processes = 0, 1
         self._cache: dict[tuple, RankPlan] = {}
+        # per-step draws: explicit (begin_step, as the callback does) or automatic (each training forward of the
+        # model the adapter was injected into draws the next step, until begin_step is called once)
+        self._explicit_steps = False
+        self._auto_step = 0
+        self._warned_undrawn = False
+        # the adapted model
+        self.layers: dict[str, MatryoshkaLinear] = {}
+        self.saved_modules: dict[str, nn.Module] = {}
 
     # ----------------------------------------------------------------------------------------------- settings
     @property
@@ -88,20 +129,27 @@ class RankController:
 
     def set_rule(self, rank_scale: str) -> None:
         """Change the inference rule at rank k (``"rank"`` or ``"trained"``) of these trained weights."""
-        from .config import RANK_SCALES
+        from .config import RANK_SCALES, check_rule_for_mode
 
         if rank_scale not in RANK_SCALES:
             raise ValueError(f"Unknown rank_scale {rank_scale!r}: use one of {RANK_SCALES}.")
+        check_rule_for_mode(self.config.mode, rank_scale)
         self.config.rank_scale = rank_scale
         self._cache.clear()
 
+    # ------------------------------------------------------------------------------------------------- draws
     def begin_step(self, step: int, micro_step: int = 0) -> None:
         """Draw the per-step randomness of the training forward, deterministically from (seed, step).
 
         ``"dylora"``: samples the step's rank b uniformly from the train ranks; the same b on every process and
         for every micro-batch of one optimizer step (it depends only on ``step``). ``"rowwise"``: draws the
-        offset of the cyclic rank-to-row assignment for this micro-batch.
+        offset of the cyclic rank-to-row assignment for this micro-batch. Once called, the draws are explicit:
+        training forwards no longer draw the next step by themselves.
         """
+        self._explicit_steps = True
+        self._draw(step, micro_step)
+
+    def _draw(self, step: int, micro_step: int) -> None:
         mode = self.config.mode
         if mode == "dylora":
             g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + int(step))
@@ -114,32 +162,41 @@ class RankController:
             return
         self._cache.clear()
 
+    def _auto_draw(self, module: nn.Module, args: tuple) -> None:
+        """Forward pre-hook of the adapted model: in a loop that never calls ``begin_step``, each training-mode
+        forward of the training setting draws step 0, 1, 2, … (the draws ``begin_step(model, step)`` makes)."""
+        if self._explicit_steps or self._setting is not None or not module.training \
+                or self.config.mode not in _DRAWN_MODES:
+            return
+        self._draw(self._auto_step, 0)
+        self._auto_step += 1
+
     @property
     def step_rank(self) -> int | None:
         return self._step_rank
 
     # ----------------------------------------------------------------------------------------- coefficients
     def rank_coefficients(self, k: int, rule: str | None = None) -> torch.Tensor:
-        """The coefficients (float32, length k) that serve rank k under ``rule`` (default: ``rank_scale``).
+        """The coefficients (float64, length k) that serve rank k under ``rule`` (default: ``rank_scale``).
 
         ``"rank"``: s(k)·1 (the paper's rule). ``"trained"``: p_1…p_k (the prefix of the training diagonal).
         Merging and exporting rank k fold exactly these into B.
         """
         if (rule or self.config.rank_scale) == "trained":
             return self.p[:k].clone()
-        return torch.full((k,), rank_scale(k, self.config.scaling, self.config.alpha), dtype=torch.float32)
+        return torch.full((k,), scale_of_rank(k, self.config.scaling, self.config.alpha), dtype=torch.float64)
 
     def row_coefficients(self, ranks: torch.Tensor, rule: str | None = None, k: int | None = None) -> torch.Tensor:
-        """Per-row coefficients (float32, ``rows × max(ranks)``): row i is ``rank_coefficients(ranks[i])`` padded
+        """Per-row coefficients (float64, ``rows × max(ranks)``): row i is ``rank_coefficients(ranks[i])`` padded
         with zeros, i.e. a prefix mask times the row's scale. ``k``: ``max(ranks)`` when the caller knows it
         (saves a data-dependent read that ``torch.compile`` cannot trace)."""
         rule = rule or self.config.rank_scale
         k = int(ranks.max()) if k is None else k
         cols = torch.arange(k)
-        mask = (cols[None, :] < ranks[:, None]).to(torch.float32)
+        mask = (cols[None, :] < ranks[:, None]).to(torch.float64)
         if rule == "trained":
             return mask * self.p[:k][None, :]
-        scale = rank_scale(ranks, self.config.scaling, self.config.alpha)
+        scale = scale_of_rank(ranks, self.config.scaling, self.config.alpha)
         return mask * scale[:, None]
 
     def set_process(self, index: int, count: int) -> None:
@@ -161,11 +218,16 @@ class RankController:
         return ranks[index]
 
     # -------------------------------------------------------------------------------------------------- plan
-    def plan(self, rows: int, device: torch.device, dtype: torch.dtype) -> RankPlan:
-        """The plan for a forward whose input has ``rows`` rows, computed once per setting, device and dtype."""
+    def plan(self, rows: int, device: torch.device, dtype: torch.dtype, training: bool = False) -> RankPlan:
+        """The plan for a forward whose input has ``rows`` rows, computed once per setting, device and dtype
+        (the float64 coefficients are cast to ``dtype`` here, once). ``training``: the calling layer is in training
+        mode (a training forward of ``"dylora"``/``"rowwise"`` before any draw warns once)."""
         key = (rows, device, dtype)
         plan = self._cache.get(key)
         if plan is None:
+            if training and self._setting is None and self.config.mode in _DRAWN_MODES \
+                    and not self._explicit_steps and self._auto_step == 0:
+                self._warn_undrawn()
             k, coef = self._plan_cpu(rows)
             plan = RankPlan(k=k, coef=coef.to(device=device, dtype=dtype))
             self._cache[key] = plan
@@ -191,3 +253,91 @@ class RankController:
             coef = self.row_coefficients(self.rowwise_ranks(rows), rule="rank", k=k)
             return k, coef
         return self.r_max, self.p.clone()
+
+    def _warn_undrawn(self) -> None:
+        if self._warned_undrawn:
+            return
+        self._warned_undrawn = True
+        what = ("trains one rank drawn per step; without a draw it trains r_max only (plain LoRA)"
+                if self.config.mode == "dylora" else
+                "assigns the train ranks to rows from a per-step draw; without a draw every step uses the same "
+                "assignment")
+        warnings.warn(f"mode={self.config.mode!r} {what}, and no step has been drawn. Call "
+                      f"lightning_matlora.begin_step(model, step) before each training step, or call the model the "
+                      f"adapter was applied to in training mode (its forward draws the next step by itself); the "
+                      f"MatryoshkaLoRA callback does this in a Trainer.", UserWarning, stacklevel=5)
+
+    # ------------------------------------------------------------------------------------ the adapted model
+    def attach(self, root: nn.Module, layers: dict[str, MatryoshkaLinear],
+               saved_modules: dict[str, nn.Module] | None = None) -> None:
+        """Make this the controller of ``root``: record its adapted layers and ``modules_to_save`` (by name,
+        relative to ``root``), store itself on ``root`` (so :func:`~lightning_matlora.control.controller_of` is a
+        lookup) and let ``root``'s training forwards draw steps when ``begin_step`` is never called."""
+        self.layers = dict(layers)
+        self.saved_modules = dict(saved_modules or {})
+        if getattr(root, CONTROLLER_ATTR, None) is not self:
+            object.__setattr__(root, CONTROLLER_ATTR, self)
+            root.register_forward_pre_hook(self._auto_draw)
+
+    @property
+    def merged_rank(self) -> int | None:
+        """The rank merged into the base weights, or ``None`` if no layer is merged."""
+        return next((m.merged_rank for m in self.layers.values() if m.merged_rank is not None), None)
+
+    def check_unmerged(self, action: str) -> None:
+        """Raise a ``RuntimeError`` naming the fix if the model is merged (``action``: what needs it unmerged)."""
+        k = self.merged_rank
+        if k is not None:
+            raise RuntimeError(f"The model is merged at rank {k}: call unmerge(model) before {action}.")
+
+    def merge(self, rank: int) -> None:
+        """Fold rank ``rank`` into every adapted layer's base weight (see :func:`lightning_matlora.merge`)."""
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= self.r_max:
+            raise ValueError(f"merge needs an int rank in 1…r_max={self.r_max}, got {rank!r}.")
+        k = self.merged_rank
+        if k is not None:
+            raise RuntimeError(f"The model is already merged at rank {k}: call unmerge(model) first.")
+        for layer in self.layers.values():
+            layer.merge(rank)
+
+    def unmerge(self) -> None:
+        """Undo :meth:`merge` on every adapted layer (a no-op on layers that are not merged)."""
+        for layer in self.layers.values():
+            layer.unmerge()
+
+    def owned_tensors(self, module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) of every tensor the adapter owns inside ``module``: ``lora_A``/``lora_B`` of each adapted
+        layer, every parameter and persistent buffer of the ``modules_to_save`` modules.
+
+        Names are the keys ``module.state_dict()`` gives those tensors (wrapper components included). A weight
+        tied between an owned module and another one (GPT-2's ``lm_head.weight`` is ``wte.weight``) is listed
+        under the owned module's name; the other name is not the adapter's. Walks the module tree once and never
+        calls ``state_dict`` (whose hooks would gather a sharded model).
+        """
+        layer_ids = {id(m) for m in self.layers.values()}
+        saved_ids = {id(m) for m in self.saved_modules.values()}
+        seen: set[str] = set()
+        for name, m in module.named_modules(remove_duplicate=False):
+            if id(m) in layer_ids:
+                items: Iterator[tuple[str, torch.Tensor]] = iter((("lora_A", m.lora_A), ("lora_B", m.lora_B)))
+            elif id(m) in saved_ids:
+                items = _state_tensors(m)
+            else:
+                continue
+            prefix = f"{name}." if name else ""
+            for key, t in items:
+                if prefix + key not in seen:
+                    seen.add(prefix + key)
+                    yield prefix + key, t
+
+
+def _state_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors ``module.state_dict()`` holds (parameters and persistent buffers), by key, without calling it."""
+    for name, m in module.named_modules(remove_duplicate=False):
+        prefix = f"{name}." if name else ""
+        for key, t in m._parameters.items():
+            if t is not None:
+                yield prefix + key, t
+        for key, t in m._buffers.items():
+            if t is not None and key not in m._non_persistent_buffers_set:
+                yield prefix + key, t

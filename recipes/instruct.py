@@ -46,8 +46,12 @@ class InstructCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
-        if config.get("num_threads"):
-            torch.set_num_threads(int(config["num_threads"]))
+        threads = config.get("num_threads")
+        if threads is not None:
+            if int(threads) < 1:
+                self.parser.error(f"--num_threads must be an integer ≥ 1 (CPU threads of torch), got {threads}; "
+                                  f"leave it out for torch's default.")
+            torch.set_num_threads(int(threads))
 
 
 def main(args: list[str] | None = None, run: bool = True) -> InstructCLI:

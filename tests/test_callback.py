@@ -244,7 +244,7 @@ def test_modes_in_fit_with_gradient_accumulation(mode):
     assert [r[0] for r in rec.records] == [0, 0, 1, 1, 2, 2, 3, 3]
     assert all(torch.count_nonzero(m.lora_B) > 0 for m in adapted_layers(module).values())
     if mode == "dylora":  # one rank per optimizer step, shared by its micro-batches, drawn from (seed, step)
-        from lightning_matlora import RankController
+        from lightning_matlora.rank import RankController
         ref = RankController(cb.config)
         for step, b, _ in rec.records:
             ref.begin_step(step)
@@ -260,7 +260,7 @@ def test_public_api_names_and_defaults():
     import lightning_matlora as lm
 
     for name in ("MatryoshkaLoRA", "MatryoshkaLinear", "build_p", "set_rank", "at_rank", "merge", "unmerge",
-                 "default_ranks", "adapted_layers", "controller_of", "begin_step", "MatLoRAConfig"):
+                 "default_ranks", "adapted_layers", "begin_step", "MatLoRAConfig"):
         assert name in lm.__all__ and hasattr(lm, name), name
     assert issubclass(MatryoshkaLoRA, L.Callback)
     params = inspect.signature(MatryoshkaLoRA).parameters

@@ -11,7 +11,8 @@ import torch
 import torch._dynamo as dynamo
 from torch import nn
 
-from lightning_matlora import MatLoRAConfig, MatryoshkaLinear, MatryoshkaLoRA, RankController, begin_step, set_rank
+from lightning_matlora import MatLoRAConfig, MatryoshkaLinear, MatryoshkaLoRA, begin_step, set_rank
+from lightning_matlora.rank import RankController
 
 
 def _layer(mode: str, setting, seed: int = 0) -> MatryoshkaLinear:

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from conftest import tiny_gpt2, tiny_llama
-from dense_ref import adapt_single, base_weights, make_base, rank_forward_ref, s, spec_factors
-from lightning_matlora import (MatryoshkaLoRA, adapted_layers, at_rank, begin_step, controller_of, get_rank, merge,
+from dense_ref import adapt_single, base_weights, make_base, p_vector, rank_forward_ref, s, spec_factors
+from lightning_matlora import (MatryoshkaLoRA, adapted_layers, at_rank, begin_step, get_rank, merge,
                                set_rank, unmerge)
+from lightning_matlora.control import controller_of
 
 
 def _tokens(seed=0, shape=(3, 9)):
@@ -218,6 +219,28 @@ def test_merged_layer_delta_matches_dense_reference():
         unmerge(model)
 
 
+@pytest.mark.parametrize("rule", ["rank", "trained"])
+def test_float64_merge_at_rank_8_equals_dense_float64_reference(rule):
+    """P and s(k) are float64, so a float64 model merges exactly (to float64 rounding), not to float32's 1e-7."""
+    for kind in ("linear", "conv1d"):
+        model, cb, layer = adapt_single(make_base(kind, 12, 10, dtype=torch.float64), r_max=10, scaling="sqrt",
+                                        alpha=0.7, rank_scale=rule)
+        A, B = spec_factors(layer)
+        W0 = base_weights(layer.base_layer)[0]
+        coef = p_vector(cb.config.ranks, 10, "sqrt", 0.7)[:8] if rule == "trained" else s(8, "sqrt", 0.7)
+        assert layer.delta_weight(8).dtype == torch.float64
+        merge(model, 8)
+        W = base_weights(layer.base_layer)[0]
+        torch.testing.assert_close(W, W0 + (A.detach()[:, :8] * coef) @ B.detach()[:8], rtol=0, atol=1e-12)
+        x = torch.randn(4, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            merged = model(x)
+            unmerge(model)
+            with at_rank(model, 8):
+                torch.testing.assert_close(merged, model(x), rtol=0, atol=1e-12)
+        torch.testing.assert_close(base_weights(layer.base_layer)[0], W0, rtol=0, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------------------- fresh adapter, at_rank
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_fresh_adapter_leaves_outputs_unchanged(family):
@@ -307,7 +330,8 @@ def test_rowwise_spreads_the_train_ranks_over_the_global_batch_of_all_processes(
     """Under DDP each process sees a slice of the global batch (DistributedSampler interleaves: row i of process g
     is global row i·world + g). Every train rank must get rows of the global batch, and the assignment must equal
     the single-process one on the same global batch."""
-    from lightning_matlora import MatLoRAConfig, RankController
+    from lightning_matlora import MatLoRAConfig
+    from lightning_matlora.rank import RankController
 
     cfg = MatLoRAConfig(r_max=8, mode="rowwise")  # S = 1, 2, 4, 8
     world, rows = 2, 2

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from lightning_matlora import MatLoRAConfig, build_p, default_ranks, rank_scale
+from lightning_matlora import MatLoRAConfig, build_p, default_ranks, scale_of_rank
 
 
 def naive_p(ranks, r_max, scaling, alpha=1.0) -> torch.Tensor:
@@ -43,8 +43,8 @@ def test_algorithm1_matches_naive_formula_random_sets(scaling):
         ranks = rng.sample(range(1, r_max + 1), n)  # unsorted on purpose
         alpha = rng.choice([1.0, 0.5, 3.0, 16.0])
         got = build_p(ranks, r_max, scaling, alpha)
-        assert got.dtype == torch.float32 and got.shape == (r_max,)
-        torch.testing.assert_close(got.double(), naive_p(ranks, r_max, scaling, alpha), rtol=1e-6, atol=1e-7)
+        assert got.dtype == torch.float64 and got.shape == (r_max,)  # float64: layers cast it once to their dtype
+        torch.testing.assert_close(got, naive_p(ranks, r_max, scaling, alpha), rtol=1e-13, atol=1e-14)
 
 
 @pytest.mark.parametrize("scaling", ["none", "rank", "sqrt"])
@@ -52,7 +52,7 @@ def test_single_rank_set_is_standard_lora(scaling):
     r_max = 12
     expected = {"none": 1.0, "rank": 1 / 12, "sqrt": 1 / math.sqrt(12)}[scaling] * 2.0
     p = build_p([r_max], r_max, scaling, alpha=2.0)
-    torch.testing.assert_close(p.double(), torch.full((r_max,), expected, dtype=torch.float64), rtol=1e-6, atol=0)
+    torch.testing.assert_close(p, torch.full((r_max,), expected, dtype=torch.float64), rtol=1e-14, atol=0)
 
 
 def test_default_ranks():
@@ -69,11 +69,12 @@ def test_rank_scale_values_int_and_tensor():
     ks = torch.arange(1, 40)
     for scaling in ("none", "rank", "sqrt"):
         for alpha in (1.0, 2.5):
-            t = rank_scale(ks, scaling, alpha)
+            t = scale_of_rank(ks, scaling, alpha)
+            assert t.dtype == torch.float64
             ref = torch.tensor([alpha * {"none": 1.0, "rank": 1 / k, "sqrt": k ** -0.5}[scaling] for k in range(1, 40)],
                                dtype=torch.float64)
-            torch.testing.assert_close(t.double(), ref, rtol=1e-6, atol=0)
-            assert [rank_scale(k, scaling, alpha) for k in range(1, 40)] == pytest.approx(ref.tolist(), rel=1e-12)
+            torch.testing.assert_close(t, ref, rtol=1e-14, atol=0)
+            assert [scale_of_rank(k, scaling, alpha) for k in range(1, 40)] == pytest.approx(ref.tolist(), rel=1e-12)
 
 
 def test_config_train_diagonal_uses_explicit_p_or_algorithm1():

@@ -109,16 +109,20 @@ def test_modules_to_save_in_fit_is_optimised_and_checkpointed(tmp_path):
                                                                for i in (0, 1) for ab in "AB"])
 
 
-def test_modules_to_save_on_a_tied_head_is_trainable():
+def test_modules_to_save_on_a_tied_head_is_trainable_and_saved():
     # GPT-2's lm_head shares its weight with wte; named_parameters() lists it only as transformer.wte.weight
-    from lightning_matlora.inject import adapter_parameter_names, adapter_state_keys
+    from lightning_matlora import full_adapter_state_dict
+    from lightning_matlora.control import controller_of
 
     model = tiny_gpt2()
     cb = MatryoshkaLoRA(r_max=2, modules_to_save=["lm_head"], verbose=False)
     cb.apply(model)
     assert model.lm_head.weight.requires_grad
-    assert "lm_head.weight" in adapter_parameter_names(model, cb.config)
-    assert "lm_head.weight" in adapter_state_keys(model, cb.config)
+    owned = [n for n, _ in controller_of(model).owned_tensors(model)]
+    assert "lm_head.weight" in owned and "transformer.wte.weight" not in owned
+    # one definition: freezing, checkpoint keys and the saved adapter all hold the tied head under its own name
+    assert set(owned) <= set(model.state_dict())
+    assert set(full_adapter_state_dict(model)) == set(owned)
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     assert "transformer.h.0.attn.c_attn.base_layer.weight" in frozen
 

@@ -1,0 +1,184 @@
+"""Rank control on a whole adapted model: ``set_rank``, ``at_rank``, ``merge``, ``unmerge``, ``begin_step``.
+
+Each function finds the model's :class:`~lightning_matlora.rank.RankController` (attached to the model when the
+adapter was injected) with :func:`controller_of` and acts through it; none of them searches the module tree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from torch import nn
+
+from .inject import adapted_layers
+from .rank import CONTROLLER_ATTR, RankController, RankSetting
+
+
+def controller_of(model: nn.Module) -> RankController:
+    """The one :class:`~lightning_matlora.rank.RankController` of the adapted ``model``.
+
+    A lookup for the module the adapter was injected into (``MatryoshkaLoRA.apply``, the callback,
+    ``load_adapter``); for an enclosing or inner module, or a model adapted by hand, one scan of its module tree.
+
+    >>> from torch import nn
+    >>> from lightning_matlora import MatryoshkaLoRA
+    >>> model = nn.Sequential(nn.Linear(8, 8))
+    >>> _ = MatryoshkaLoRA(r_max=4, verbose=False).apply(model)
+    >>> controller_of(model).r_max
+    4
+    """
+    ctrl = getattr(model, CONTROLLER_ATTR, None)
+    if isinstance(ctrl, RankController):
+        return ctrl
+    layers = adapted_layers(model)
+    if not layers:
+        raise ValueError("The model has no MatryoshkaLoRA layers: adapt it first with MatryoshkaLoRA(...).apply(model), "
+                         "the MatryoshkaLoRA callback, or load_adapter().")
+    controllers = {id(m.controller): m.controller for m in layers.values()}
+    if len(controllers) > 1:
+        raise ValueError(f"The model holds layers of {len(controllers)} different MatryoshkaLoRA adapters; "
+                         "rank control needs a model adapted once.")
+    ctrl = next(iter(controllers.values()))
+    if not ctrl.layers:  # layers built by hand, never injected: this model is the one they belong to
+        ctrl.attach(model, layers)
+    return ctrl
+
+
+def set_rank(model: nn.Module, rank: RankSetting) -> None:
+    """Select the forward of every adapted layer of ``model``.
+
+    Args:
+        rank: ``None`` for the training forward; an ``int`` k in 1…r_max for inference at rank k (the
+            configured ``rank_scale`` rule); a 1-D integer tensor with one rank per row of the batch (rows are
+            the first dimension of each adapted layer's input), evaluated in one forward.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from lightning_matlora import MatryoshkaLoRA
+    >>> model = nn.Sequential(nn.Linear(8, 8))
+    >>> _ = MatryoshkaLoRA(r_max=4, verbose=False).apply(model)
+    >>> set_rank(model, 2); get_rank(model)
+    2
+    >>> set_rank(model, torch.tensor([1, 4, 2])); y = model(torch.ones(3, 8))   # one rank per row
+    >>> set_rank(model, None)   # back to the training forward
+    """
+    ctrl = controller_of(model)
+    ctrl.check_unmerged("changing the rank")
+    ctrl.set(rank)
+
+
+def get_rank(model: nn.Module) -> RankSetting:
+    """The active rank setting of ``model`` (``None``: the training forward).
+
+    >>> from torch import nn
+    >>> from lightning_matlora import MatryoshkaLoRA
+    >>> model = nn.Sequential(nn.Linear(8, 8))
+    >>> _ = MatryoshkaLoRA(r_max=4, verbose=False).apply(model)
+    >>> get_rank(model) is None
+    True
+    """
+    return controller_of(model).setting
+
+
+@contextlib.contextmanager
+def at_rank(model: nn.Module, rank: RankSetting) -> Iterator[nn.Module]:
+    """Context manager: run ``model`` at ``rank`` inside the block and restore the previous setting after.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from lightning_matlora import MatryoshkaLoRA
+    >>> model = nn.Sequential(nn.Linear(8, 8))
+    >>> _ = MatryoshkaLoRA(r_max=4, verbose=False).apply(model)
+    >>> with at_rank(model, 2):
+    ...     y = model(torch.ones(1, 8))
+    ...     get_rank(model)
+    2
+    >>> get_rank(model) is None
+    True
+    """
+    ctrl = controller_of(model)
+    ctrl.check_unmerged("changing the rank")
+    previous = ctrl.setting
+    ctrl.set(rank)
+    try:
+        yield model
+    finally:
+        ctrl.set(previous)
+
+
+def set_rank_scale(model: nn.Module, rank_scale: str) -> None:
+    """Serve the same trained weights under another inference rule: ``"rank"`` (the paper's, s(k) on the rank-k
+    prefix) or ``"trained"`` (the prefix p_1…p_k of the training diagonal). Evaluation, merging, saving and
+    export all follow the new rule (it is part of the adapter's configuration). Warns if the adapter's training
+    mode never trained the new rule (``"trained"`` after ``"rowwise"`` or ``"dylora"``).
+
+    >>> from torch import nn
+    >>> from lightning_matlora import MatryoshkaLoRA
+    >>> model = nn.Sequential(nn.Linear(8, 8))
+    >>> cb = MatryoshkaLoRA(r_max=4, mode="matryoshka", verbose=False)
+    >>> _ = cb.apply(model)
+    >>> set_rank_scale(model, "trained"); cb.config.rank_scale
+    'trained'
+    """
+    ctrl = controller_of(model)
+    ctrl.check_unmerged("changing its inference rule")
+    ctrl.set_rule(rank_scale)
+
+
+def merge(model: nn.Module, rank: int) -> None:
+    """Fold rank ``rank`` (under the ``rank_scale`` rule) into every adapted layer's base weight.
+
+    Afterwards each adapted layer costs what its base layer costs; ``unmerge(model)`` restores the weights. The
+    merge computes in float32, or in float64 for float64 weights.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from lightning_matlora import MatryoshkaLoRA
+    >>> model = nn.Sequential(nn.Linear(8, 8))
+    >>> _ = MatryoshkaLoRA(r_max=4, verbose=False).apply(model)
+    >>> merge(model, 2)
+    >>> model[0]
+    MatryoshkaLinear(
+      in_features=8, out_features=8, r_max=4, merged_rank=2
+      (base_layer): Linear(in_features=8, out_features=8, bias=True)
+      (dropout): Identity()
+    )
+    >>> unmerge(model)
+    """
+    controller_of(model).merge(rank)
+
+
+def unmerge(model: nn.Module) -> None:
+    """Undo :func:`merge` on every adapted layer (a no-op on layers that are not merged).
+
+    >>> from torch import nn
+    >>> from lightning_matlora import MatryoshkaLoRA
+    >>> model = nn.Sequential(nn.Linear(8, 8))
+    >>> _ = MatryoshkaLoRA(r_max=4, verbose=False).apply(model)
+    >>> unmerge(model)   # nothing merged: nothing to do
+    """
+    controller_of(model).unmerge()
+
+
+def begin_step(model: nn.Module, step: int, micro_step: int = 0, process_index: int = 0,
+               num_processes: int = 1) -> None:
+    """Draw the per-step randomness of ``"dylora"`` and ``"rowwise"`` training for optimizer step ``step``.
+
+    The callback does this for you. In a hand-written loop, either call it before each micro-batch (then the draws
+    follow your step numbers), or never call it: each training-mode forward of the model the adapter was applied
+    to then draws steps 0, 1, 2, … by itself. Under data parallelism pass this process's index and the number of
+    processes, so that ``"rowwise"`` spreads the ranks over the global batch.
+
+    >>> from torch import nn
+    >>> from lightning_matlora import MatryoshkaLoRA
+    >>> model = nn.Sequential(nn.Linear(8, 8))
+    >>> _ = MatryoshkaLoRA(r_max=4, mode="dylora", seed=0, verbose=False).apply(model)
+    >>> begin_step(model, 0)
+    >>> controller_of(model).step_rank in (1, 2, 4)
+    True
+    """
+    ctrl = controller_of(model)
+    if (ctrl.process_index, ctrl.num_processes) != (process_index, num_processes):
+        ctrl.set_process(process_index, num_processes)
+    ctrl.begin_step(step, micro_step)
