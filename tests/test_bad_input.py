@@ -41,10 +41,30 @@ def test_r_max_must_be_a_positive_int(r_max):
     (dict(adapter_dtype="float8"), r"adapter_dtype 'float8' is not supported: use None .* or one of"),
     (dict(target_modules=""), r"target_modules is an empty string: give 'all-linear'"),
     (dict(target_modules=["q_proj", 3]), r"target_modules must be 'all-linear', a regex string or a list"),
+    (dict(target_modules="model.*q_proj["), r"target_modules='model\.\*q_proj\[' is not a valid regular expression"
+                                             r".*escape it, or give a list of module-name suffixes"),
+    (dict(exclude_modules="(lm_head"), r"exclude_modules='\(lm_head' is not a valid regular expression"),
+    (dict(r_max=10**9), r"r_max=1000000000 is larger than the limit 65536.*at most that width"),
 ])
 def test_bad_settings_fail_at_construction(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         MatryoshkaLoRA(**kwargs)
+
+
+def test_largest_r_max_builds_quickly():
+    cb = MatryoshkaLoRA(r_max=65536)
+    assert cb.p.shape == (65536,) and cb.config.ranks[-1] == 65536
+
+
+def test_r_max_above_a_layer_width_warns_once_naming_the_layers():
+    model = tiny_llama()  # hidden 32, intermediate 64, k/v projections 16 wide
+    with pytest.warns(UserWarning, match=r"r_max=20 exceeds min\(in_features, out_features\) of 4 adapted layers "
+                                         r"\(model\.layers\.0\.self_attn\.k_proj, .*the narrowest is 16 wide"):
+        MatryoshkaLoRA(r_max=20, verbose=False).apply(model)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MatryoshkaLoRA(r_max=16, verbose=False).apply(tiny_llama())
 
 
 def test_p_accepts_a_tensor_and_validates_it():
@@ -183,3 +203,16 @@ def test_set_rank_accepts_int_like_scalars_and_equals_the_int():
             assert torch.equal(model(ids).logits, ref)
     with pytest.raises(ValueError, match="1…r_max"):
         set_rank(model, np.int64(9))
+
+
+def test_recipe_refuses_a_thread_count_below_one(capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+    import instruct
+
+    with pytest.raises(SystemExit) as err:
+        instruct.main(["fit", "--num_threads", "-1"])
+    assert err.value.code == 2
+    assert "--num_threads must be an integer ≥ 1 (CPU threads of torch), got -1" in capsys.readouterr().err
