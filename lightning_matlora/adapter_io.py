@@ -69,6 +69,21 @@ class SavedAdapter:
 
     ``tensors`` maps keys relative to the transformers model to CPU tensors: ``<layer>.lora_A`` (``r_max × in``),
     ``<layer>.lora_B`` (``out × r_max``) for each of ``layers``, and the ``modules_to_save`` tensors.
+
+    >>> import tempfile
+    >>> from lightning_matlora import MatryoshkaLoRA
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> def tiny_llama():
+    ...     torch.manual_seed(0)
+    ...     return LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+    ...                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    >>> model = tiny_llama()
+    >>> _ = MatryoshkaLoRA(r_max=4, target_modules=["q_proj"], verbose=False).apply(model)
+    >>> adapter = read_adapter(save_adapter(model, tempfile.mkdtemp() + "/adapter"))
+    >>> adapter.config.r_max, sorted(adapter.layers)
+    (4, ['model.layers.0.self_attn.q_proj'])
+    >>> tuple(adapter.tensors["model.layers.0.self_attn.q_proj.lora_A"].shape)
+    (4, 16)
     """
 
     config: MatLoRAConfig
@@ -258,6 +273,19 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, curve: Any = None
         **metadata: further JSON-serialisable facts to keep (e.g. ``step=1000``).
 
     Returns the directory's path. Writes ``adapter_model.safetensors`` and ``matlora_config.json``.
+
+    >>> import tempfile
+    >>> from lightning_matlora import MatryoshkaLoRA
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> def tiny_llama():
+    ...     torch.manual_seed(0)
+    ...     return LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+    ...                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    >>> model = tiny_llama()
+    >>> _ = MatryoshkaLoRA(r_max=4, verbose=False).apply(model)
+    >>> path = save_adapter(model, tempfile.mkdtemp() + "/adapter", curve={1: 0.5, 4: 0.7}, step=100)
+    >>> sorted(p.name for p in path.iterdir())
+    ['adapter_model.safetensors', 'matlora_config.json']
     """
     return write_adapter(snapshot(model, curve=curve, aurac=aurac, **metadata), path)
 
@@ -363,6 +391,19 @@ def read_adapter(path: str | os.PathLike) -> SavedAdapter:
 
     Raises ``FileNotFoundError`` for a missing directory or file, ``ValueError`` for a corrupted, truncated or
     inconsistent adapter or one written by a newer version of the format.
+
+    >>> import tempfile
+    >>> from lightning_matlora import MatryoshkaLoRA
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> def tiny_llama():
+    ...     torch.manual_seed(0)
+    ...     return LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+    ...                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    >>> model = tiny_llama()
+    >>> _ = MatryoshkaLoRA(r_max=4, verbose=False).apply(model)
+    >>> adapter = read_adapter(save_adapter(model, tempfile.mkdtemp() + "/adapter"))
+    >>> adapter.config.r_max, len(adapter.layers)
+    (4, 7)
     """
     path = Path(path)
     if not path.is_dir():
@@ -495,6 +536,22 @@ def load_adapter(model: nn.Module, path: str | os.PathLike | SavedAdapter) -> nn
 
     Everything is validated before the model is touched: a corrupted file, a different base (a missing layer or a
     shape mismatch, named in the error), a different r_max or rank rule leave ``model`` unchanged.
+
+    >>> import tempfile
+    >>> from lightning_matlora import MatryoshkaLoRA, at_rank
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> def tiny_llama():
+    ...     torch.manual_seed(0)
+    ...     return LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+    ...                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    >>> model = tiny_llama()
+    >>> _ = MatryoshkaLoRA(r_max=4, verbose=False).apply(model)
+    >>> path = save_adapter(model, tempfile.mkdtemp() + "/adapter")
+    >>> served = load_adapter(tiny_llama().eval(), path)   # a fresh base model
+    >>> with at_rank(served, 2):
+    ...     logits = served(input_ids=torch.tensor([[1, 2, 3]])).logits
+    >>> tuple(logits.shape)
+    (1, 3, 32)
     """
     adapter = path if isinstance(path, SavedAdapter) else read_adapter(path)
     if adapted_layers(model):

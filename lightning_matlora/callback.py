@@ -68,6 +68,18 @@ class MatryoshkaLoRA(pl.Callback):
             ``val/aurac_loss``. ``"auto"`` (one mixed-rank pass when the step returns per-row losses, else one
             pass per rank), ``"mixed"``, ``"sequential"``, or ``None`` to turn it off (use
             :class:`~lightning_matlora.RankCurveMetric` yourself).
+
+    Example: adapt without a Trainer (a Trainer does the same at ``setup``)::
+
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    >>> cb = MatryoshkaLoRA(r_max=8, mode="matryoshka", verbose=False)
+    >>> cb.apply(model)
+    ['0', '2']
+    >>> cb.config.ranks, [round(float(v), 4) for v in cb.p[[0, 1, 2, 4]]]
+    ([1, 2, 4, 8], [2.5607, 1.5607, 0.8536, 0.3536])
+    >>> sum(p.numel() for p in model.parameters() if p.requires_grad)   # only the factors train
+    416
     """
 
     def __init__(self, r_max: int = 64, ranks: Sequence[int] | None = None,

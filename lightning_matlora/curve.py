@@ -64,6 +64,11 @@ def aurac(ranks: Sequence[int], values: Sequence[Number] | torch.Tensor, axis: s
             element, e.g. per class).
     Returns:
         A ``float`` when the values are numbers or 0-dim tensors, else a float64 tensor of shape ``values.shape[1:]``.
+
+    >>> round(aurac([1, 2, 4, 8, 16, 32], [40, 44, 46, 47, 48, 48]), 2)   # the method's worked example
+    45.8
+    >>> round(aurac([1, 2, 4, 8, 16, 32], [40, 44, 46, 47, 48, 48], axis="linear"), 2)
+    47.29
     """
     check_axis(axis)
     ranks = check_curve_ranks(ranks)
@@ -111,6 +116,11 @@ def select_rank(curve: Mapping[int, Number], tolerance: float = 0.01, relative: 
     Raises:
         ValueError: on a negative tolerance, or if any score is NaN (name the ranks; a NaN rank is never chosen
             silently).
+
+    >>> select_rank({1: 0.40, 2: 0.44, 4: 0.46, 8: 0.47, 16: 0.48, 32: 0.48}, tolerance=0.05)
+    4
+    >>> select_rank({1: 2.1, 4: 1.62, 16: 1.6}, tolerance=0.05, relative=False, higher_is_better=False)
+    4
     """
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance >= 0:
         raise ValueError(f"tolerance must be a number ≥ 0 (0.01 = within 1% of the best), got {tolerance!r}.")

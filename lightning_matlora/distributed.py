@@ -183,6 +183,13 @@ def prepare_for_sharding(pl_module: pl.LightningModule) -> list[str]:
             fully_shard(self.model, mesh=self.device_mesh["data_parallel"])
 
     Returns the names of the adapted layers. Raises if the module has no Trainer with a MatryoshkaLoRA callback.
+
+    Outside a Trainer it says what to do instead:
+
+    >>> prepare_for_sharding(pl.LightningModule())
+    Traceback (most recent call last):
+      ...
+    RuntimeError: prepare_for_sharding(module) adds the adapters of the Trainer's MatryoshkaLoRA callback: ...
     """
     from .callback import MatryoshkaLoRA
 
@@ -250,6 +257,13 @@ def full_adapter_state_dict(target: pl.Trainer | nn.Module) -> dict[str, torch.T
     ``model.model.layers.0.self_attn.q_proj.lora_A``; values are detached CPU copies.
 
     Under a distributed strategy this is a collective: call it on every process (each gets the full dict).
+
+    >>> from torch import nn
+    >>> from lightning_matlora import MatryoshkaLoRA
+    >>> model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> _ = MatryoshkaLoRA(r_max=4, verbose=False).apply(model)
+    >>> {k: tuple(v.shape) for k, v in full_adapter_state_dict(model).items()}
+    {'0.lora_A': (4, 8), '0.lora_B': (8, 4), '2.lora_A': (4, 8), '2.lora_B': (2, 4)}
     """
     module, strategy = _module_of(target)
     root = _fsdp1_root(strategy)

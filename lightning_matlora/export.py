@@ -154,6 +154,19 @@ def export_peft(source: AdapterSource, out_dir: str | os.PathLike, rank: int | s
         fold_scale: fold the scale into ``lora_B`` (``lora_alpha = r``) even for ``rank_scale="rank"``.
 
     Load with ``peft.PeftModel.from_pretrained(base, out_dir)``; the logits equal the nested model at rank k.
+
+    >>> import tempfile
+    >>> from lightning_matlora import MatryoshkaLoRA
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> def tiny_llama():
+    ...     torch.manual_seed(0)
+    ...     return LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+    ...                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    >>> model = tiny_llama()
+    >>> _ = MatryoshkaLoRA(r_max=4, verbose=False).apply(model)
+    >>> out = export_peft(model, tempfile.mkdtemp() + "/rank2", rank=2)
+    >>> sorted(p.name for p in out.iterdir())
+    ['README.md', 'adapter_config.json', 'adapter_model.safetensors']
     """
     out = Path(out_dir)
     _refuse_ancestor(out, source)
@@ -199,6 +212,23 @@ def merge_to_base(adapter: AdapterSource, out_dir: str | os.PathLike, rank: int,
 
     Neither the adapted model nor a passed ``base`` is changed: merged weights are new tensors handed to
     ``save_pretrained`` as its ``state_dict``.
+
+    >>> import tempfile
+    >>> from transformers import AutoModelForCausalLM
+    >>> from lightning_matlora import MatryoshkaLoRA, at_rank
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> def tiny_llama():
+    ...     torch.manual_seed(0)
+    ...     return LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+    ...                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    >>> model = tiny_llama().eval()
+    >>> _ = MatryoshkaLoRA(r_max=4, verbose=False).apply(model)
+    >>> out = merge_to_base(model, tempfile.mkdtemp() + "/merged", rank=2)
+    >>> plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    >>> ids = torch.tensor([[1, 2, 3]])
+    >>> with torch.no_grad(), at_rank(model, 2):
+    ...     torch.allclose(plain(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
+    True
     """
     out = Path(out_dir)
     _refuse_ancestor(out, adapter)

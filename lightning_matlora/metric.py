@@ -64,6 +64,15 @@ class RankCurveMetric(WrapperMetric):
         higher_is_better: direction of the score, for :meth:`select_rank`; default the base metric's own
             ``higher_is_better``, or ``False`` for the default mean (a loss).
         axis: rank axis of the AURAC: ``"log2"`` (default) or ``"linear"``.
+
+    >>> import torch
+    >>> from torchmetrics.classification import MulticlassAccuracy
+    >>> curve = RankCurveMetric(MulticlassAccuracy(num_classes=3), ranks=[1, 2, 4])
+    >>> target = torch.tensor([0, 1, 2, 1])
+    >>> for k, pred in ((1, [0, 0, 0, 1]), (2, [0, 1, 0, 1]), (4, [0, 1, 2, 1])):
+    ...     curve.update(k, torch.tensor(pred), target)
+    >>> sorted(curve.compute())
+    ['aurac', 'curve']
     """
 
     is_differentiable = False
