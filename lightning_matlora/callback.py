@@ -15,7 +15,7 @@ from torch import nn
 from .adapter_io import check_save_adapter, check_save_best_mode, save_best_from_trainer, save_final_from_trainer
 from .config import MatLoRAConfig, TargetSpec
 from .evaluation import RankCurveValidation, check_rank_eval
-from .distributed import check_not_sharded, is_deepspeed, prepare_strategy
+from .distributed import check_not_sharded, clean_name, is_deepspeed, prepare_strategy
 from .control import controller_of
 from .inject import adapted_layers, freeze_base, inject, linear_layer_names, no_match_message
 from .rank import RankController
@@ -50,11 +50,13 @@ class MatryoshkaLoRA(pl.Callback):
             follows the project's accuracy study (docs/results.md), where the paper's P served with its own rule
             stayed at the base model's level; ``mode="matryoshka"`` reproduces the paper.
         rank_scale: inference rule at rank k: ``"rank"`` (the paper's, s(k) on the prefix) or ``"trained"``
-            (the prefix p_1…p_k of the training diagonal).
+            (the prefix p_1…p_k of the training diagonal; warns for ``"rowwise"``/``"dylora"``, which train
+            ``"rank"``).
         p: explicit training diagonal (length r_max, finite, ≥ 0) instead of Algorithm 1's.
         eval_ranks: ranks evaluated and reported; default the train ranks.
         adapter_dtype: dtype of the adapter factors; default the base weight's.
-        seed: seed of the per-step rank draws of ``"dylora"``/``"rowwise"`` (identical on every process).
+        seed: seed of the per-step rank draws of ``"dylora"``/``"rowwise"`` (identical on every process) and of
+            the initial factors (layer ``name`` draws ``lora_A`` from a generator seeded with (seed, name)).
         save_adapter: at the end of ``fit``, save the adapter with :func:`~lightning_matlora.save_adapter` (with
             the last measured rank curve, if any): ``True`` → ``<checkpoint dir>/matlora_adapter``, a path → there,
             ``False`` → not at all. The path is logged and kept in ``.adapter_path``.
@@ -212,8 +214,8 @@ class MatryoshkaLoRA(pl.Callback):
                            checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict")
         if state:  # DeepSpeed writes its own shards and no "state_dict" here
-            keep = {k for k, _ in controller_of(pl_module).owned_tensors(pl_module)}
-            checkpoint["state_dict"] = {k: v for k, v in state.items() if k in keep}
+            keep = _owned_keys(pl_module)
+            checkpoint["state_dict"] = {k: v for k, v in state.items() if clean_name(k) in keep}
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.controller.set(None)
@@ -267,16 +269,22 @@ class MatryoshkaLoRA(pl.Callback):
         state = checkpoint.get("state_dict")
         if state is None:
             return
-        expected = {k for k, _ in controller_of(pl_module).owned_tensors(pl_module)}
-        missing = sorted(expected - set(state))
+        expected = _owned_keys(pl_module)
+        missing = sorted(expected - {clean_name(k) for k in state})
         if missing:
             raise ValueError(f"The checkpoint lacks {len(missing)} adapter tensors (e.g. {missing[0]!r}): it was not "
                              f"written by a run with this MatryoshkaLoRA configuration and target layers; resuming "
                              f"would leave those layers untrained. Use the matching configuration.")
-        foreign = sorted(k for k in state if k not in expected and (k.endswith(".lora_A") or k.endswith(".lora_B")))
+        foreign = sorted(k for k in state
+                         if clean_name(k) not in expected and (k.endswith(".lora_A") or k.endswith(".lora_B")))
         if foreign:
             raise ValueError(f"The checkpoint holds {len(foreign)} adapter tensors this model has no layer for (e.g. "
                              f"{foreign[0]!r}): the target_modules differ from the run that wrote it.")
+
+
+def _owned_keys(pl_module: nn.Module) -> set[str]:
+    """The state-dict keys of the tensors the adapter owns, without the components wrappers insert."""
+    return {clean_name(k) for k, _ in controller_of(pl_module).owned_tensors(pl_module)}
 
 
 def _norm(v: Any) -> Any:
