@@ -38,6 +38,33 @@ def test_controller_is_attached_once_and_knows_layers_and_saved_modules():
     assert not any(isinstance(m, RankController) for m in model.modules())
 
 
+class _CountsScans(nn.Sequential):
+    """A model that counts walks of its module tree (``modules()``, ``named_modules()``, ``state_dict``-free)."""
+
+    scans = 0
+
+    def named_modules(self, *args, **kwargs):
+        type(self).scans += 1
+        return super().named_modules(*args, **kwargs)
+
+
+def test_rank_control_on_the_adapted_model_never_walks_its_module_tree():
+    model = _CountsScans(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    MatryoshkaLoRA(r_max=4, mode="matryoshka", verbose=False).apply(model)
+    _CountsScans.scans = 0
+    x = torch.ones(2, 8)
+    with at_rank(model, 2):
+        model(x)
+    set_rank(model, 3)
+    assert get_rank(model) == 3
+    set_rank(model, None)
+    merge(model, 4)
+    model(x)
+    unmerge(model)
+    begin_step(model, 1)
+    assert _CountsScans.scans == 0
+
+
 def test_an_enclosing_module_finds_the_same_controller_and_merges_every_layer():
     inner = tiny_llama()
     MatryoshkaLoRA(r_max=4, verbose=False).apply(inner)
