@@ -579,18 +579,16 @@ def default_adapter_dir(trainer: Any) -> Path:
 
 def run_metadata(trainer: Any, callbacks: Iterable[Any]) -> dict[str, Any]:
     """What a run knows about its adapter: the training step and epoch, and the latest measured rank curve and
-    its AURAC — from the callback's own rank-curve evaluation (``MatryoshkaLoRA.rank_eval``), else from the first
+    its AURAC — from the callback's rank curves (``MatryoshkaLoRA.last_curves``), else from the first
     of ``callbacks`` with a ``last_curve`` (and optionally ``last_aurac``) attribute."""
     meta: dict[str, Any] = {"global_step": int(trainer.global_step), "epoch": int(trainer.current_epoch)}
     for cb in callbacks:
-        history = getattr(getattr(cb, "rank_eval", None), "history", None)
-        if history:
-            from .evaluation import NAME, PREFIX
-
-            _, curve, area = history[-1]
-            meta["curve"] = {"metric": f"{PREFIX}/{NAME}", "ranks": list(curve), "scores": list(curve.values())}
-            if math.isfinite(area):  # a NaN rank makes the AURAC NaN: keep the curve, record no AURAC
-                meta["aurac"] = area
+        curves = getattr(cb, "last_curves", None)
+        if curves:
+            c = curves[0]  # the loss curve when measured (one curve is recorded until the format holds a list)
+            meta["curve"] = {"metric": f"val/{c.metric}", "ranks": list(c.ranks), "scores": list(c.scores)}
+            if math.isfinite(c.aurac()):  # a NaN rank makes the AURAC NaN: keep the curve, record no AURAC
+                meta["aurac"] = c.aurac()
             return meta
     for cb in callbacks:
         curve = getattr(cb, "last_curve", None)
@@ -666,9 +664,9 @@ def check_save_best_mode(mode: str) -> str:
 def best_monitor(save_best: bool | str, mode: str) -> tuple[str, str]:
     """(metric name, "min" or "max") of ``MatryoshkaLoRA(save_best=..., save_best_mode=...)``."""
     if save_best is True:
-        from .evaluation import aurac_name
+        from .curve import aurac_key
 
-        name = aurac_name()
+        name = aurac_key("loss")
     else:
         name = str(save_best)
     if mode == "auto":
