@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import lightning.pytorch as pl
+import pytest
 import torch
 from torch.utils.data import DataLoader
 
@@ -55,13 +56,14 @@ def test_fit_saves_final_adapter_with_rank_curve_and_best_by_aurac(tmp_path):
     module = fit(tmp_path, cb, steps=4)
     final = tmp_path / "checkpoints" / "matlora_adapter"
     saved = read_adapter(final)
-    _, curve, area = cb.rank_eval.history[-1]
-    assert saved.rank_curve == {"metric": "val/loss", "ranks": [1, 2, 4], "scores": [curve[1], curve[2], curve[4]]}
-    assert saved.aurac == area
-    best_area = min(a for _, _, a in cb.rank_eval.history)
+    curve = cb.last_curves[0]
+    assert saved.rank_curve == {"metric": "val/loss", "ranks": [1, 2, 4], "scores": list(curve.scores)}
+    assert saved.aurac == curve.aurac()
+    best_area = min(curves[0].aurac() for _, curves in cb.rank_eval.history)
     best = read_adapter(tmp_path / "checkpoints" / "matlora_adapter_best")
-    assert cb.best_score == best_area and best.aurac == best_area
-    assert best.metadata["monitor"] == "val/aurac_loss" and best.metadata["monitor_value"] == best_area
+    assert cb.best_score == pytest.approx(best_area, rel=1e-6) and best.aurac == pytest.approx(best_area, rel=1e-6)
+    assert best.metadata["monitor"] == "val/aurac_loss"
+    assert best.metadata["monitor_value"] == pytest.approx(best_area, rel=1e-6)
     fresh = load_adapter(tiny_llama(), final)
     with torch.no_grad(), at_rank(module.model, 2):
         torch.testing.assert_close(logits(fresh, 2), module.model(X).logits, rtol=0, atol=0)

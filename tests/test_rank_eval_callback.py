@@ -570,16 +570,21 @@ def test_module_metrics_under_ddp_equal_one_process(tmp_path):
     """The snippet's module under Lightning DDP (2 CPU processes, gloo): each process validates half of the rows;
     the logged curves equal one process's curves on all the rows."""
     _, val = classifier_loaders()
-    module = Classifier()
-    cb = MatryoshkaLoRA(r_max=8, verbose=False, save_adapter=False)
-    cb.apply(module)
-    randomise_adapter(module)
+
+    def build():  # the same adapted module each time (a module that went through a Trainer is not re-spawned)
+        module, cb = Classifier(), MatryoshkaLoRA(r_max=8, verbose=False, save_adapter=False)
+        cb.apply(module)
+        randomise_adapter(module)
+        return module, cb
+
+    module, cb = build()
+    t = trainer(tmp_path, callbacks=[cb], strategy="ddp_spawn", devices=2)
+    t.validate(module, val, verbose=False)
+    module, cb = build()
     acc, loss = classifier_reference(module, val, [1, 2, 4, 8])
     single = trainer(tmp_path, callbacks=[cb])
     single.validate(module, val, verbose=False)
     one = {k: float(v) for k, v in single.callback_metrics.items()}
-    t = trainer(tmp_path, callbacks=[cb], strategy="ddp_spawn", devices=2)
-    t.validate(module, val, verbose=False)
     assert {k for k in one if "@r" in k} == {k for k in t.callback_metrics if "@r" in k}
     for key, value in one.items():
         assert float(t.callback_metrics[key]) == pytest.approx(value, rel=1e-5, abs=1e-6), key
