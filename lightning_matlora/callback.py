@@ -112,6 +112,11 @@ class MatryoshkaLoRA(pl.Callback):
         with ``rank_eval=None``. The adapter saved at the end of ``fit`` records them."""
         return self.rank_eval.last_curves() if self.rank_eval is not None else []
 
+    @property
+    def last_test_curves(self) -> list[RankCurve]:
+        """The last ``trainer.test`` run's rank curves (logged as ``test/<name>@r<k>``); empty before any."""
+        return list(self.rank_eval.test_curves) if self.rank_eval is not None else []
+
     def apply(self, module: nn.Module) -> list[str]:
         """Adapt ``module`` without a Trainer: inject, freeze the base, return the adapted layers' names.
 
