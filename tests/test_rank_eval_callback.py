@@ -372,11 +372,11 @@ class Classifier(L.LightningModule):
         return F.cross_entropy(self(x), y)
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=2e-2)
+        return torch.optim.Adam(self.parameters(), lr=5e-2)
 
 
 def classifier_loaders():
-    return (DataLoader(blobs(256, 0), batch_size=32, shuffle=True),
+    return (DataLoader(blobs(512, 0), batch_size=32, shuffle=True),
             DataLoader(blobs(90, 1), batch_size=20))  # last batch of 10 rows: the loss weighs rows
 
 
