@@ -436,7 +436,8 @@ def test_rank_curve_metric_on_the_module_needs_no_loop(tmp_path, caplog):
 
 
 def test_named_metric_in_a_moduledict_with_explicit_subset_of_ranks(tmp_path):
-    """name= sets the log key; a ModuleDict is searched; ranks= a subset of the eval ranks counts only those."""
+    """name= sets the log key; a ModuleDict and a MetricCollection are searched; ranks= a subset of the eval ranks
+    counts only those."""
     train, val = classifier_loaders()
     module = Classifier()
     del module.acc
@@ -444,8 +445,14 @@ def test_named_metric_in_a_moduledict_with_explicit_subset_of_ranks(tmp_path):
         "top1": RankCurveMetric(MulticlassAccuracy(num_classes=10, average="micro"), ranks=[2, 16],
                                 name="exact_match")})
 
+    from torchmetrics import MetricCollection
+
+    module.coll = MetricCollection({"err": RankCurveMetric(MulticlassAccuracy(num_classes=10, average="micro"),
+                                                           higher_is_better=False)})
+
     def step(batch):  # no batch_idx: Lightning allows it, and so do the callback's calls
         module.extra["top1"].update(module(batch[0]).argmax(-1), batch[1])
+        module.coll.update((module(batch[0]).argmax(-1) + 1) % 10, batch[1])  # through a MetricCollection
         return F.cross_entropy(module(batch[0]), batch[1])
     module.validation_step = step
     cb = MatryoshkaLoRA(r_max=16, verbose=False, save_adapter=False)
@@ -460,8 +467,13 @@ def test_named_metric_in_a_moduledict_with_explicit_subset_of_ranks(tmp_path):
                 pred = torch.cat([module(x) for x, _ in val]).argmax(-1)
             assert float(t.callback_metrics[f"val/exact_match@r{k:02d}"]) == pytest.approx(
                 float((pred == y).float().mean()), abs=1e-6)
+        for k in (1, 2, 4, 8, 16):
+            with at_rank(module, k):
+                pred = torch.cat([module(x) for x, _ in val]).argmax(-1)
+            assert float(t.callback_metrics[f"val/err@r{k:02d}"]) == pytest.approx(
+                float(((pred + 1) % 10 == y).float().mean()), abs=1e-6)
     assert "val/exact_match@r04" not in t.callback_metrics and "val/aurac_exact_match" in t.callback_metrics
-    assert [c.metric for c in cb.last_curves] == ["loss", "exact_match"]
+    assert [c.metric for c in cb.last_curves] == ["loss", "err", "exact_match"]
 
 
 def test_a_metric_named_loss_replaces_the_returned_loss(tmp_path):
