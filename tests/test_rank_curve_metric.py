@@ -103,7 +103,8 @@ def test_linear_axis_and_plot():
     for k, v in zip([1, 2, 4], [3.0, 2.0, 1.0]):
         curve.update(k, v)
     out = curve.compute()
-    assert curve.axis == "linear" and out.aurac("linear") == pytest.approx(aurac([1, 2, 4], [3.0, 2.0, 1.0], axis="linear"))
+    assert curve.axis == "linear"
+    assert out.aurac("linear") == pytest.approx(aurac([1, 2, 4], [3.0, 2.0, 1.0], axis="linear"))
     fig, ax = curve.plot()
     assert len(ax.lines) == 1 and ax.get_xscale() == "linear"
     fig, ax = curve.plot([out, out])  # one line per result, e.g. per epoch
