@@ -25,7 +25,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_matlora import (MatryoshkaLoRA, RankCurveMetric, adapted_layers, at_rank, describe_rank_choice,
                                load_adapter, plot_rank_curves)
-from lightning_matlora.curve import RankCurve, check_curve_ranks
+from lightning_matlora.curve import RankCurve
 
 RECIPES = Path(__file__).resolve().parent
 DEFAULT_BASE = str(RECIPES / "assets" / "base")
@@ -337,11 +337,12 @@ def check_options(dtype: str, lr: float, weight_decay: float, warmup_ratio: floa
         raise ValueError(f"--model.warmup_ratio must be in [0, 1) (a share of the optimizer steps), got "
                          f"{warmup_ratio!r}.")
     if eval_ranks is not None:
-        try:
-            check_curve_ranks(list(eval_ranks), what="--model.eval_ranks")
-        except ValueError as e:
-            raise ValueError(f"{e} Give distinct ranks in 1…r_max, e.g. --model.eval_ranks '[1, 4, 16]', or leave it "
-                             f"unset for the callback's eval ranks.") from None
+        bad = [r for r in eval_ranks if isinstance(r, bool) or not isinstance(r, int) or r < 1]
+        twice = sorted({r for r in eval_ranks if list(eval_ranks).count(r) > 1})
+        if bad or twice or not eval_ranks:
+            why = (f"must be integers ≥ 1, got {bad}" if bad else f"has duplicates {twice}" if twice else "is empty")
+            raise ValueError(f"--model.eval_ranks {why}: give distinct ranks in 1…r_max, e.g. --model.eval_ranks "
+                             f"'[1, 4, 16]', or leave it unset for the callback's eval ranks.")
     if num_generate < 0 or max_new_tokens < 1:
         raise ValueError(f"--model.num_generate must be ≥ 0 and --model.max_new_tokens ≥ 1, got {num_generate} and "
                          f"{max_new_tokens}.")
