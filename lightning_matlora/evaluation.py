@@ -212,8 +212,7 @@ class RankCurveValidation:
         for name, m in found.items():
             if m.ranks is None:
                 m._set_ranks(self.ranks)
-                if self._stage is not None:  # built after setup: Lightning has already moved the module
-                    m.to(_state_device(pl_module))
+                m.to(_state_device(pl_module))  # found after the module was moved (e.g. built in configure_model)
             extra = sorted(set(m.ranks) - set(self.ranks))
             if extra:
                 raise ValueError(f"RankCurveMetric {name!r} tracks ranks {extra} that MatryoshkaLoRA does not evaluate "
