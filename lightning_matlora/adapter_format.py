@@ -456,12 +456,12 @@ def check_tensors(adapter: SavedAdapter, weights: Path, allow_nonfinite: bool = 
                                  f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: the adapter is "
                                  f"incomplete; save it again.")
     for name, info in adapter.layers.items():
-        A, B = adapter.factors(name)
-        if tuple(A.shape) != (r, info.in_features) or tuple(B.shape) != (info.out_features, r):
-            raise AdapterFormatError(
-                f"{weights}: layer {name!r} stores lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} but "
-                f"'adapted_layers' and 'config.r_max' say r_max={r}, in={info.in_features}, out={info.out_features} "
-                f"(expected {(r, info.in_features)} and {(info.out_features, r)}): the adapter is corrupted.")
+        for key, want in ((f"{name}.lora_A", (r, info.in_features)), (f"{name}.lora_B", (info.out_features, r))):
+            got = tuple(adapter.tensors[key].shape)
+            if got != want:
+                raise AdapterFormatError(
+                    f"{weights}: tensor {key!r} has shape {got} but 'adapted_layers' and 'config.r_max' say r_max={r}, "
+                    f"in={info.in_features}, out={info.out_features} (expected {want}): the adapter is corrupted.")
     not_float = sorted(k for k, t in adapter.tensors.items() if not t.is_floating_point())
     if not_float:
         raise AdapterFormatError(f"{weights}: tensor {not_float[0]!r} has dtype {adapter.tensors[not_float[0]].dtype}, "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -131,11 +132,11 @@ COMMANDS: dict[str, tuple[Callable[[Any], None], Callable[[argparse.Namespace], 
 
 def error_line(command: str, err: BaseException, path: str | None) -> str:
     """One line for stderr: the command, the file (when the message does not name it) and the problem."""
-    text = " ".join(str(err).split()) or type(err).__name__
-    if not isinstance(err, (ValueError, OSError)):
+    text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(err)).split()) or type(err).__name__
+    if not isinstance(err, (ValueError, OSError)):  # not one of ours: say what it was and which adapter it concerns
         text = f"{type(err).__name__}: {text}"
-    if path and path not in text:
-        text = f"{path}: {text}"
+        if path and path not in text:
+            text = f"{path}: {text}"
     return f"matlora {command}: error: {text}"
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import re
 import os
 from pathlib import Path
 from typing import Any, Union
@@ -187,7 +188,7 @@ def _load_base(base: str | os.PathLike, adapter: SavedAdapter) -> nn.Module:
     try:
         return cls.from_pretrained(str(base))
     except (OSError, ValueError, pickle.UnpicklingError, RuntimeError, KeyError, EnvironmentError) as e:
-        first = " ".join(str(e).split())
+        first = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(e)).split())
         raise ValueError(f"Cannot load the base model {str(base)!r} with {cls.__name__}.from_pretrained: "
                          f"{first[:300]}") from e
 
