@@ -92,6 +92,12 @@ class AdapterCheckpoint(pl.Callback):
 
     The saved adapters record the run's latest rank curves (``MatryoshkaLoRA.last_curves``), the global step and
     epoch, and for the best one the monitored metric and its value.
+
+    Example:
+        >>> from lightning_matlora import AdapterCheckpoint
+        >>> ckpt = AdapterCheckpoint(monitor="val/aurac_acc")   # Trainer(callbacks=[MatryoshkaLoRA(...), ckpt])
+        >>> ckpt.direction, ckpt.best_score, ckpt.last_adapter_path
+        ('max', None, None)
     """
 
     def __init__(self, dirpath: str | os.PathLike | None = None, monitor: str | None = None, mode: str = "auto",

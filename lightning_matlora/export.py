@@ -158,6 +158,17 @@ def export_peft(adapter: AdapterSource, out_dir: str | os.PathLike, rank: int | 
         fold_scale: fold the scale into ``lora_B`` (``lora_alpha = r``) even for ``rank_scale="rank"``.
 
     Load with ``peft.PeftModel.from_pretrained(base, out_dir)``; the logits equal the nested model at rank k.
+
+    Example:
+        >>> import json, tempfile
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> from lightning_matlora import MatryoshkaLoRA, export_peft
+        >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+        ...     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+        >>> _ = MatryoshkaLoRA(r_max=4, verbose=False).apply(model)
+        >>> out = export_peft(model, tempfile.mkdtemp() + "/r2", rank=2)
+        >>> json.loads((out / "adapter_config.json").read_text())["r"]
+        2
     """
     out = Path(out_dir)
     _refuse_ancestor(out, adapter)
@@ -207,7 +218,22 @@ def merge_to_base(adapter: AdapterSource, out_dir: str | os.PathLike, rank: int,
         overwrite: replace an existing ``out_dir``.
 
     Neither the adapted model nor a passed ``base`` is changed: merged weights are new tensors handed to
-    ``save_pretrained`` as its ``state_dict``.
+    ``save_pretrained`` as its ``state_dict``. A base that cannot be loaded (e.g. a pickle that transformers'
+    weights-only loading refuses) raises ``ValueError`` naming it.
+
+    Example:
+        >>> import tempfile
+        >>> from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+        >>> from lightning_matlora import MatryoshkaLoRA, merge_to_base
+        >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+        ...     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+        >>> _ = MatryoshkaLoRA(r_max=4, verbose=False).apply(model)
+        >>> out = merge_to_base(model, tempfile.mkdtemp() + "/merged", rank=2)  # doctest: +SKIP
+        >>> type(AutoModelForCausalLM.from_pretrained(out)).__name__  # doctest: +SKIP
+        'LlamaForCausalLM'
+
+    (Skipped as a doctest only because DeepSpeed may print a notice to stdout when ``save_pretrained`` first
+    probes it; ``tests/test_export.py`` runs the same calls.)
     """
     out = Path(out_dir)
     _refuse_ancestor(out, adapter)
