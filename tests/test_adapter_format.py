@@ -106,6 +106,16 @@ def test_the_table_covers_every_written_field(saved):
     assert sorted(_field_name(p) for p, _, _ in _paths(_doc(saved))) == sorted(WRONG)
 
 
+def test_the_schema_types_every_config_field():
+    """A new MatLoRAConfig field changes the format: give it a type in CONFIG_FIELDS (and think about the version)."""
+    import dataclasses
+
+    from lightning_matlora.adapter_format import CONFIG_FIELDS
+    from lightning_matlora.config import MatLoRAConfig
+
+    assert set(CONFIG_FIELDS) == {f.name for f in dataclasses.fields(MatLoRAConfig)}
+
+
 def _needles(path):
     if path[0] == "rank_curves[0]":
         return ("rank_curves[0]", path[1])
