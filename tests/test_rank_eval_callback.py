@@ -603,3 +603,27 @@ def test_module_metrics_under_ddp_equal_one_process(tmp_path):
     for k in (1, 2, 4, 8):
         assert one[f"val/acc@r{k}"] == pytest.approx(acc[k], abs=1e-6)
         assert one[f"val/loss@r{k}"] == pytest.approx(loss[k], rel=1e-5)
+
+
+def test_metric_built_in_configure_model_is_found(tmp_path):
+    """A RankCurveMetric created in configure_model (after the callback's setup) is found before the first
+    validation and measured like one built in __init__."""
+    train, val = classifier_loaders()
+
+    class Late(Classifier):
+        def __init__(self):
+            super().__init__()
+            del self.acc
+
+        def configure_model(self):
+            if not hasattr(self, "acc"):
+                self.acc = RankCurveMetric(MulticlassAccuracy(num_classes=10))
+
+    module = Late()
+    cb = MatryoshkaLoRA(r_max=4, verbose=False, save_adapter=False)
+    t = trainer(tmp_path, callbacks=[cb], max_epochs=1, num_sanity_val_steps=1)
+    t.fit(module, train, val)
+    acc, _ = classifier_reference(module, val, [1, 2, 4])
+    for k in (1, 2, 4):
+        assert float(t.callback_metrics[f"val/acc@r{k}"]) == pytest.approx(acc[k], abs=1e-6)
+    assert module.acc.ranks == [1, 2, 4]
