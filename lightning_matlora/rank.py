@@ -95,6 +95,20 @@ class RankController:
         self.config.rank_scale = rank_scale
         self._cache.clear()
 
+    def reconfigure(self, **changes) -> None:
+        """Change serving fields of the configuration in place (``scaling``, ``alpha``, ``rank_scale``): the
+        changes are validated as a whole :class:`MatLoRAConfig` first, then written into the shared config object
+        (so a callback holding it sees them) and the training diagonal p is rebuilt."""
+        allowed = {"scaling", "alpha", "rank_scale"}
+        unknown = sorted(set(changes) - allowed)
+        if unknown:
+            raise ValueError(f"reconfigure changes only {sorted(allowed)}, not {unknown}.")
+        new = MatLoRAConfig.from_dict({**self.config.to_dict(), **changes})
+        for name in changes:
+            setattr(self.config, name, getattr(new, name))
+        self.p = self.config.train_diagonal
+        self._cache.clear()
+
     def begin_step(self, step: int, micro_step: int = 0) -> None:
         """Draw the per-step randomness of the training forward, deterministically from (seed, step).
 
