@@ -15,6 +15,7 @@ Work with a nested (MatryoshkaLoRA) adapter saved by save_adapter() or by the Ma
   matlora export  ADAPTER --rank K --out DIR              rank K as a standard PEFT LoRA adapter
   matlora export  ADAPTER --rank all --out DIR            one PEFT adapter per train rank, DIR/rank_<k>/
   matlora merge   ADAPTER --base MODEL --rank K --out DIR  a plain transformers model with rank K merged in
+  matlora nest    PEFT_ADAPTER --base MODEL --out DIR     a PEFT LoRA adapter reordered by SVD into a nested one
 
 An exported adapter loads with peft.PeftModel.from_pretrained(base, DIR) or any server that reads PEFT
 adapters; a merged model loads with transformers.AutoModelForCausalLM.from_pretrained(DIR).
@@ -24,7 +25,7 @@ adapters; a merged model loads with transformers.AutoModelForCausalLM.from_pretr
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="matlora", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="{info,export,merge}")
+    sub = parser.add_subparsers(dest="command", metavar="{info,export,merge,nest}")
 
     info = sub.add_parser("info", help="show an adapter's settings, layers and stored rank curve",
                           description="Print the adapter's configuration, train ranks, adapted layers, base model and "
@@ -54,7 +55,58 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--rank", required=True, type=int, metavar="K", help="rank to merge, 1 ≤ K ≤ r_max")
     merge.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist)")
     merge.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    add_nest_parser(sub)
     return parser
+
+
+# ---------------------------------------------------------------------------------------------------- nest
+def add_nest_parser(sub: argparse._SubParsersAction) -> None:
+    nest = sub.add_parser("nest", help="turn a PEFT LoRA adapter into a nested adapter (SVD, exact at r_max)",
+                          description="Reorder every layer of a standard PEFT LoRA adapter by the SVD of its update, so "
+                                      "that rank K of the result is each layer's best rank-K approximation and rank "
+                                      "r_max is the PEFT adapter itself; save it as a nested adapter that `matlora "
+                                      "export --rank K` turns back into PEFT at any rank. Refuses DoRA, LoRA biases, "
+                                      "embedding LoRA and other PEFT methods.")
+    nest.add_argument("peft_adapter", metavar="PEFT_ADAPTER",
+                      help="a PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors)")
+    nest.add_argument("--base", metavar="MODEL", default=None,
+                      help="base model: a local directory or hub name (default: the adapter's base_model_name_or_path)")
+    nest.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist)")
+    nest.add_argument("--data", metavar="FILE", default=None,
+                      help="JSON Lines rows ({\"text\"}, {\"question\", \"answer\"} or {\"prompt\", \"completion\"}): "
+                           "measure the mean loss at each rank, before and after nesting, and store it")
+    nest.add_argument("--ranks", metavar="K,K,...", default=None,
+                      help="ranks to measure (default: powers of two up to r_max, and r_max)")
+    nest.add_argument("--max-rows", type=int, default=256, metavar="N", help="rows of --data used (default 256)")
+    nest.add_argument("--overwrite", action="store_true", help="replace DIR if it holds an adapter")
+
+
+def run_nest(args: argparse.Namespace) -> int:
+    """``matlora nest``: 0 on success, 2 with one line on stderr for input that cannot be nested."""
+    try:
+        ranks = None
+        if args.ranks:
+            try:
+                ranks = [int(r) for r in args.ranks.split(",")]
+            except ValueError:
+                raise ValueError(f"--ranks must be comma-separated integers such as 1,2,4,8, got {args.ranks!r}.") \
+                    from None
+        from .nest_peft import nest_adapter
+
+        result = nest_adapter(args.peft_adapter, args.base, args.out, eval_data=args.data, eval_ranks=ranks,
+                              max_rows=args.max_rows, overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError, FileExistsError, TypeError, OSError) as e:
+        message = " ".join(str(e).split())
+        print(f"matlora nest: error: {message}", file=sys.stderr)
+        return 2
+    print(f"Wrote the nested adapter (r_max={result.report.r_max}) to {result.path}")
+    print(str(result.report))
+    if result.curve is not None:
+        print("rank  loss (nested)  loss (PEFT order)")
+        for k, v in result.curve.items():
+            print(f"{k:>4}  {v:>13.4f}  {result.unnested_curve[k]:>17.4f}")
+    print(f"Export a rank with `matlora export {result.path} --rank K --out DIR`.")
+    return 0
 
 
 def format_info(path: str) -> str:
@@ -104,6 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command == "nest":
+        return run_nest(args)
     try:
         if args.command == "info":
             print(format_info(args.adapter))

@@ -308,16 +308,17 @@ def nest_adapter(peft_adapter_dir: str | os.PathLike, base: nn.Module | str | os
         if not base:
             raise ValueError(f"{src} does not record its base model: pass base (a model, a local directory or a hub "
                              f"name).")
+    curve = unnested = encoded = None
+    if eval_data is not None:  # the tokenizer before the model: a missing one fails fast
+        tok = _tokenizer(base, tokenizer)
+        encoded = encode_rows(rows, tok, max_length)
     model = load_base(base, peft.config.get("task_type")) if isinstance(base, (str, os.PathLike)) else base
     from .inject import adapted_layers
 
     if adapted_layers(model):
         raise ValueError("base is already adapted by MatryoshkaLoRA: pass a plain base model.")
     check_fits(peft, model)
-    curve = unnested = encoded = None
-    if eval_data is not None:
-        tok = _tokenizer(base, tokenizer)
-        encoded = encode_rows(rows, tok, max_length)
+    if encoded is not None:
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         # first the PEFT adapter truncated to each rank as it was ordered, then the same after nesting in place
         adapt_like_peft(peft, model, nest=False)
@@ -331,7 +332,8 @@ def nest_adapter(peft_adapter_dir: str | os.PathLike, base: nn.Module | str | os
             "peft_adapter": str(src),
             "r": peft.config.get("r"), "lora_alpha": peft.config.get("lora_alpha"),
             "use_rslora": bool(peft.config.get("use_rslora")),
-            "rank_pattern": peft.config.get("rank_pattern") or {}, "alpha_pattern": peft.config.get("alpha_pattern") or {},
+            "rank_pattern": peft.config.get("rank_pattern") or {},
+            "alpha_pattern": peft.config.get("alpha_pattern") or {},
             "layer_ranks": dict(sorted(Counter(str(r) for r in peft.ranks.values()).items())),
         },
         "nesting": report.to_dict(ranks),

@@ -170,8 +170,8 @@ def read_peft_lora(path: str | os.PathLike) -> PeftLoRA:
                              f"{sorted({'lora_A', 'lora_B'} - set(pair))[0]}: the adapter is corrupted.")
         A, B = pair["lora_A"], pair["lora_B"]
         if A.dim() != 2 or B.dim() != 2:
-            raise NotNestable(f"{path}: layer {name!r} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}: LoRA on "
-                              f"a convolution; only LoRA on Linear (and GPT-2 Conv1D) layers can be nested.")
+            raise NotNestable(f"{path}: layer {name!r} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}: LoRA "
+                              f"on a convolution; only LoRA on Linear (and GPT-2 Conv1D) layers can be nested.")
         r = A.shape[0]
         if B.shape[1] != r:
             raise ValueError(f"{path}: layer {name!r} has lora_A {tuple(A.shape)} but lora_B {tuple(B.shape)}: the "

@@ -124,11 +124,11 @@ def test_nested_equals_peft_at_r_max_and_every_prefix_is_best(tmp_path, case):
     # each prefix: the best rank-k approximation of PEFT's update (Eckart–Young, float64 SVD)
     for name, layer in adapted_layers(model).items():
         W = updates[name]
-        if layer.is_conv1d:
-            W = W.T if W.shape != (layer.out_features, layer.in_features) else W
+        assert W.shape == (layer.out_features, layer.in_features)  # PEFT's orientation, Conv1D included
         sigma = torch.linalg.svdvals(W)
         for k in range(1, R + 1):
-            Wk = cfg.alpha * layer.lora_B[:, :k].detach().double() @ layer.lora_A[:k].detach().double()  # scaling 'none': α at every k
+            # scaling 'none', rule 'rank': every rank is served with α
+            Wk = cfg.alpha * layer.lora_B[:, :k].detach().double() @ layer.lora_A[:k].detach().double()
             assert float((Wk - best_rank_k(W, k)).norm()) <= 2e-6 * float(W.norm()), (name, k)
             tail = float(sigma[k:].pow(2).sum().sqrt())
             assert float((W - Wk).norm()) == pytest.approx(tail, abs=2e-6 * float(W.norm()))
@@ -262,3 +262,60 @@ def test_bad_eval_data_fails_before_loading(tmp_path):
         nest_adapter(src, "/nonexistent/base", tmp_path / "out", eval_data=bad)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         nest_adapter(src, "/nonexistent/base", tmp_path / "out", eval_data=tmp_path / "missing.jsonl")
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def error_lines(capsys) -> list[str]:
+    """The lines of stderr the command itself wrote (transformers' progress bars left out)."""
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("matlora")]
+
+
+def test_cli_nest_then_info_and_export(tmp_path, capsys):
+    from lightning_matlora.cli import main
+
+    src = make_peft(tmp_path, r=4, lora_alpha=8)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"text": "a b c d"}) + "\n")
+    out = tmp_path / "nested"
+    # the tiny base has no tokenizer: --data needs one, and the failure is one line, exit 2, nothing written
+    assert main(["nest", str(src), "--base", str(base_dir(tmp_path)), "--out", str(out), "--data", str(rows)]) == 2
+    err = error_lines(capsys)
+    assert len(err) == 1 and err[0].startswith("matlora nest: error: Could not load a tokenizer")
+    assert not out.exists()
+    assert main(["nest", str(src), "--base", str(base_dir(tmp_path)), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"Wrote the nested adapter (r_max=4) to {out}" in printed and "mean energy kept" in printed
+    assert main(["info", str(out)]) == 0
+    assert "scaling none   alpha 2" in capsys.readouterr().out
+    assert main(["export", str(out), "--rank", "2", "--out", str(tmp_path / "k2")]) == 0
+    assert json.loads((tmp_path / "k2" / "adapter_config.json").read_text())["r"] == 2
+    assert main(["nest", str(src), "--base", str(base_dir(tmp_path)), "--out", str(out)]) == 2
+    assert "already exists" in error_lines(capsys)[0]
+    assert main(["nest", str(src), "--base", str(base_dir(tmp_path)), "--out", str(out), "--overwrite"]) == 0
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--ranks", "1,x"], "--ranks must be comma-separated integers"),
+    (["--ranks", "1,9"], "outside 1…r_max=8"),
+])
+def test_cli_nest_bad_input_exits_2_with_one_line(tmp_path, capsys, extra, message):
+    from lightning_matlora.cli import main
+
+    src = make_peft(tmp_path)
+    assert main(["nest", str(src), "--base", str(base_dir(tmp_path)), "--out", str(tmp_path / "o"), *extra]) == 2
+    err = error_lines(capsys)
+    assert len(err) == 1 and message in err[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_nest_refusals_exit_2_with_one_line(tmp_path, capsys):
+    from lightning_matlora.cli import main
+
+    dora = make_peft(tmp_path, name="dora", use_dora=True)
+    capsys.readouterr()
+    assert main(["nest", str(dora), "--base", str(base_dir(tmp_path)), "--out", str(tmp_path / "o")]) == 2
+    err = error_lines(capsys)
+    assert len(err) == 1 and "DoRA" in err[0]
+    assert main(["nest", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert "adapter_config.json" in error_lines(capsys)[0]
+    assert not (tmp_path / "o").exists()
