@@ -114,13 +114,12 @@ def nested_serving(config: MatLoRAConfig, coef: torch.Tensor) -> tuple[dict[str,
 
 
 def _frobenius_gap(A1: torch.Tensor, B1: torch.Tensor, A2: torch.Tensor, B2: torch.Tensor) -> tuple[float, float]:
-    """(‖B1·A1 − B2·A2‖_F, ‖B1·A1‖_F) from the factors (float64, no dense out × in matrix)."""
-    def sq(Bm, Am):
-        return float(((Bm.T @ Bm) * (Am @ Am.T)).sum().clamp_min(0))
+    """(‖B1·A1 − B2·A2‖_F, ‖B1·A1‖_F) from the factors (float64, no dense out × in matrix): with QR decompositions
+    B = Q_b·R_b and Aᵀ = Q_a·R_a of the stacked factors, ‖B·A‖_F = ‖R_b·R_aᵀ‖_F, free of cancellation."""
+    def norm(Bm: torch.Tensor, Am: torch.Tensor) -> float:
+        return float(torch.linalg.norm(torch.linalg.qr(Bm)[1] @ torch.linalg.qr(Am.T)[1].T))
 
-    A = torch.cat([A1, A2])
-    B = torch.cat([B1, -B2], dim=1)
-    return math.sqrt(sq(B, A)), math.sqrt(sq(B1, A1))
+    return norm(torch.cat([B1, -B2], dim=1), torch.cat([A1, A2])), norm(B1, A1)
 
 
 # ------------------------------------------------------------------------------------------------ the report
@@ -200,6 +199,11 @@ def nest_by_svd(model: nn.Module) -> NestReport:
         raise RuntimeError(f"The model is merged at rank {layers[merged[0]].merged_rank}: call unmerge(model) before "
                            f"nesting its adapter.")
     R = ctrl.r_max
+    partial = sorted(n for n, m in layers.items() if tuple(m.lora_A.shape) != (R, m.in_features))
+    if partial:
+        shape = tuple(layers[partial[0]].lora_A.shape)
+        raise RuntimeError(f"Layer {partial[0]!r} holds a shard of its factors (lora_A {shape}): nest the full adapter, e.g. load the saved adapter into an unsharded model with "
+                           f"load_adapter() and call nest_by_svd there.")
     coef = ctrl.rank_coefficients(R).to(torch.float64)
     changes, target = nested_serving(ctrl.config, coef)
     sigmas: dict[str, torch.Tensor] = {}
@@ -208,7 +212,7 @@ def nest_by_svd(model: nn.Module) -> NestReport:
         A, B = layer.lora_A, layer.lora_B
         c = coef.to(A.device)
         A_new, B_new, sigma = svd_nest_factors(A, B, c, target.to(A.device))
-        A64, B64 = A.detach().to(torch.float64), B.detach().to(torch.float64) * c
+        A64, B64 = A.detach().to(torch.float64, copy=True), B.detach().to(torch.float64) * c  # before the copy_
         A.copy_(A_new.to(A.dtype))
         B.copy_(B_new.to(B.dtype))
         gap, norm = _frobenius_gap(A64, B64, A.to(torch.float64), B.to(torch.float64) * target.to(A.device))

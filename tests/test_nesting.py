@@ -147,6 +147,19 @@ def test_factors_in_float64_reach_float64_precision():
     assert torch.equal(sigma[6:], torch.zeros(2, dtype=torch.float64))
 
 
+def test_float64_model_nests_to_float64_precision():
+    model = trained(tiny_llama(dtype=torch.float64), r_max=16)  # s(16) = 1/4 is exact in float32 too
+    cfg = controller_of(model).config.to_dict()
+    updates = {n: full_update(m, cfg) for n, m in adapted_layers(model).items()}
+    report = nest_by_svd(model)
+    assert report.max_relative_error < 1e-13
+    after = controller_of(model).config.to_dict()
+    for name, layer in adapted_layers(model).items():
+        W = updates[name]
+        for k in (1, 5, 16):
+            assert float((served_update(layer, after, k) - best_rank_k(W, k)).norm() / W.norm()) < 1e-12
+
+
 def test_refuses_a_merged_model_and_a_model_without_adapters():
     model = trained(tiny_llama(), r_max=4)
     merge(model, 2)
