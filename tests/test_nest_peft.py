@@ -144,6 +144,19 @@ def test_nested_equals_peft_at_r_max_and_every_prefix_is_best(tmp_path, case):
                                    .weight)
 
 
+def test_merge_writes_the_base_plus_the_best_rank_k_update(tmp_path):
+    from lightning_matlora import merge_to_base
+
+    src = make_peft(tmp_path, r=8, lora_alpha=16)
+    updates = peft_updates(peft_model(tmp_path, src))
+    nested = nest_adapter(src, base_dir(tmp_path), tmp_path / "nested").path
+    merged = load_base(merge_to_base(nested, tmp_path / "merged", rank=3, base=base_dir(tmp_path)))
+    base = dict(load_base(base_dir(tmp_path)).named_modules())
+    for name, W in updates.items():
+        delta = merged.get_submodule(name).weight.detach().double() - base[name].weight.detach().double()
+        assert float((delta - best_rank_k(W, 3)).norm()) <= 2e-6 * float(W.norm()) + 1e-6, name
+
+
 def test_pattern_layers_are_padded_with_zero_components(tmp_path):
     src = make_peft(tmp_path, r=8, lora_alpha=8, rank_pattern={"v_proj": 2})
     result = nest_adapter(src, base_dir(tmp_path), tmp_path / "nested")
