@@ -114,23 +114,26 @@ def adapt_like_peft(peft: PeftLoRA, model: nn.Module, nest: bool = True) -> Nest
     ``nest``) nest it by SVD. Returns the report of :func:`nest_by_svd` (None without ``nest``)."""
     from .callback import MatryoshkaLoRA
     from .config import MatLoRAConfig
-    from .inject import adapted_layers, find_targets
+    from .inject import _saved_prefixes, adapted_layers, find_targets
 
     R, alpha = peft.r_max, common_scale(peft)
     names = sorted(peft.layers)
     suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
     saved = saved_module_names(peft, model)
     peft_saved = peft.config.get("modules_to_save") or None
+    # nested factors are not representable in 16 bits without losing r_max: float32 (float64 if PEFT's are)
+    wide = any(A.dtype == torch.float64 for A, _, _ in peft.layers.values())
     settings = dict(r_max=R, exclude_modules=None, scaling="none", alpha=alpha, rank_scale="rank", mode="rowwise",
-                    dropout=float(peft.config.get("lora_dropout") or 0.0))
+                    dropout=float(peft.config.get("lora_dropout") or 0.0),
+                    adapter_dtype="float64" if wide else "float32")
 
     def selects(targets: Any, to_save: Any) -> bool:
         cfg = MatLoRAConfig(target_modules=targets, modules_to_save=to_save, **settings)
-        return sorted(find_targets(model, cfg)) == names
+        return sorted(find_targets(model, cfg)) == names and sorted(_saved_prefixes(model, cfg)) == saved
 
-    # the short forms (name suffixes, PEFT's modules_to_save) when they select exactly these layers, else full names
+    # the short forms (name suffixes, PEFT's modules_to_save) when they select exactly these modules, else full names
     targets = suffixes if selects(suffixes, saved or None) else names
-    to_save = peft_saved if saved and peft_saved and selects(targets, peft_saved) else (saved or None)
+    to_save = peft_saved if peft_saved and selects(targets, peft_saved) else (saved or None)
     MatryoshkaLoRA(target_modules=targets, modules_to_save=to_save, verbose=False, save_adapter=False,
                    rank_eval=None, **settings).apply(model)
     layers = adapted_layers(model)

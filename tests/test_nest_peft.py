@@ -157,6 +157,24 @@ def test_merge_writes_the_base_plus_the_best_rank_k_update(tmp_path):
         assert float((delta - best_rank_k(W, 3)).norm()) <= 2e-6 * float(W.norm()) + 1e-6, name
 
 
+def test_bfloat16_peft_factors_are_nested_into_float32(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = make_peft(tmp_path, r=4, lora_alpha=8)
+    weights = src / "adapter_model.safetensors"
+    tensors = {k: v.to(torch.bfloat16) for k, v in load_file(str(weights)).items()}
+    save_file(tensors, str(weights))
+    result = nest_adapter(src, base_dir(tmp_path), tmp_path / "nested")
+    saved = read_adapter(result.path)
+    assert saved.config.adapter_dtype == "float32" and result.report.max_relative_error < 1e-6
+    for name in saved.layers:
+        A, B = saved.factors(name)
+        assert A.dtype == B.dtype == torch.float32
+        W = 2.0 * tensors[f"base_model.model.{name}.lora_B.weight"].double() @ \
+            tensors[f"base_model.model.{name}.lora_A.weight"].double()
+        assert float((saved.config.alpha * B.double() @ A.double() - W).norm()) <= 1e-6 * float(W.norm())
+
+
 def test_pattern_layers_are_padded_with_zero_components(tmp_path):
     src = make_peft(tmp_path, r=8, lora_alpha=8, rank_pattern={"v_proj": 2})
     result = nest_adapter(src, base_dir(tmp_path), tmp_path / "nested")
