@@ -102,9 +102,9 @@ def run_nest(args: argparse.Namespace) -> int:
     print(f"Wrote the nested adapter (r_max={result.report.r_max}) to {result.path}")
     print(str(result.report))
     if result.curve is not None:
-        print("rank  loss (nested)  loss (PEFT order)")
+        print("rank  loss (nested)  loss (LoRA truncated)")
         for k, v in result.curve.items():
-            print(f"{k:>4}  {v:>13.4f}  {result.unnested_curve[k]:>17.4f}")
+            print(f"{k:>4}  {v:>13.4f}  {result.unnested_curve[k]:>20.4f}")
     print(f"Export a rank with `matlora export {result.path} --rank K --out DIR`.")
     return 0
 
