@@ -230,6 +230,29 @@ def test_eval_data_measures_and_stores_both_curves(tmp_path):
     assert result.curve[4] == pytest.approx(total / count, rel=1e-5)
 
 
+def test_eval_data_through_the_command_line(tmp_path, capsys):
+    from pathlib import Path
+
+    from lightning_matlora.cli import main
+    from transformers import AutoModelForCausalLM
+
+    bundled = Path(__file__).resolve().parents[1] / "recipes" / "assets" / "base"
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"question": "Encode abc", "answer": "#### xyz"}) + "\n")
+    pm = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(str(bundled)),
+                             peft.LoraConfig(task_type="CAUSAL_LM", r=2, lora_alpha=2, target_modules=["q_proj"],
+                                             init_lora_weights=False))
+    pm.save_pretrained(str(tmp_path / "peft"))
+    capsys.readouterr()
+    assert main(["nest", str(tmp_path / "peft"), "--base", str(bundled), "--out", str(tmp_path / "n"), "--data",
+                 str(rows), "--ranks", "1,2"]) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("rank  loss (nested)"):].splitlines()[1:3]
+    assert [line.split()[0] for line in table] == ["1", "2"]
+    assert float(table[1].split()[1]) == pytest.approx(float(table[1].split()[2]), rel=1e-5)  # r_max unchanged
+    assert read_adapter(tmp_path / "n").rank_curve["ranks"] == [1, 2]
+
+
 # ------------------------------------------------------------------------------------------------ refusals
 def test_refuses_dora(tmp_path):
     src = make_peft(tmp_path, use_dora=True)
