@@ -96,10 +96,13 @@ class RankController:
         self._cache.clear()
 
     def reconfigure(self, **changes) -> None:
-        """Change serving fields of the configuration in place (``scaling``, ``alpha``, ``rank_scale``): the
-        changes are validated as a whole :class:`MatLoRAConfig` first, then written into the shared config object
-        (so a callback holding it sees them) and the training diagonal p is rebuilt."""
-        allowed = {"scaling", "alpha", "rank_scale"}
+        """Change the rule and objective of a live adapter in place: ``scaling``, ``alpha``, ``rank_scale``,
+        ``mode`` and ``ranks`` (``ranks=None``: the new mode's default). The changes are validated as a whole
+        :class:`MatLoRAConfig` first, then written into the shared config object (so a callback holding it trains
+        with them from its next step) and the training diagonal p is rebuilt. Example: after
+        :func:`~lightning_matlora.nesting.nest_by_svd` on a ``mode="lora"`` run, ``reconfigure(mode="rowwise",
+        ranks=None)`` continues training with every rank trained as it is served."""
+        allowed = {"scaling", "alpha", "rank_scale", "mode", "ranks"}
         unknown = sorted(set(changes) - allowed)
         if unknown:
             raise ValueError(f"reconfigure changes only {sorted(allowed)}, not {unknown}.")

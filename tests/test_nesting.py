@@ -179,3 +179,29 @@ def test_report_summary():
     d = report.to_dict()
     assert d["layers"] == len(adapted_layers(model)) and d["changes"]["scaling"] == "none"
     assert "rank  mean energy kept" in str(report)
+
+
+def test_lora_run_nested_then_trained_on_with_rowwise():
+    """The study's two phases: plain LoRA at r_max, nest by SVD, then more steps of rowwise from the nested factors
+    with the same callback (reconfigure changes the shared config)."""
+    from lit_helpers import CausalLM, token_loader, trainer
+
+    from lightning_matlora import MatryoshkaLoRA
+
+    cb = MatryoshkaLoRA(r_max=8, mode="lora", verbose=False, save_adapter=False, rank_eval=None)
+    module = CausalLM(tiny_llama())
+    trainer([cb]).fit(module, token_loader())
+    report = nest_by_svd(module)
+    assert report.changes == {"scaling": "none", "alpha": pytest.approx(8 ** -0.5), "rank_scale": "rank"}
+    assert cb.config.scaling == "none"  # the callback holds the same configuration
+    ctrl = controller_of(module)
+    ctrl.reconfigure(mode="rowwise", ranks=None)
+    assert cb.config.mode == "rowwise" and cb.config.ranks == [1, 2, 4, 8]
+    assert ctrl.plan(4, torch.device("cpu"), torch.float32).coef.shape == (4, 8)  # one rank per row
+    before = {n: m.lora_B.detach().clone() for n, m in adapted_layers(module).items()}
+    trainer([cb]).fit(module, token_loader())
+    assert any(not torch.equal(before[n], m.lora_B) for n, m in adapted_layers(module).items())
+    with pytest.raises(ValueError, match="reconfigure changes only"):
+        ctrl.reconfigure(r_max=4)
+    with pytest.raises(ValueError, match="mode='lora'"):
+        ctrl.reconfigure(mode="lora")  # keeps ranks [1, 2, 4, 8]: plain LoRA needs ranks=None
