@@ -145,6 +145,15 @@ def test_factors_in_float64_reach_float64_precision():
         Wk = (B2[:, :k] * p[:k]) @ A2[:k]
         assert float((Wk - best_rank_k(W, min(k, 6))).norm() / W.norm()) < 1e-12
     assert torch.equal(sigma[6:], torch.zeros(2, dtype=torch.float64))
+    # a layer narrower than r_max (out = 5 < 8): at most 5 singular values, the rest padded
+    A, B = torch.randn(8, 12, generator=g, dtype=torch.float64), torch.randn(5, 8, generator=g, dtype=torch.float64)
+    coef, target = torch.ones(8, dtype=torch.float64), torch.full((8,), 0.5, dtype=torch.float64)
+    A2, B2, sigma = svd_nest_factors(A, B, coef, target)
+    W = B @ A
+    for k in range(1, 9):
+        Wk = (B2[:, :k] * target[:k]) @ A2[:k]
+        assert float((Wk - best_rank_k(W, min(k, 5))).norm() / W.norm()) < 1e-12
+    assert torch.count_nonzero(sigma[5:]) == 0 and torch.count_nonzero(B2[:, 5:]) == 0
 
 
 def test_float64_model_nests_to_float64_precision():
