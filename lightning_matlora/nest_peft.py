@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .layer import is_supported, layer_dims
 from .nesting import NestReport, nest_by_svd
 from .peft_lora import PeftLoRA, read_peft_lora
 
@@ -55,17 +56,9 @@ def load_base(base: str | os.PathLike, task_type: str | None) -> nn.Module:
     return cls.from_pretrained(str(base)).eval()
 
 
-def _is_supported(module: nn.Module) -> bool:
-    from .layer import is_supported
-
-    return is_supported(module)
-
-
 def check_fits(peft: PeftLoRA, model: nn.Module) -> None:
     """Every PEFT layer exists in ``model``, is a Linear/Conv1D layer and has the factors' shapes; every
     ``modules_to_save`` tensor exists with its shape. Raises ``ValueError`` naming the first difference."""
-    from .layer import layer_dims
-
     modules = dict(model.named_modules())
     base_name = peft.config.get("base_model_name_or_path")
     made_for = f" (it was made for {base_name!r})" if base_name else ""
@@ -74,7 +67,7 @@ def check_fits(peft: PeftLoRA, model: nn.Module) -> None:
         if module is None:
             raise ValueError(f"The base model has no layer {name!r}: the PEFT adapter belongs to a different base "
                              f"model{made_for}.")
-        if not _is_supported(module):
+        if not is_supported(module):
             raise ValueError(f"Layer {name!r} of the base model is a {type(module).__name__}; only LoRA on Linear (and "
                              f"GPT-2 Conv1D) layers can be nested.")
         in_f, out_f = layer_dims(module)

@@ -300,6 +300,14 @@ def test_refuses_wrong_base_missing_files_and_existing_output(tmp_path):
         nest_adapter(src, base_dir(tmp_path), tmp_path / "exists")
     with pytest.raises(ValueError, match="holds the PEFT adapter"):
         nest_adapter(src, base_dir(tmp_path), src, overwrite=True)
+    from safetensors.torch import load_file, save_file
+
+    norm = make_peft(tmp_path, name="norm")  # factors pointed at a normalisation layer
+    tensors = {k.replace("layers.0.self_attn.q_proj", "layers.0.input_layernorm"): v
+               for k, v in load_file(str(norm / "adapter_model.safetensors")).items()}
+    save_file(tensors, str(norm / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="is a LlamaRMSNorm; only LoRA on Linear"):
+        nest_adapter(norm, base_dir(tmp_path), tmp_path / "out")
     cfg = json.loads((src / "adapter_config.json").read_text())
     cfg["r"] = 4  # the file says 4, the tensors are rank 8
     (src / "adapter_config.json").write_text(json.dumps(cfg))
