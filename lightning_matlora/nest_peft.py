@@ -280,8 +280,8 @@ def nest_adapter(peft_adapter_dir: str | os.PathLike, base: nn.Module | str | os
 
     Returns a :class:`NestResult` (path, the adapted model, the SVD report, the measured curves).
     """
-    from .adapter_io import save_adapter
-    from .curve import aurac
+    from .adapter_save import save_adapter
+    from .curve import RankCurve
     from .scaling import check_ranks, default_ranks
 
     out = Path(out_dir)
@@ -334,12 +334,11 @@ def nest_adapter(peft_adapter_dir: str | os.PathLike, base: nn.Module | str | os
         },
         "nesting": report.to_dict(ranks),
     }
-    save_kw: dict[str, Any] = {}
+    curves = None
     if curve is not None:
-        save_kw = {"curve": {"metric": "loss", "ranks": list(curve), "scores": list(curve.values())},
-                   "aurac": aurac(list(curve), list(curve.values()))}
+        curves = RankCurve(tuple(curve), tuple(curve.values()), metric="loss", higher_is_better=False)
         meta["unnested_loss"] = {"ranks": list(unnested), "scores": list(unnested.values())}
         meta["eval_data"] = {"path": str(eval_data), "rows": len(encoded)}
-    path = save_adapter(model, out, **save_kw, **meta)
+    path = save_adapter(model, out, curves=curves, metadata=meta)
     return NestResult(path=Path(path), model=model, report=report, curve=curve, unnested_curve=unnested)
 

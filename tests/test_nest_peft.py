@@ -210,9 +210,10 @@ def test_eval_data_measures_and_stores_both_curves(tmp_path):
     assert list(result.curve) == [1, 2, 4] and list(result.unnested_curve) == [1, 2, 4]
     assert result.curve[4] == pytest.approx(result.unnested_curve[4], rel=1e-5)  # r_max unchanged by nesting
     saved = read_adapter(result.path)
-    assert saved.rank_curve["metric"] == "loss" and saved.rank_curve["ranks"] == [1, 2, 4]
-    assert saved.rank_curve["scores"] == pytest.approx([result.curve[k] for k in (1, 2, 4)])
-    assert saved.aurac is not None and saved.metadata["eval_data"]["rows"] == 3
+    (stored,) = saved.curves
+    assert stored.metric == "loss" and not stored.higher_is_better and list(stored.ranks) == [1, 2, 4]
+    assert list(stored.scores) == pytest.approx([result.curve[k] for k in (1, 2, 4)])
+    assert stored.aurac() > 0 and saved.metadata["eval_data"]["rows"] == 3
     assert saved.metadata["unnested_loss"]["scores"] == pytest.approx([result.unnested_curve[k] for k in (1, 2, 4)])
     # the reference: PEFT's own model on the same rows gives the rank-4 loss
     with torch.no_grad():
@@ -250,7 +251,7 @@ def test_eval_data_through_the_command_line(tmp_path, capsys):
     table = out[out.index("rank  loss (nested)"):].splitlines()[1:3]
     assert [line.split()[0] for line in table] == ["1", "2"]
     assert float(table[1].split()[1]) == pytest.approx(float(table[1].split()[2]), rel=1e-5)  # r_max unchanged
-    assert read_adapter(tmp_path / "n").rank_curve["ranks"] == [1, 2]
+    assert list(read_adapter(tmp_path / "n").curves[0].ranks) == [1, 2]
 
 
 # ------------------------------------------------------------------------------------------------ refusals
