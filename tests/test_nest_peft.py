@@ -382,3 +382,19 @@ def test_cli_nest_refusals_exit_2_with_one_line(tmp_path, capsys):
     assert main(["nest", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     assert "adapter_config.json" in error_lines(capsys)[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_every_refused_config_option_is_named(tmp_path):
+    from lightning_matlora.peft_lora import _REFUSED
+
+    src = make_peft(tmp_path)
+    cfg_file = src / "adapter_config.json"
+    original = json.loads(cfg_file.read_text())
+    for field in _REFUSED:
+        cfg_file.write_text(json.dumps({**original, field: [1] if field != "use_dora" else True}))
+        with pytest.raises(NotNestable, match=f"Found {field}="):
+            nest_adapter(src, "/nonexistent/base", tmp_path / "out")  # refused before any model is loaded
+    cfg_file.write_text(json.dumps({**original, "peft_type": "LOKR"}))
+    with pytest.raises(NotNestable, match="'LOKR' adapter, not LoRA"):
+        nest_adapter(src, "/nonexistent/base", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
