@@ -23,16 +23,21 @@ import importlib
 import warnings
 from typing import Any
 
-from .adapter_io import SavedAdapter, load_adapter, read_adapter, save_adapter
-from .callback import MatryoshkaLoRA
+from .adapter_checkpoint import AdapterCheckpoint
+from .adapter_format import AdapterFormatError, SavedAdapter, read_adapter
+from .adapter_load import load_adapter
+from .adapter_save import save_adapter
+from .callback import MatryoshkaLoRA, prepare_for_sharding
 from .config import MatLoRAConfig
 from .control import at_rank, begin_step, get_rank, merge, set_rank, set_rank_scale, unmerge
 from .curve import RankCurve, aurac, select_rank
-from .distributed import full_adapter_state_dict, prepare_for_sharding
+from .distributed import full_adapter_state_dict
 from .export import export_peft, merge_to_base
 from .inject import adapted_layers
 from .layer import MatryoshkaLinear
 from .metric import RankCurveMetric
+from .nest_peft import NestResult, nest_adapter
+from .nesting import NestReport, nest_by_svd
 from .scaling import build_p, default_ranks, scale_of_rank
 
 __version__ = "0.1.0"
@@ -47,8 +52,10 @@ __all__ = [
     # rank curves
     "RankCurve", "RankCurveMetric", "aurac", "select_rank",
     # adapters on disk
-    "SavedAdapter", "save_adapter", "load_adapter", "read_adapter", "export_peft", "merge_to_base",
-    "full_adapter_state_dict",
+    "AdapterCheckpoint", "AdapterFormatError", "SavedAdapter", "save_adapter", "load_adapter", "read_adapter",
+    "export_peft", "merge_to_base", "full_adapter_state_dict",
+    # nesting a trained adapter
+    "NestReport", "NestResult", "nest_adapter", "nest_by_svd",
     "__version__",
 ]
 

@@ -12,8 +12,9 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
-from .adapter_io import check_save_adapter, check_save_best_mode, save_best_from_trainer, save_final_from_trainer
+from .adapter_checkpoint import AdapterCheckpoint, callback_checkpoint, trainer_checkpoints
 from .config import MatLoRAConfig, TargetSpec
+from .curve import RankCurve
 from .evaluation import RankCurveValidation, check_rank_eval
 from .distributed import check_not_sharded, clean_name, is_deepspeed, prepare_strategy
 from .control import controller_of
@@ -58,18 +59,25 @@ class MatryoshkaLoRA(pl.Callback):
         seed: seed of the per-step rank draws of ``"dylora"``/``"rowwise"`` (identical on every process) and of
             the initial factors (layer ``name`` draws ``lora_A`` from a generator seeded with (seed, name)).
         save_adapter: at the end of ``fit``, save the adapter with :func:`~lightning_matlora.save_adapter` (with
-            the last measured rank curve, if any): ``True`` → ``<checkpoint dir>/matlora_adapter``, a path → there,
-            ``False`` → not at all. The path is logged and kept in ``.adapter_path``.
+            the last measured rank curves, ``last_curves``): ``True`` → the run's own directory
+            (``lightning_logs/version_N/matlora_adapter``; without a logger a new
+            ``matlora_adapter/version_N``; never another run's), a path → there (replaced), ``False`` → not at
+            all. The path is logged and kept in ``.adapter_path``. Runs an
+            :class:`~lightning_matlora.AdapterCheckpoint` inside the callback; one in the Trainer's callbacks
+            replaces it.
         save_best: keep the best adapter of the run in ``<save_adapter dir>_best``, saved after each validation
             where the monitored metric improves: ``True`` monitors the rank-curve evaluation's ``val/aurac_loss``
             (minimised), a string names any logged metric (minimised if its name contains "loss", else
             maximised; see ``save_best_mode``), ``None``/``False`` keeps no best adapter.
         save_best_mode: ``"auto"`` (as above), ``"min"`` or ``"max"``.
-        rank_eval: per-rank validation (see :mod:`lightning_matlora.evaluation`): every validation epoch, the loss
-            returned by ``validation_step`` is measured at every eval rank and logged as ``val/loss@r<k>`` and
-            ``val/aurac_loss``. ``"auto"`` (one mixed-rank pass when the step returns per-row losses, else one
-            pass per rank), ``"mixed"``, ``"sequential"``, or ``None`` to turn it off (use
-            :class:`~lightning_matlora.RankCurveMetric` yourself).
+        rank_eval: rank curves (see :mod:`lightning_matlora.evaluation` and docs/rank-curves.md): every validation
+            (and test) epoch, the loss returned by ``validation_step`` and every
+            :class:`~lightning_matlora.RankCurveMetric` on the module are measured at every eval rank and logged
+            as ``val/<name>@r<k>`` and ``val/aurac_<name>`` (``name``: ``loss``, or the metric's name), plotted
+            (one PNG per metric) and printed as a table at the end of ``fit``/``validate``; ``last_curves`` holds
+            them. ``"auto"`` (one mixed-rank pass when the step returns per-row losses and the module has no
+            ``RankCurveMetric``, else one pass per rank), ``"mixed"``, ``"sequential"``, or ``None`` to turn it
+            off.
 
     Example: adapt without a Trainer (a Trainer does the same at ``setup``)::
 
@@ -102,11 +110,10 @@ class MatryoshkaLoRA(pl.Callback):
         self.controller = RankController(self.config)
         self.verbose = verbose
         self.adapted: list[str] = []
-        self.save_adapter, self.save_best = check_save_adapter(save_adapter), save_best
-        self.save_best_mode = check_save_best_mode(save_best_mode)
-        self.adapter_path: str | None = None
-        self.best_adapter_path: str | None = None
-        self.best_score: float | None = None
+        self.save_adapter, self.save_best, self.save_best_mode = save_adapter, save_best, save_best_mode
+        # the saving policy (see lightning_matlora.adapter_checkpoint); None when nothing is saved
+        self._saver: AdapterCheckpoint | None = callback_checkpoint(save_adapter, save_best, save_best_mode, verbose)
+        self._saver_active = True  # False when the Trainer has its own AdapterCheckpoint
         self.rank_eval = (RankCurveValidation(self.config, rank_eval, verbose=verbose)
                           if check_rank_eval(rank_eval) is not None else None)
 
@@ -117,14 +124,31 @@ class MatryoshkaLoRA(pl.Callback):
         return self.controller.p
 
     @property
-    def last_curve(self) -> dict[str, Any] | None:
-        """The last validation epoch's rank curve (``{"metric", "ranks", "scores"}``), saved with the adapter."""
-        return self.rank_eval.last_curve() if self.rank_eval is not None else None
+    def last_curves(self) -> list[RankCurve]:
+        """The last validation epoch's rank curves, one :class:`~lightning_matlora.RankCurve` per metric (the loss
+        curve first, then the module's ``RankCurveMetric``s by name); an empty list before the first epoch or
+        with ``rank_eval=None``. The adapter saved at the end of ``fit`` records them."""
+        return self.rank_eval.last_curves() if self.rank_eval is not None else []
 
     @property
-    def last_aurac(self) -> float | None:
-        """The last validation epoch's AURAC (``None`` if not measured or not finite)."""
-        return self.rank_eval.last_aurac() if self.rank_eval is not None else None
+    def last_test_curves(self) -> list[RankCurve]:
+        """The last ``trainer.test`` run's rank curves (logged as ``test/<name>@r<k>``); empty before any."""
+        return list(self.rank_eval.test_curves) if self.rank_eval is not None else []
+
+    @property
+    def adapter_path(self) -> str | None:
+        """Where the adapter was saved at the end of ``fit`` (``None`` before, or when not saved)."""
+        return self._saver.last_adapter_path if self._saver is not None else None
+
+    @property
+    def best_adapter_path(self) -> str | None:
+        """Where the best adapter (``save_best``) was saved last (``None`` if none was)."""
+        return self._saver.best_adapter_path if self._saver is not None else None
+
+    @property
+    def best_score(self) -> float | None:
+        """The best value of the ``save_best`` metric so far (kept across a resume)."""
+        return self._saver.best_score if self._saver is not None else None
 
     def apply(self, module: nn.Module) -> list[str]:
         """Adapt ``module`` without a Trainer: inject, freeze the base, return the adapted layers' names.
@@ -156,6 +180,8 @@ class MatryoshkaLoRA(pl.Callback):
                 raise ValueError(no_match_message(pl_module, self.config) + hint)
             if adapted_layers(pl_module):
                 self._finish(pl_module)
+        if self.rank_eval is not None:  # the module's RankCurveMetrics: checked before the first step
+            self.rank_eval.bind(pl_module)
         _wrap_hook(pl_module, "on_load_checkpoint", before=lambda ckpt: self._check_checkpoint(pl_module, ckpt))
         # checkpoints hold only the adapter, so loading them must not demand the frozen base's keys
         pl_module.strict_loading = False
@@ -173,8 +199,21 @@ class MatryoshkaLoRA(pl.Callback):
         if merged is not None:
             raise RuntimeError(f"The model is merged at rank {merged}: a merged adapter does not train. Call "
                                f"lightning_matlora.unmerge(model) before trainer.fit.")
+        if self.rank_eval is not None:  # RankCurveMetrics built in configure_model
+            self.rank_eval.bind(pl_module)
         if not is_deepspeed(trainer.strategy):  # DeepSpeed builds its optimizer from the trainable parameters only
             _drop_frozen_from_optimizers(trainer)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._saver is None:
+            return
+        own = trainer_checkpoints(trainer.callbacks)
+        self._saver_active = not own
+        if own:
+            rank_zero_info("MatryoshkaLoRA: the Trainer has an AdapterCheckpoint, which saves the adapter; the "
+                           "callback's own save_adapter/save_best settings are not used.")
+        else:
+            self._saver.on_train_start(trainer, pl_module)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -184,10 +223,10 @@ class MatryoshkaLoRA(pl.Callback):
             self.controller.set_process(trainer.global_rank, trainer.world_size)
         self.controller.begin_step(trainer.global_step, batch_idx)
 
-    # per-rank validation: delegated to lightning_matlora.evaluation
+    # per-rank validation and test: delegated to lightning_matlora.evaluation
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.rank_eval is not None:
-            self.rank_eval.epoch_start(pl_module)
+            self.rank_eval.epoch_start(trainer, pl_module, "validate")
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -198,17 +237,31 @@ class MatryoshkaLoRA(pl.Callback):
         if self.rank_eval is not None:
             self.rank_eval.epoch_end(trainer, pl_module)
 
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.rank_eval is not None:
+            self.rank_eval.epoch_start(trainer, pl_module, "test")
+
+    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self.rank_eval is not None:
+            self.rank_eval.batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.rank_eval is not None:
+            self.rank_eval.epoch_end(trainer, pl_module)
+            self.rank_eval.report(trainer, "test")
+
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.rank_eval is not None and trainer.state.fn == "validate":
             self.rank_eval.report(trainer)
-        if self.save_best and not trainer.sanity_checking and trainer.state.fn == "fit":
-            save_best_from_trainer(self, trainer, pl_module)
+        if self._saver is not None and self._saver_active:
+            self._saver.on_validation_end(trainer, pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.rank_eval is not None:
             self.rank_eval.report(trainer)
-        if self.save_adapter is not False:
-            save_final_from_trainer(self, trainer, pl_module)
+        if self._saver is not None and self._saver_active:
+            self._saver.on_fit_end(trainer, pl_module)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
@@ -221,11 +274,18 @@ class MatryoshkaLoRA(pl.Callback):
         self.controller.set(None)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict(), "adapted": list(self.adapted), "best_score": self.best_score}
+        state = {"config": self.config.to_dict(), "adapted": list(self.adapted)}
+        if self._saver is not None:
+            state["adapter_checkpoint"] = self._saver.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._check_config(state_dict.get("config", {}))
-        self.best_score = state_dict.get("best_score")  # a resumed run keeps its best adapter unless beaten
+        if self._saver is not None:  # a resumed run keeps its adapter directory and its best score unless beaten
+            saved = state_dict.get("adapter_checkpoint")
+            if saved is None and "best_score" in state_dict:  # checkpoints of lightning_matlora 0.1
+                saved = {"best_score": state_dict["best_score"]}
+            self._saver.load_state_dict(saved or {})
 
     # ---------------------------------------------------------------------------------------- internals
     def _owns(self, module: nn.Module) -> bool:
@@ -330,3 +390,34 @@ def _drop_frozen_from_optimizers(trainer: pl.Trainer) -> None:
         if not any(group["params"] for group in opt.param_groups):
             raise ValueError("The optimizer holds no trainable parameter after MatryoshkaLoRA froze the base: build it "
                              "from self.parameters() (or the adapter's parameters) in configure_optimizers.")
+
+
+def prepare_for_sharding(pl_module: pl.LightningModule) -> list[str]:
+    """Add the Trainer's MatryoshkaLoRA adapters to ``pl_module`` now, inside ``configure_model``, before sharding.
+
+    Call it after building the model and before ``fully_shard`` (FSDP2 / ``ModelParallelStrategy``)::
+
+        def configure_model(self):
+            self.model = build_model()
+            lightning_matlora.prepare_for_sharding(self)
+            for block in self.model.model.layers:
+                fully_shard(block, mesh=self.device_mesh["data_parallel"])
+            fully_shard(self.model, mesh=self.device_mesh["data_parallel"])
+
+    Returns the names of the adapted layers. Raises if the module has no Trainer with a MatryoshkaLoRA callback;
+    outside a Trainer it says what to do instead:
+
+    >>> prepare_for_sharding(pl.LightningModule())
+    Traceback (most recent call last):
+      ...
+    RuntimeError: prepare_for_sharding(module) adds the adapters of the Trainer's MatryoshkaLoRA callback: ...
+    """
+    trainer = getattr(pl_module, "_trainer", None)
+    callbacks = [c for c in (trainer.callbacks if trainer is not None else []) if isinstance(c, MatryoshkaLoRA)]
+    if not callbacks:
+        raise RuntimeError("prepare_for_sharding(module) adds the adapters of the Trainer's MatryoshkaLoRA callback: "
+                           "call it inside configure_model of a module run by a Trainer(callbacks=[MatryoshkaLoRA("
+                           "...)]). Without a Trainer, adapt the model with MatryoshkaLoRA(...).apply(model).")
+    if len(callbacks) > 1:
+        raise RuntimeError(f"The Trainer has {len(callbacks)} MatryoshkaLoRA callbacks; use one.")
+    return callbacks[0].apply(pl_module)

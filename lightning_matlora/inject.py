@@ -11,7 +11,7 @@ from torch import nn
 
 from .config import DTYPES, MatLoRAConfig
 from .layer import MatryoshkaLinear, is_supported
-from .rank import RankController
+from .rank import CONTROLLER_ATTR, RankController
 
 
 def _matches(name: str, spec: str | Sequence[str] | None) -> bool:
@@ -171,10 +171,12 @@ def _saved_prefixes(model: nn.Module, config: MatLoRAConfig) -> list[str]:
 
 def freeze_base(model: nn.Module, config: MatLoRAConfig | None = None) -> None:
     """Freeze every parameter of ``model`` except the tensors its adapter owns (the factors and the parameters of
-    ``modules_to_save``, as :meth:`RankController.owned_tensors` lists them). ``config`` is not needed (the model's
-    controller knows what it owns); it is accepted for callers that pass it."""
-    from .control import controller_of
-
-    keep = {id(t) for _, t in controller_of(model).owned_tensors(model)}
+    ``modules_to_save``, as :meth:`RankController.owned_tensors` lists them). ``model`` is a module ``inject`` adapted;
+    ``config`` is not needed (the model's controller knows what it owns) and is accepted for callers that pass it."""
+    ctrl = getattr(model, CONTROLLER_ATTR, None)
+    if not isinstance(ctrl, RankController):
+        raise RuntimeError("freeze_base(model) needs a model adapted by inject(model, ...), which attaches the "
+                           "adapter's controller to it.")
+    keep = {id(t) for _, t in ctrl.owned_tensors(model)}
     for param in model.parameters():
         param.requires_grad_(id(param) in keep)

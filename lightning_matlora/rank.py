@@ -22,16 +22,13 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Union
+from typing import Union
 
 import torch
 from torch import nn
 
 from .config import MatLoRAConfig
 from .scaling import scale_of_rank
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .layer import MatryoshkaLinear
 
 #: The attribute of an adapted model that holds its controller (a plain attribute, not a submodule).
 CONTROLLER_ATTR = "_matlora_controller"
@@ -89,7 +86,7 @@ class RankController:
         self._auto_step = 0
         self._warned_undrawn = False
         # the adapted model
-        self.layers: dict[str, MatryoshkaLinear] = {}
+        self.layers: dict[str, nn.Module] = {}  # name → MatryoshkaLinear
         self.saved_modules: dict[str, nn.Module] = {}
 
     # ----------------------------------------------------------------------------------------------- settings
@@ -135,6 +132,23 @@ class RankController:
             raise ValueError(f"Unknown rank_scale {rank_scale!r}: use one of {RANK_SCALES}.")
         check_rule_for_mode(self.config.mode, rank_scale)
         self.config.rank_scale = rank_scale
+        self._cache.clear()
+
+    def reconfigure(self, **changes) -> None:
+        """Change the rule and objective of a live adapter in place: ``scaling``, ``alpha``, ``rank_scale``,
+        ``mode`` and ``ranks`` (``ranks=None``: the new mode's default). The changes are validated as a whole
+        :class:`MatLoRAConfig` first, then written into the shared config object (so a callback holding it trains
+        with them from its next step) and the training diagonal p is rebuilt. Example: after
+        :func:`~lightning_matlora.nesting.nest_by_svd` on a ``mode="lora"`` run, ``reconfigure(mode="rowwise",
+        ranks=None)`` continues training with every rank trained as it is served."""
+        allowed = {"scaling", "alpha", "rank_scale", "mode", "ranks"}
+        unknown = sorted(set(changes) - allowed)
+        if unknown:
+            raise ValueError(f"reconfigure changes only {sorted(allowed)}, not {unknown}.")
+        new = MatLoRAConfig.from_dict({**self.config.to_dict(), **changes})
+        for name in changes:
+            setattr(self.config, name, getattr(new, name))
+        self.p = self.config.train_diagonal
         self._cache.clear()
 
     # ------------------------------------------------------------------------------------------------- draws
@@ -268,7 +282,7 @@ class RankController:
                       f"MatryoshkaLoRA callback does this in a Trainer.", UserWarning, stacklevel=5)
 
     # ------------------------------------------------------------------------------------ the adapted model
-    def attach(self, root: nn.Module, layers: dict[str, MatryoshkaLinear],
+    def attach(self, root: nn.Module, layers: dict[str, nn.Module],
                saved_modules: dict[str, nn.Module] | None = None) -> None:
         """Make this the controller of ``root``: record its adapted layers and ``modules_to_save`` (by name,
         relative to ``root``), store itself on ``root`` (so :func:`~lightning_matlora.control.controller_of` is a

@@ -204,15 +204,3 @@ def test_set_rank_accepts_int_like_scalars_and_equals_the_int():
     with pytest.raises(ValueError, match="1…r_max"):
         set_rank(model, np.int64(9))
 
-
-def test_recipe_refuses_a_thread_count_below_one(capsys):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-    import instruct
-
-    with pytest.raises(SystemExit) as err:
-        instruct.main(["fit", "--num_threads", "-1"])
-    assert err.value.code == 2
-    assert "--num_threads must be an integer ≥ 1 (CPU threads of torch), got -1" in capsys.readouterr().err
