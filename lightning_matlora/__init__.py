@@ -30,7 +30,7 @@ from .adapter_save import save_adapter
 from .callback import MatryoshkaLoRA, prepare_for_sharding
 from .config import MatLoRAConfig
 from .control import at_rank, begin_step, get_rank, merge, set_rank, set_rank_scale, unmerge
-from .curve import RankCurve, aurac, select_rank
+from .curve import RankCurve, aurac, describe_rank_choice, plot_rank_curves, select_rank
 from .distributed import full_adapter_state_dict
 from .export import export_peft, merge_to_base
 from .inject import adapted_layers
@@ -50,7 +50,7 @@ __all__ = [
     # the method's quantities
     "build_p", "default_ranks", "scale_of_rank",
     # rank curves
-    "RankCurve", "RankCurveMetric", "aurac", "select_rank",
+    "RankCurve", "RankCurveMetric", "aurac", "select_rank", "describe_rank_choice", "plot_rank_curves",
     # adapters on disk
     "AdapterCheckpoint", "AdapterFormatError", "SavedAdapter", "save_adapter", "load_adapter", "read_adapter",
     "export_peft", "merge_to_base", "full_adapter_state_dict",
@@ -65,9 +65,7 @@ _MOVED = {
     "RankPlan": ("lightning_matlora.rank", "RankPlan"),
     "controller_of": ("lightning_matlora.control", "controller_of"),
     "RankCurveValidation": ("lightning_matlora.evaluation", "RankCurveValidation"),
-    "describe_rank_choice": ("lightning_matlora.curve", "describe_rank_choice"),
     "format_curve_table": ("lightning_matlora.curve", "format_curve_table"),
-    "plot_rank_curves": ("lightning_matlora.curve", "plot_rank_curves"),
     "rank_scale": ("lightning_matlora.scaling", "scale_of_rank"),
 }
 
