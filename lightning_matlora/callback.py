@@ -16,6 +16,7 @@ from .adapter_io import check_save_adapter, check_save_best_mode, save_best_from
 from .config import MatLoRAConfig, TargetSpec
 from .evaluation import RankCurveValidation, check_rank_eval
 from .distributed import check_not_sharded, is_deepspeed, prepare_strategy
+from .quantized import check_strategy_for_quantized
 from .inject import adapted_layers, adapter_state_keys, freeze_base, inject, linear_layer_names, no_match_message
 from .rank import RankController
 from .summary import format_summary
@@ -52,7 +53,8 @@ class MatryoshkaLoRA(pl.Callback):
             (the prefix p_1…p_k of the training diagonal).
         p: explicit training diagonal (length r_max, finite, ≥ 0) instead of Algorithm 1's.
         eval_ranks: ranks evaluated and reported; default the train ranks.
-        adapter_dtype: dtype of the adapter factors; default the base weight's.
+        adapter_dtype: dtype of the adapter factors (a floating dtype); default the base weight's, or for a
+            quantized (bitsandbytes) base its compute dtype. The factors are never quantized.
         seed: seed of the per-step rank draws of ``"dylora"``/``"rowwise"`` (identical on every process).
         save_adapter: at the end of ``fit``, save the adapter with :func:`~lightning_matlora.save_adapter` (with
             the last measured rank curve, if any): ``True`` → ``<checkpoint dir>/matlora_adapter``, a path → there,
@@ -127,6 +129,7 @@ class MatryoshkaLoRA(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # already adapted by us (fit then validate with the same trainer, or `.apply(module)` before the fit):
         # skip the injection, but checkpoints must still load as adapter-only below
+        check_strategy_for_quantized(trainer.strategy, pl_module)  # FSDP/ZeRO-3 cannot shard a quantized base
         if not self._owns(pl_module):
             prepare_strategy(trainer, pl_module)  # refuses unsupported strategies and ZeRO-3 on a materialised model
             names = self._inject(pl_module)
@@ -146,6 +149,7 @@ class MatryoshkaLoRA(pl.Callback):
         pl_module.strict_loading = False
 
     def _after_configure_model(self, pl_module: pl.LightningModule) -> None:
+        check_strategy_for_quantized(pl_module.trainer.strategy, pl_module)
         names = self._inject(pl_module)
         check_not_sharded(pl_module, names)  # fully_shard ran before the adapters existed
         if not adapted_layers(pl_module):

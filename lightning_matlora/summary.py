@@ -7,6 +7,7 @@ from collections import Counter
 from torch import nn
 
 from .config import MatLoRAConfig
+from .quantized import base_memory, format_base_memory
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -33,4 +34,7 @@ def format_summary(model: nn.Module, config: MatLoRAConfig, names: list[str]) ->
         f"  trainable parameters: {trainable:,} of {total:,} ({share:.2f}%)"
         + (f"  modules_to_save={config.modules_to_save}" if config.modules_to_save else ""),
     ]
+    memory = base_memory(model)
+    if memory is not None:  # a bitsandbytes base: its packed weights count ½ (4-bit) or 1 (8-bit) element per weight
+        lines.append(format_base_memory(memory))
     return "\n".join(lines)
