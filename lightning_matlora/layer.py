@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quantized import compute_dtype, dequantize, is_quantized, quantized_dims, requantize, unmerge_refusal, warn_merge
+from .quantized import (compute_dtype, dequantize, is_quantized, prepare_base_layer, quantized_dims, requantize,
+                        unmerge_refusal, warn_merge)
 from .rank import RankController
 
 try:  # transformers' GPT-2 style Conv1D: weight is in_features × out_features, y = x·W + b
@@ -76,6 +77,8 @@ class MatryoshkaLinear(nn.Module):
                              f"BitsAndBytesConfig); use None or float32/bfloat16/float16.")
         self.adapter_dtype = adapter_dtype  # None: follow the base weight's dtype, also through .to(dtype)
         self.quantized = is_quantized(base_layer)
+        if self.quantized:
+            prepare_base_layer(base_layer)
         dtype = adapter_dtype or (compute_dtype(base_layer) if self.quantized else weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=weight.device))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, dtype=dtype, device=weight.device))

@@ -113,6 +113,19 @@ def _unpack_cpu_layout(module: nn.Module) -> None:
         module.quant_state = weight.quant_state
 
 
+def prepare_base_layer(module: nn.Module) -> None:
+    """Make a 4-bit layer compute the same function in training and in evaluation, before it is adapted.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit layer's weights at its first no-grad eval forward into a
+    layout whose kernel has no backward and rounds the block scales to bfloat16; the packed layout stays for later
+    training steps, whose gradients through the base layer are then silently dropped. The repacking is turned off
+    for adapted layers (and a layer already repacked is restored), so validation and training see the same base."""
+    if is_4bit(module):
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+        _unpack_cpu_layout(module)
+
+
 def _int8_scales(module: nn.Module) -> torch.Tensor:
     scb = getattr(module.weight, "SCB", None)
     if scb is None:  # after the first forward, bitsandbytes keeps the row scales in the layer's state

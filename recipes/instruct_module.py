@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -53,6 +53,17 @@ def load_or_explain(fn: Callable, name_or_path: str, what: str, **kwargs: Any) -
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
+def _quantized_loading(quantize: str | None, dtype: str) -> dict[str, Any]:
+    """``from_pretrained`` arguments that load the base quantized (``quantize`` = nf4, fp4, int8), else none."""
+    if quantize is None:
+        return {}
+    from lightning_matlora.quantized import quantization_config
+
+    compute = DTYPES[dtype] if dtype != "auto" else None
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    return {"quantization_config": quantization_config(quantize, compute_dtype=compute), "device_map": {"": device}}
+
+
 class InstructLM(pl.LightningModule):
     """Causal-LM instruction tuning with a per-rank evaluation of the nested adapter.
 
@@ -71,12 +82,16 @@ class InstructLM(pl.LightningModule):
         rank: the rank ``predict`` generates at (default r_max).
         adapter: a saved adapter directory to load before validate/test/predict.
         output_dir: where the end of ``fit`` writes the adapter and the curve (default: the logger's directory).
+        quantize: load the frozen base quantized with bitsandbytes: ``"nf4"`` or ``"fp4"`` (4-bit, double
+            quantization, compute dtype ``dtype``) or ``"int8"`` (LLM.int8); None (default) keeps it unquantized.
+            Needs ``pip install 'lightning_matlora[quant]'``.
     """
 
     def __init__(self, name_or_path: str = DEFAULT_BASE, dtype: str = "float32", trust_remote_code: bool = False,
                  lr: float = 1e-3, weight_decay: float = 0.0, warmup_ratio: float = 0.05,
                  eval_ranks: list[int] | None = None, num_generate: int = 64, max_new_tokens: int = 32,
-                 rank: int | None = None, adapter: str | None = None, output_dir: str | None = None) -> None:
+                 rank: int | None = None, adapter: str | None = None, output_dir: str | None = None,
+                 quantize: Optional[Literal["nf4", "fp4", "int8"]] = None) -> None:
         super().__init__()
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}.")
@@ -89,7 +104,8 @@ class InstructLM(pl.LightningModule):
         from transformers import AutoModelForCausalLM
 
         self.model = load_or_explain(AutoModelForCausalLM.from_pretrained, name_or_path, "model",
-                                     dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+                                     dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+                                     **_quantized_loading(quantize, dtype))
         self.model.train()  # from_pretrained returns eval mode; Lightning switches modes per stage from here
         self.curve: dict[int, dict[str, float]] = {}
         self.base_metrics: dict[str, float] | None = None
