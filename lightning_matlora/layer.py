@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .quantized import (compute_dtype, dequantize, is_quantized, prepare_base_layer, quantized_dims, requantize,
-                        unmerge_refusal, warn_merge)
+                        unmerge_refusal)
 from .rank import RankController
 
 try:  # transformers' GPT-2 style Conv1D: weight is in_features × out_features, y = x·W + b
@@ -151,8 +151,7 @@ class MatryoshkaLinear(nn.Module):
         """Fold rank k into the base weight; the layer then costs what the base layer costs."""
         if self.merged_rank is not None:
             raise RuntimeError(f"Layer is already merged at rank {self.merged_rank}: call unmerge() first.")
-        if self.quantized:  # dequantize, add, re-quantize (as PEFT does): lossy, and said so
-            warn_merge(self.base_layer)
+        if self.quantized:  # dequantize, add, re-quantize (as PEFT does): lossy; lightning_matlora.merge warns
             w = dequantize(self.base_layer)
             requantize(self.base_layer, w + self.delta_weight(k).to(w.device))
             self.merged_rank = k

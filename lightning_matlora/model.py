@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 
 from torch import nn
 
 from .inject import adapted_layers
+from .quantized import merge_warning
 from .rank import RankController, RankSetting
 
 
@@ -78,6 +80,9 @@ def merge(model: nn.Module, rank: int) -> None:
     layers = adapted_layers(model).values()
     if any(m.merged_rank is not None for m in layers):
         raise RuntimeError("The model is already merged: call unmerge(model) first.")
+    quantized = [m for m in layers if m.quantized]
+    if quantized:
+        warnings.warn(merge_warning(quantized[0].base_layer), UserWarning, stacklevel=2)
     for m in layers:
         m.merge(rank)
 

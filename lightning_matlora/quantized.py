@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import warnings
 from typing import Any
 
 import torch
@@ -317,10 +316,6 @@ def format_base_memory(mem: BaseMemory) -> str:
     dtype = f"; compute dtype {'/'.join(mem.compute_dtypes)}" if mem.compute_dtypes else ""
     return (f"  base quantized: {kinds}{dtype}; frozen base takes {_mib(mem.total_bytes)} "
             f"({_mib(mem.quantized_bytes)} quantized layers + {_mib(mem.other_bytes)} other weights)")
-
-
-def warn_merge(module: nn.Module) -> None:
-    warnings.warn(merge_warning(module), UserWarning, stacklevel=3)
 
 
 def quantization_config(quantize: str | None, compute_dtype: torch.dtype | None = None,
