@@ -429,6 +429,7 @@ def test_recipe_cli_fits_on_a_4bit_base(tmp_path):
                 '"ranks": [1, 2, 4], "rank_eval": null, "save_adapter": false}}]')
     cmd = [sys.executable, str(ROOT / "recipes" / "instruct.py"), "fit", "--model.quantize", "nf4",
            "--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "2", "--trainer.max_epochs", "1",
+           "--trainer.check_val_every_n_epoch", "1",
            "--data.max_train_examples", "64", "--data.max_val_examples", "16", "--model.num_generate", "0",
            "--trainer.enable_progress_bar", "false", callback]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
