@@ -441,3 +441,32 @@ def test_recipe_cli_fits_on_a_4bit_base(tmp_path):
     from lightning_matlora import read_adapter
 
     assert len(read_adapter(adapter).layers) == 21
+
+
+@pytest.mark.slow
+def test_ddp_on_a_4bit_base_equals_one_process(float_dir, tmp_path):
+    """DDP (what works with a quantized base) on two CPU processes trains the same adapter as one process on the
+    same global batches, identical on both processes."""
+    import socket
+
+    import quant_ddp_worker as W
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--master-addr=127.0.0.1", f"--master-port={port}",
+           "--nnodes=1", "--nproc-per-node=2", str(ROOT / "tests" / "quant_ddp_worker.py"), str(float_dir),
+           str(tmp_path)]
+    import os
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    ranks = [tmp_path / f"rank{r}.pt" for r in range(2)]
+    assert all(r.exists() for r in ranks), proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0, r1 = (torch.load(r, weights_only=False) for r in ranks)
+    single = W.run(str(float_dir), devices=1)
+    assert set(r0["adapter"]) == set(single) and len(single) == 28
+    for k, v in single.items():
+        assert torch.equal(r0["adapter"][k], r1["adapter"][k]), k
+        torch.testing.assert_close(r0["adapter"][k], v, rtol=1e-4, atol=1e-6, msg=k)
+    assert any(v.abs().max() > 0 for k, v in single.items() if k.endswith("lora_B"))
