@@ -198,9 +198,9 @@ def unmerge_refusal(module: nn.Module, rank: int) -> str:
 
 
 def describe_layer(module: nn.Module) -> str:
-    kind = quant_type(module)
-    if kind == "int8":
+    if is_8bit(module):
         return "8-bit (LLM.int8)"
+    kind = quant_type(module)
     double = getattr(module.weight, "compress_statistics", False)
     return f"4-bit {kind.upper() if kind else ''}" + (" (double quantization)" if double else "")
 
@@ -275,6 +275,11 @@ def _quant_state_bytes(module: nn.Module) -> int:
     if scb is None:
         scb = getattr(getattr(module, "state", None), "SCB", None)
     return _tensor_bytes(scb)
+
+
+def logical_numel(module: nn.Module) -> int:
+    """The number of weights a quantized layer's packed weight holds (``in × out``)."""
+    return int(module.in_features) * int(module.out_features)
 
 
 def base_memory(model: nn.Module) -> BaseMemory | None:
