@@ -44,6 +44,11 @@ class QuantLM(pl.LightningModule):
         self.losses.append(float(loss))
         return loss
 
+    def train_dataloader(self) -> DataLoader:
+        """Process g of w takes rows g, g + w, ... so that each step's global batch is the single run's batch."""
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        return DataLoader(tokens()[rank::world], batch_size=GLOBAL_BATCH // world, shuffle=False)
+
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=1e-2)
 
@@ -53,10 +58,13 @@ def run(path: str, devices: int, out: str | None = None) -> dict[str, torch.Tens
     pl.seed_everything(0, verbose=False)
     module = QuantLM(path)
     cb = MatryoshkaLoRA(r_max=4, mode="matryoshka", verbose=False, save_adapter=False)
+    torch.manual_seed(1)
+    cb.apply(module)  # the same initial adapter in both runs (the strategy's setup may draw random numbers)
     trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
                          max_steps=STEPS, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         enable_checkpointing=False, default_root_dir=out)
-    trainer.fit(module, DataLoader(tokens(), batch_size=GLOBAL_BATCH // devices, shuffle=False))
+                         enable_checkpointing=False, default_root_dir=out, callbacks=[cb],
+                         use_distributed_sampler=False)
+    trainer.fit(module)
     state = full_adapter_state_dict(trainer)
     if out is not None:
         torch.save({"adapter": state, "losses": module.losses}, os.path.join(out, f"rank{trainer.global_rank}.pt"))

@@ -328,6 +328,7 @@ def test_trainer_fit_and_resume_on_a_4bit_llama(float_dir, tmp_path):
     full, t_full = run(2)
     assert t_full.global_step == 4 and t_full.callback_metrics["val/aurac_loss"].isfinite()
     state = _adapter_state(full)
+    assert len(state) == 28
     assert all(v.abs().sum() > 0 for n, v in state.items() if n.endswith("lora_B"))  # every layer trained
     for n, m in full.model.named_modules():  # the frozen base's 4-bit codes are untouched
         if isinstance(m, bnb.nn.Linear4bit):
@@ -468,5 +469,5 @@ def test_ddp_on_a_4bit_base_equals_one_process(float_dir, tmp_path):
     assert set(r0["adapter"]) == set(single) and len(single) == 28
     for k, v in single.items():
         assert torch.equal(r0["adapter"][k], r1["adapter"][k]), k
-        torch.testing.assert_close(r0["adapter"][k], v, rtol=1e-4, atol=1e-6, msg=k)
+        torch.testing.assert_close(r0["adapter"][k], v, rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
     assert any(v.abs().max() > 0 for k, v in single.items() if k.endswith("lora_B"))
