@@ -41,7 +41,7 @@ class QuantLM(pl.LightningModule):
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss = self.model(input_ids=batch, labels=batch).loss
-        self.losses.append(float(loss))
+        self.losses.append(float(loss.detach()))
         return loss
 
     def train_dataloader(self) -> DataLoader:
