@@ -187,12 +187,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print()
     cpu = not a.device.startswith("cuda")
     extra = " RSS after loading (MiB) |" if cpu else ""
-    print(f"| variant | frozen base weights (MiB) |{extra} {peak} | step time (s) | trainable parameters |")
-    print("| --- | ---: |" + (" ---: |" if cpu else "") + " ---: | ---: | ---: |")
+    grow = " peak − RSS after loading (MiB) |" if cpu else ""
+    print(f"| variant | frozen base weights (MiB) |{extra} {peak} |{grow} step time (s) | trainable parameters |")
+    print("| --- | ---: |" + (" ---: | ---: |" if cpu else "") + " ---: | ---: | ---: |")
     for r in rows:
-        before = f" {r['rss_before_mib']:.0f} |" if cpu else ""
-        print(f"| {r['variant']} | {r['base_mib']:.1f} |{before} {r['peak_mib']:.0f} | {r['step_s']:.3f} | "
-              f"{r['trainable']:,} |")
+        before = (f" {r['rss_before_mib']:.0f} | {r['peak_mib']:.0f} | {r['peak_mib'] - r['rss_before_mib']:.0f} |"
+                  if cpu else f" {r['peak_mib']:.0f} |")
+        print(f"| {r['variant']} | {r['base_mib']:.1f} |{before} {r['step_s']:.3f} | {r['trainable']:,} |")
     by = {r["variant"]: r for r in rows}
     if "nf4" in by and "float" in by:
         print(f"\nnf4 / float: base weights ×{by['nf4']['base_mib'] / by['float']['base_mib']:.2f}, peak memory "
