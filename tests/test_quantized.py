@@ -122,6 +122,35 @@ def test_forward_is_bitsandbytes_base_plus_the_exact_adapter(kind, mode):
             torch.testing.assert_close(model(x).double(), base + ((xd @ A) * p) @ B, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["lora", "dylora", "rowwise"])
+def test_training_forward_of_every_mode_on_a_4bit_base(mode):
+    from lightning_matlora import begin_step
+
+    q, _ = quantized_layer("nf4-double")
+    model = nn.Sequential(q)
+    cb = MatryoshkaLoRA(r_max=8, mode=mode, verbose=False, seed=2)
+    cb.apply(model)
+    randomize(model)
+    layer = adapted_layers(model)["0"]
+    A, B = layer.lora_A.detach().double().T, layer.lora_B.detach().double().T
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(5))
+    model.train()
+    with torch.no_grad():
+        base = q(x).double()
+        for step in range(3):
+            begin_step(model, step)
+            if mode == "lora":
+                want = base + s(8, "sqrt") * (x.double() @ A) @ B
+            elif mode == "dylora":
+                b = cb.controller.step_rank
+                want = base + s(b, "sqrt") * (x.double() @ A[:, :b]) @ B[:b, :]
+            else:
+                rows = cb.controller.rowwise_ranks(6).tolist()
+                want = torch.stack([base[i] + s(k, "sqrt") * (x[i].double() @ A[:, :k]) @ B[:k, :]
+                                    for i, k in enumerate(rows)])
+            torch.testing.assert_close(model(x).double(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_gradients_flow_through_the_quantized_base_after_an_eval_forward(float_dir):
     """bitsandbytes repacks 4-bit weights for a faster CPU kernel at an eval no-grad forward, a kernel without
     backward: the adapted layers must train the same after validation as before it."""
