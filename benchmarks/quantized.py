@@ -181,7 +181,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows.append(json.loads(lines[-1][len("RESULT "):]))
     peak = "peak memory during training (MiB" + (", max allocated)" if a.device.startswith("cuda") else
                                                   ", peak RSS of the process)")
-    print(f"Llama {n / 1e6:.1f}M parameters (hidden {a.hidden}, {a.layers} layers, vocab {a.vocab}); batch {a.batch} × "
+    print(f"Llama {n / 1e6:.1f}M parameters (hidden {a.hidden}, {a.layers} layers, vocab {a.vocab}); "
+          f"batch {a.batch} × "
           f"{a.seq} tokens; r={a.r} on {', '.join(TARGETS)}; {a.device} {a.dtype}; torch {torch.__version__}; "
           f"{platform.processor() or platform.machine()}; median of {a.reps} steps after {a.warmup} warm-up")
     print()
@@ -200,7 +201,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"×{by['nf4']['peak_mib'] / by['float']['peak_mib']:.2f}, step time "
               f"×{by['nf4']['step_s'] / by['float']['step_s']:.2f}")
     if "nf4" in by and "peft-qlora" in by:
-        print(f"nf4 (MatryoshkaLoRA) / PEFT QLoRA: peak memory ×{by['nf4']['peak_mib'] / by['peft-qlora']['peak_mib']:.2f}, "
+        ratio = by['nf4']['peak_mib'] / by['peft-qlora']['peak_mib']
+        print(f"nf4 (MatryoshkaLoRA) / PEFT QLoRA: peak memory ×{ratio:.2f}, "
               f"step time ×{by['nf4']['step_s'] / by['peft-qlora']['step_s']:.2f}")
     return rows
 

@@ -16,7 +16,8 @@ import pytest
 import torch
 from torch import nn
 
-bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not importable: pip install 'lightning_matlora[quant]'")
+bnb = pytest.importorskip("bitsandbytes",
+                          reason="bitsandbytes is not importable: pip install 'lightning_matlora[quant]'")
 
 import lightning as L  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
