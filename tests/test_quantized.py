@@ -457,7 +457,7 @@ def test_recipe_cli_fits_on_a_4bit_base(tmp_path):
     import os
 
     callback = ('--trainer.callbacks=[{"class_path": "lightning_matlora.MatryoshkaLoRA", "init_args": {"r_max": 4, '
-                '"ranks": [1, 2, 4], "rank_eval": null, "save_adapter": false}}]')
+                '"ranks": [1, 2, 4]}}]')
     cmd = [sys.executable, str(ROOT / "recipes" / "instruct.py"), "fit", "--model.quantize", "nf4",
            "--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "2", "--trainer.max_epochs", "1",
            "--trainer.check_val_every_n_epoch", "1",
