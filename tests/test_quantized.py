@@ -501,3 +501,16 @@ def test_ddp_on_a_4bit_base_equals_one_process(float_dir, tmp_path):
         assert torch.equal(r0["adapter"][k], r1["adapter"][k]), k
         torch.testing.assert_close(r0["adapter"][k], v, rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
     assert any(v.abs().max() > 0 for k, v in single.items() if k.endswith("lora_B"))
+
+
+def test_nest_by_svd_on_a_4bit_base_keeps_the_full_rank_model(float_dir):
+    from lightning_matlora import nest_by_svd
+
+    model = load(float_dir, "nf4")
+    MatryoshkaLoRA(r_max=4, verbose=False).apply(model)
+    randomize(model)
+    with torch.no_grad(), at_rank(model, 4):
+        before = model(input_ids=X).logits
+    nest_by_svd(model)  # only the factors change: the quantized base is not touched
+    with torch.no_grad(), at_rank(model, 4):
+        torch.testing.assert_close(model(input_ids=X).logits, before, rtol=1e-5, atol=1e-5)
