@@ -18,6 +18,7 @@ import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -555,7 +556,7 @@ class InstructData(pl.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         pad = self.tokenizer.pad_token_id
         return DataLoader(self.splits[split], batch_size=self.batch_size, shuffle=shuffle,
-                          num_workers=self.num_workers, collate_fn=lambda b: collate(b, pad),
+                          num_workers=self.num_workers, collate_fn=partial(collate, pad_id=pad),
                           generator=torch.Generator().manual_seed(self.seed) if shuffle else None)
 
     def train_dataloader(self) -> DataLoader:

@@ -198,3 +198,31 @@ def test_recipe_modules_import_each_other_without_a_cycle():
     cycles = [m for m in graph if reaches(m, m, {m})]
     assert not cycles, {m: sorted(graph[m]) for m in cycles}
     assert "instruct_module" not in graph["instruct_data"]
+
+
+# ------------------------------------------------------------------------------------------- data order
+def test_training_order_is_seeded_and_independent_of_workers(tmp_path):
+    """Shuffling is drawn in the main process from ``data.seed``: worker processes give the same batches as none
+    (and the collate function pickles, as worker processes started by ``spawn`` on macOS and Windows need), and a
+    new loader repeats the first epoch's order."""
+    import pickle
+
+    import torch
+
+    f = _file(tmp_path, GOOD_LINES, "d.jsonl")
+
+    def epochs(dm: idata.InstructData, n: int = 2) -> list[list[torch.Tensor]]:
+        loader = dm.train_dataloader()
+        pickle.dumps(loader.collate_fn)
+        return [[b["input_ids"] for b in loader] for _ in range(n)]
+
+    dm = _setup(f, batch_size=4, seed=5)
+    ref = epochs(dm)
+    assert [len(e) for e in ref] == [5, 5]  # 18 training rows, batch 4 (last batch 2)
+    assert any(not torch.equal(a, b) for a, b in zip(*ref))  # each epoch reshuffles...
+    assert all(torch.equal(a, b) for a, b in zip(ref[0], epochs(dm, 1)[0]))  # ...the same way every run
+    workers = _setup(f, batch_size=4, seed=5, num_workers=2)
+    for got, want in zip(epochs(workers), ref):
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    other = epochs(_setup(f, batch_size=4, seed=6), 1)[0]
+    assert any(not torch.equal(a, b) for a, b in zip(other, ref[0]))
