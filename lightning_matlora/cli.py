@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 DESCRIPTION = """\
 Work with a nested (MatryoshkaLoRA) adapter saved by save_adapter() or by the MatryoshkaLoRA callback
 (a directory with matlora_config.json and adapter_model.safetensors; by default the callback writes it to
-<checkpoint dir>/matlora_adapter at the end of fit).
+lightning_logs/version_N/matlora_adapter, or matlora_adapter/version_N without a logger, at the end of fit).
+Errors print one line naming the file and the problem and exit with status 2.
 
   matlora info    ADAPTER                                 settings, layers and the measured rank curve
   matlora export  ADAPTER --rank K --out DIR              rank K as a standard PEFT LoRA adapter
   matlora export  ADAPTER --rank all --out DIR            one PEFT adapter per train rank, DIR/rank_<k>/
   matlora merge   ADAPTER --base MODEL --rank K --out DIR  a plain transformers model with rank K merged in
+  matlora nest    PEFT_ADAPTER --base MODEL --out DIR     a PEFT LoRA adapter reordered by SVD into a nested one
 
 An exported adapter loads with peft.PeftModel.from_pretrained(base, DIR) or any server that reads PEFT
 adapters; a merged model loads with transformers.AutoModelForCausalLM.from_pretrained(DIR).
@@ -24,13 +28,20 @@ adapters; a merged model loads with transformers.AutoModelForCausalLM.from_pretr
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="matlora", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="{info,export,merge}")
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
+    for add, _ in COMMANDS.values():
+        add(sub)
+    return parser
 
+
+def add_info(sub: Any) -> None:
     info = sub.add_parser("info", help="show an adapter's settings, layers and stored rank curve",
                           description="Print the adapter's configuration, train ranks, adapted layers, base model and "
                                       "the measured rank curve (score per rank, AURAC) if the run stored one.")
     info.add_argument("adapter", metavar="ADAPTER", help="a saved adapter directory")
 
+
+def add_export(sub: Any) -> None:
     export = sub.add_parser("export", help="write rank K as a standard PEFT LoRA adapter",
                             description="Write rank K of the nested adapter as a PEFT LoRA adapter (adapter_config.json "
                                         "with r=K, adapter_model.safetensors). No base model is needed. With "
@@ -45,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="fold the rank scale into lora_B (lora_alpha = r, no use_rslora) for servers that ignore "
                              "use_rslora")
 
+
+def add_merge(sub: Any) -> None:
     merge = sub.add_parser("merge", help="write a transformers model with rank K merged into the base",
                            description="Merge rank K into the base weights and save a plain transformers model "
                                        "(save_pretrained) that loads without lightning_matlora.")
@@ -54,11 +67,11 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--rank", required=True, type=int, metavar="K", help="rank to merge, 1 ≤ K ≤ r_max")
     merge.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist)")
     merge.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
-    return parser
 
 
 def format_info(path: str) -> str:
-    from .adapter_io import read_adapter
+    """The text ``matlora info`` prints: settings, layers, and every recorded rank curve with its AURAC."""
+    from .adapter_format import read_adapter
 
     a = read_adapter(path)
     c = a.config
@@ -81,47 +94,110 @@ def format_info(path: str) -> str:
         f"  parameters      {numel:,} at r_max",
         f"  written by      lightning_matlora {a.library_version}",
     ]
-    curve = a.rank_curve
-    if curve and curve.get("ranks"):
-        metric = curve.get("metric", "score")
-        width = max(len(metric), 5)
-        lines += ["", f"  Measured rank curve", f"  {'rank':>6}  {metric:>{width}}"]
-        lines += [f"  {r:>6}  " + (f"{s:>{width}.4f}" if s is not None else f"{'nan':>{width}}")
-                  for r, s in zip(curve["ranks"], curve["scores"])]
-    else:
+    if not a.curves:
         lines += ["", "  No measured rank curve stored (the run did not evaluate ranks)."]
-    if a.aurac is not None:
-        lines.append(f"  AURAC  {a.aurac:.4f}")
+    for curve in a.curves:
+        width = max(len(curve.metric), 5)
+        better = "higher" if curve.higher_is_better else "lower"
+        lines += ["", f"  Measured rank curve: {curve.metric} ({better} is better)", f"  {'rank':>6}  {curve.metric:>{width}}"]
+        lines += [f"  {r:>6}  {s:>{width}.4f}" for r, s in zip(curve.ranks, curve.scores)]
+        lines.append(f"  AURAC  {curve.aurac():.4f}")
     if a.metadata:
         lines += ["", "  metadata " + ", ".join(f"{k}={v!r}" for k, v in sorted(a.metadata.items()))]
     return "\n".join(lines)
 
 
+def run_info(args: argparse.Namespace) -> str:
+    return format_info(args.adapter)
+
+
+def run_export(args: argparse.Namespace) -> str:
+    from .export import export_peft
+
+    out = export_peft(args.adapter, args.out, rank=args.rank, overwrite=args.overwrite, fold_scale=args.fold_scale)
+    what = "one PEFT adapter per train rank" if args.rank.strip().lower() == "all" else f"rank {args.rank}"
+    return f"Wrote {what} to {out}"
+
+
+def run_merge(args: argparse.Namespace) -> str:
+    from .export import merge_to_base
+
+    out = merge_to_base(args.adapter, args.out, rank=args.rank, base=args.base, overwrite=args.overwrite)
+    return f"Wrote a transformers model with rank {args.rank} merged to {out}"
+
+
+def add_nest(sub: Any) -> None:
+    nest = sub.add_parser("nest", help="turn a PEFT LoRA adapter into a nested adapter (SVD, exact at r_max)",
+                          description="Reorder every layer of a standard PEFT LoRA adapter by the SVD of its update, so "
+                                      "that rank K of the result is each layer's best rank-K approximation and rank "
+                                      "r_max is the PEFT adapter itself; save it as a nested adapter that `matlora "
+                                      "export --rank K` turns back into PEFT at any rank. Refuses DoRA, LoRA biases, "
+                                      "embedding LoRA and other PEFT methods.")
+    nest.add_argument("adapter", metavar="PEFT_ADAPTER",
+                      help="a PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors)")
+    nest.add_argument("--base", metavar="MODEL", default=None,
+                      help="base model: a local directory or hub name (default: the adapter's base_model_name_or_path)")
+    nest.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist)")
+    nest.add_argument("--data", metavar="FILE", default=None,
+                      help="JSON Lines rows ({\"text\"}, {\"question\", \"answer\"} or {\"prompt\", \"completion\"}): "
+                           "measure the mean loss at each rank, before and after nesting, and store it")
+    nest.add_argument("--ranks", metavar="K,K,...", default=None,
+                      help="ranks to measure (default: powers of two up to r_max, and r_max)")
+    nest.add_argument("--max-rows", type=int, default=256, metavar="N", help="rows of --data used (default 256)")
+    nest.add_argument("--overwrite", action="store_true", help="replace DIR if it holds an adapter")
+
+
+def run_nest(args: argparse.Namespace) -> str:
+    from .nest_peft import nest_adapter
+
+    ranks = None
+    if args.ranks:
+        try:
+            ranks = [int(r) for r in args.ranks.split(",")]
+        except ValueError:
+            raise ValueError(f"--ranks must be comma-separated integers such as 1,2,4,8, got {args.ranks!r}.") \
+                from None
+    result = nest_adapter(args.adapter, args.base, args.out, eval_data=args.data, eval_ranks=ranks,
+                          max_rows=args.max_rows, overwrite=args.overwrite)
+    lines = [f"Wrote the nested adapter (r_max={result.report.r_max}) to {result.path}", str(result.report)]
+    if result.curve is not None:
+        lines.append("rank  loss (nested)  loss (LoRA truncated)")
+        lines += [f"{k:>4}  {v:>13.4f}  {result.unnested_curve[k]:>20.4f}" for k, v in result.curve.items()]
+    lines.append(f"Export a rank with `matlora export {result.path} --rank K --out DIR`.")
+    return "\n".join(lines)
+
+
+#: subcommand → (adds its parser, runs it and returns what to print); a new subcommand is one more entry
+COMMANDS: dict[str, tuple[Callable[[Any], None], Callable[[argparse.Namespace], str]]] = {
+    "info": (add_info, run_info), "export": (add_export, run_export), "merge": (add_merge, run_merge),
+    "nest": (add_nest, run_nest)}
+
+
+def error_line(command: str, err: BaseException, path: str | None) -> str:
+    """One line for stderr: the command, the file (when the message does not name it) and the problem."""
+    text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(err)).split()) or type(err).__name__
+    if not isinstance(err, (ValueError, OSError)):  # not one of ours: say what it was and which adapter it concerns
+        text = f"{type(err).__name__}: {text}"
+        if path and path not in text:
+            text = f"{path}: {text}"
+    return f"matlora {command}: error: {text}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``matlora``; returns the exit status (0 ok, 1 bad input, 2 bad usage)."""
+    """Entry point of ``matlora``; returns the exit status: 0 done, 2 bad usage or a bad input (one line on
+    stderr naming the file and the problem, never a traceback)."""
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
     try:
-        if args.command == "info":
-            print(format_info(args.adapter))
-        elif args.command == "export":
-            from .export import export_peft
-
-            out = export_peft(args.adapter, args.out, rank=args.rank, overwrite=args.overwrite,
-                              fold_scale=args.fold_scale)
-            what = "one PEFT adapter per train rank" if args.rank.strip().lower() == "all" else f"rank {args.rank}"
-            print(f"Wrote {what} to {out}")
-        elif args.command == "merge":
-            from .export import merge_to_base
-
-            out = merge_to_base(args.adapter, args.out, rank=args.rank, base=args.base, overwrite=args.overwrite)
-            print(f"Wrote a transformers model with rank {args.rank} merged to {out}")
-    except (ValueError, FileNotFoundError, FileExistsError, TypeError, OSError) as e:
-        print(f"matlora {args.command}: error: {e}", file=sys.stderr)
-        return 1
+        print(COMMANDS[args.command][1](args))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as e:  # noqa: BLE001 - the command line reports every failure as one line
+        print(error_line(args.command, e, getattr(args, "adapter", None)), file=sys.stderr)
+        return 2
     return 0
 
 
