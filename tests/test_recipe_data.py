@@ -135,6 +135,24 @@ def test_csv_starting_with_blank_lines_is_read(tmp_path):
         _setup(empty)
 
 
+def test_csv_that_datasets_cannot_parse_is_one_sentence_naming_the_file(tmp_path):
+    f = tmp_path / "bad.csv"
+    f.write_text("question,answer\nEncode a,#### b\nEncode c,#### d,extra\nEncode e,#### f\n")
+    with pytest.raises(ValueError, match=r"datasets could not read the data in .*bad\.csv: ParserError: .*"
+                                         r"Expected 2 fields in line 3, saw 3"):
+        _setup(f)
+
+
+def test_files_of_a_directory_are_checked(tmp_path):
+    (tmp_path / "data").mkdir()
+    _file(tmp_path / "data", GOOD_LINES, "train.jsonl")
+    _file(tmp_path / "data", GOOD_LINES[:3] + ['{"question": "Encode a", "answer": null}'], "test.jsonl")
+    with pytest.raises(ValueError, match=r"data/test\.jsonl, line 4: field 'answer' is null"):
+        _setup(tmp_path / "data")
+    with pytest.raises(ValueError, match=r"test\.jsonl, line 4: field 'answer' is null"):
+        _setup(tmp_path / "data" / "*.jsonl")
+
+
 def test_json_array_element_is_named(tmp_path):
     f = tmp_path / "d.json"
     f.write_text(json.dumps(GOOD[:2] + [{"question": "Encode a", "answer": None}] + GOOD[2:], indent=1))
