@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Optional
+from typing import Any, Iterable, Literal, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -27,34 +27,13 @@ from lightning_matlora import (MatryoshkaLoRA, RankCurveMetric, adapted_layers, 
                                load_adapter, plot_rank_curves)
 from lightning_matlora.curve import RankCurve
 
+from instruct_base import load_or_explain
+
 RECIPES = Path(__file__).resolve().parent
 DEFAULT_BASE = str(RECIPES / "assets" / "base")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 METRICS = ("loss", "token_acc", "exact_match")
 HEADS = {"loss": "loss", "token_acc": "token acc %", "exact_match": "exact match %"}
-
-
-def load_or_explain(fn: Callable, name_or_path: str, what: str, **kwargs: Any) -> Any:
-    """``fn(name_or_path, **kwargs)`` (a ``from_pretrained``), with a clear error when the name is neither a local
-    directory nor reachable on the hub."""
-    try:
-        return fn(name_or_path, **kwargs)
-    except (OSError, ValueError) as e:
-        if Path(name_or_path).exists():
-            raise
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
-        if offline:
-            why = ("this machine is offline (HF_HUB_OFFLINE=1), so hub names only work for models already in the "
-                   "local cache, and this one is not there")
-        elif "connect" in str(e).lower():
-            why = ("this machine is offline (the hub could not be reached) and the name is neither a local directory "
-                   "nor in the local cache")
-        else:
-            why = "it is not a local directory and the hub could not serve it (check the name and your access)"
-        raise ValueError(f"Cannot load the {what} {name_or_path!r}: {why}. Point --model.name_or_path at a local "
-                         f"directory holding a transformers model (config.json, weights, tokenizer files), e.g. one "
-                         f"written by save_pretrained, or run where the hub is reachable. "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 def _quantized_loading(quantize: str | None, dtype: str) -> dict[str, Any]:
