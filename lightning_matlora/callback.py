@@ -18,6 +18,7 @@ from .curve import RankCurve
 from .evaluation import RankCurveValidation, check_rank_eval
 from .distributed import check_not_sharded, clean_name, is_deepspeed, prepare_strategy
 from .control import controller_of
+from .quantized import check_strategy_for_quantized
 from .inject import adapted_layers, freeze_base, inject, linear_layer_names, no_match_message
 from .rank import RankController
 from .summary import format_summary
@@ -55,7 +56,8 @@ class MatryoshkaLoRA(pl.Callback):
             ``"rank"``).
         p: explicit training diagonal (length r_max, finite, ≥ 0) instead of Algorithm 1's.
         eval_ranks: ranks evaluated and reported; default the train ranks.
-        adapter_dtype: dtype of the adapter factors; default the base weight's.
+        adapter_dtype: dtype of the adapter factors (a floating dtype); default the base weight's, or for a
+            quantized (bitsandbytes) base its compute dtype. The factors are never quantized.
         seed: seed of the per-step rank draws of ``"dylora"``/``"rowwise"`` (identical on every process) and of
             the initial factors (layer ``name`` draws ``lora_A`` from a generator seeded with (seed, name)).
         save_adapter: at the end of ``fit``, save the adapter with :func:`~lightning_matlora.save_adapter` (with
@@ -166,6 +168,7 @@ class MatryoshkaLoRA(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # already adapted by us (fit then validate with the same trainer, or `.apply(module)` before the fit):
         # skip the injection, but checkpoints must still load as adapter-only below
+        check_strategy_for_quantized(trainer.strategy, pl_module)  # FSDP/ZeRO-3 cannot shard a quantized base
         if not self._owns(pl_module):
             prepare_strategy(trainer, pl_module)  # refuses unsupported strategies and ZeRO-3 on a materialised model
             names = self._inject(pl_module)
@@ -187,6 +190,7 @@ class MatryoshkaLoRA(pl.Callback):
         pl_module.strict_loading = False
 
     def _after_configure_model(self, pl_module: pl.LightningModule) -> None:
+        check_strategy_for_quantized(pl_module.trainer.strategy, pl_module)
         names = self._inject(pl_module)
         check_not_sharded(pl_module, names)  # fully_shard ran before the adapters existed
         if not adapted_layers(pl_module):

@@ -7,11 +7,13 @@ adapter was injected) with :func:`controller_of` and acts through it; none of th
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 
 from torch import nn
 
 from .inject import adapted_layers
+from .quantized import merge_warning
 from .rank import CONTROLLER_ATTR, RankController, RankSetting
 
 
@@ -130,7 +132,9 @@ def merge(model: nn.Module, rank: int) -> None:
     """Fold rank ``rank`` (under the ``rank_scale`` rule) into every adapted layer's base weight.
 
     Afterwards each adapted layer costs what its base layer costs; ``unmerge(model)`` restores the weights. The
-    merge computes in float32, or in float64 for float64 weights.
+    merge computes in float32, or in float64 for float64 weights. On a quantized (bitsandbytes) base each weight
+    is dequantized, the delta added and the sum re-quantized, as PEFT does: a warning says that the merged weights
+    carry quantization error, and ``unmerge`` is refused there.
 
     >>> import torch
     >>> from torch import nn
@@ -146,11 +150,19 @@ def merge(model: nn.Module, rank: int) -> None:
     )
     >>> unmerge(model)
     """
-    controller_of(model).merge(rank)
+    ctrl = controller_of(model)
+    ctrl.check_merge(rank)
+    quantized = [m for m in ctrl.layers.values() if m.quantized]
+    if quantized:
+        warnings.warn(merge_warning(quantized[0].base_layer), UserWarning, stacklevel=2)
+    ctrl.merge(rank)
 
 
 def unmerge(model: nn.Module) -> None:
     """Undo :func:`merge` on every adapted layer (a no-op on layers that are not merged).
+
+    Refused, before any layer changes, when a merged layer's base is quantized (bitsandbytes): the merge
+    re-quantized its weights, which cannot be undone exactly; reload the base model instead.
 
     >>> from torch import nn
     >>> from lightning_matlora import MatryoshkaLoRA

@@ -304,18 +304,26 @@ class RankController:
         if k is not None:
             raise RuntimeError(f"The model is merged at rank {k}: call unmerge(model) before {action}.")
 
-    def merge(self, rank: int) -> None:
-        """Fold rank ``rank`` into every adapted layer's base weight (see :func:`lightning_matlora.merge`)."""
+    def check_merge(self, rank: int) -> None:
+        """Raise unless ``rank`` is an int in 1…r_max and the model is not merged yet."""
         if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= self.r_max:
             raise ValueError(f"merge needs an int rank in 1…r_max={self.r_max}, got {rank!r}.")
         k = self.merged_rank
         if k is not None:
             raise RuntimeError(f"The model is already merged at rank {k}: call unmerge(model) first.")
+
+    def merge(self, rank: int) -> None:
+        """Fold rank ``rank`` into every adapted layer's base weight (see :func:`lightning_matlora.merge`)."""
+        self.check_merge(rank)
         for layer in self.layers.values():
             layer.merge(rank)
 
     def unmerge(self) -> None:
-        """Undo :meth:`merge` on every adapted layer (a no-op on layers that are not merged)."""
+        """Undo :meth:`merge` on every adapted layer (a no-op on layers that are not merged). A merged layer whose
+        base is quantized refuses (its merge re-quantized the weights); that is checked before any layer changes."""
+        for layer in self.layers.values():
+            if layer.merged_rank is not None and layer.quantized:
+                layer.unmerge()  # raises, naming the fix
         for layer in self.layers.values():
             layer.unmerge()
 

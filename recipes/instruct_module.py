@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable, Literal, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -27,6 +27,8 @@ from lightning_matlora import (MatryoshkaLoRA, RankCurveMetric, adapted_layers, 
                                load_adapter, plot_rank_curves)
 from lightning_matlora.curve import RankCurve
 
+from instruct_base import load_or_explain
+
 RECIPES = Path(__file__).resolve().parent
 DEFAULT_BASE = str(RECIPES / "assets" / "base")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
@@ -34,35 +36,24 @@ METRICS = ("loss", "token_acc", "exact_match")
 HEADS = {"loss": "loss", "token_acc": "token acc %", "exact_match": "exact match %"}
 
 
-def load_or_explain(fn: Callable, name_or_path: str, what: str, **kwargs: Any) -> Any:
-    """``fn(name_or_path, **kwargs)`` (a ``from_pretrained``), with a clear error when the name is neither a local
-    directory nor reachable on the hub."""
-    try:
-        return fn(name_or_path, **kwargs)
-    except (OSError, ValueError) as e:
-        if Path(name_or_path).exists():
-            raise
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
-        if offline:
-            why = ("this machine is offline (HF_HUB_OFFLINE=1), so hub names only work for models already in the "
-                   "local cache, and this one is not there")
-        elif "connect" in str(e).lower():
-            why = ("this machine is offline (the hub could not be reached) and the name is neither a local directory "
-                   "nor in the local cache")
-        else:
-            why = "it is not a local directory and the hub could not serve it (check the name and your access)"
-        raise ValueError(f"Cannot load the {what} {name_or_path!r}: {why}. Point --model.name_or_path at a local "
-                         f"directory holding a transformers model (config.json, weights, tokenizer files), e.g. one "
-                         f"written by save_pretrained, or run where the hub is reachable. "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+def _quantized_loading(quantize: str | None, dtype: str) -> dict[str, Any]:
+    """``from_pretrained`` arguments that load the base quantized (``quantize`` = nf4, fp4, int8), else none."""
+    if quantize is None:
+        return {}
+    from lightning_matlora.quantized import quantization_config
+
+    compute = DTYPES[dtype] if dtype != "auto" else None
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    return {"quantization_config": quantization_config(quantize, compute_dtype=compute), "device_map": {"": device}}
 
 
-def load_model(name_or_path: str, dtype: str, trust_remote_code: bool) -> torch.nn.Module:
-    """The causal LM to fine-tune (``from_pretrained``), in training mode."""
+def load_model(name_or_path: str, dtype: str, trust_remote_code: bool, quantize: str | None = None) -> torch.nn.Module:
+    """The causal LM to fine-tune (``from_pretrained``), in training mode; quantized with bitsandbytes when
+    ``quantize`` is ``"nf4"``, ``"fp4"`` or ``"int8"``."""
     from transformers import AutoModelForCausalLM
 
     model = load_or_explain(AutoModelForCausalLM.from_pretrained, name_or_path, "model", dtype=DTYPES[dtype],
-                            trust_remote_code=trust_remote_code)
+                            trust_remote_code=trust_remote_code, **_quantized_loading(quantize, dtype))
     model.train()  # from_pretrained returns eval mode; Lightning switches modes per stage from here
     return model
 
@@ -91,18 +82,22 @@ class InstructLM(pl.LightningModule):
         adapter: a saved adapter directory to load before validate/test/predict.
         output_dir: where the end of ``fit`` writes ``rank_curve.json`` and ``rank_curve.png`` (default: the
             logger's directory). The adapter goes where the callback's ``save_adapter`` says.
+        quantize: load the frozen base quantized with bitsandbytes: ``"nf4"`` or ``"fp4"`` (4-bit, double
+            quantization, compute dtype ``dtype``) or ``"int8"`` (LLM.int8); None (default) keeps it unquantized.
+            Needs ``pip install 'lightning_matlora[quant]'``.
     """
 
     def __init__(self, name_or_path: str = DEFAULT_BASE, dtype: str = "float32", trust_remote_code: bool = False,
                  lr: float = 1e-3, weight_decay: float = 0.0, warmup_ratio: float = 0.05,
                  eval_ranks: list[int] | None = None, num_generate: int = 64, max_new_tokens: int = 32,
-                 rank: int | None = None, adapter: str | None = None, output_dir: str | None = None) -> None:
+                 rank: int | None = None, adapter: str | None = None, output_dir: str | None = None,
+                 quantize: Optional[Literal["nf4", "fp4", "int8"]] = None) -> None:
         super().__init__()
         check_options(dtype=dtype, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
                       eval_ranks=eval_ranks, num_generate=num_generate, max_new_tokens=max_new_tokens, rank=rank,
                       adapter=adapter)
         self.save_hyperparameters()
-        self.model = load_model(name_or_path, dtype, trust_remote_code)
+        self.model = load_model(name_or_path, dtype, trust_remote_code, quantize)
         ranks = sorted(eval_ranks) if eval_ranks else None  # None: the callback's eval ranks
         # the rank curves: updated in validation_step at the rank the callback has set
         self.loss = RankCurveMetric(ranks=ranks, higher_is_better=False)  # answer-token loss (token-weighted)

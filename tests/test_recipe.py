@@ -362,3 +362,26 @@ def test_missing_local_dataset_or_hub_name_offline(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(ValueError, match=r"local .jsonl"):
         idata.load_source("no-such-org/no-such-dataset-xyz")
+
+
+@pytest.mark.slow
+def test_fit_twice_prints_the_same_table_and_saves_the_same_adapter(fitted, tmp_path):
+    """The same command on the same machine (seed 0, the config's thread count) is bitwise the same run."""
+    from lightning_matlora import read_adapter
+
+    root, out = fitted
+    cmd = [sys.executable, str(RECIPES / "instruct.py"), "fit", "--trainer.default_root_dir", str(tmp_path), *QUICK]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=OFFLINE_ENV, cwd=str(tmp_path), timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    again = res.stdout + res.stderr
+
+    def table(text: str) -> str:
+        return text[text.index("Rank curve (validation)"):text.index("Adapter saved to ")]
+
+    assert table(again) == table(out)
+    first, second = (Path(t.split("Adapter saved to ")[1].split()[0]) for t in (out, again))
+    assert (first.parent / "rank_curve.json").read_text() == (second.parent / "rank_curve.json").read_text()
+    a, b = read_adapter(first), read_adapter(second)
+    for name in a.layers:
+        for x, y in zip(a.factors(name), b.factors(name)):
+            assert torch.equal(x, y), name
