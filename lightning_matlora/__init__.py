@@ -3,9 +3,12 @@
 One fine-tuning run trains a nested adapter; any prefix rank k ≤ r_max of it is a usable LoRA adapter.
 """
 
-from .callback import MatryoshkaLoRA
-from .adapter_io import SavedAdapter, load_adapter, read_adapter, save_adapter
-from .distributed import full_adapter_state_dict, prepare_for_sharding
+from .callback import MatryoshkaLoRA, prepare_for_sharding
+from .adapter_checkpoint import AdapterCheckpoint
+from .adapter_format import AdapterFormatError, SavedAdapter, read_adapter
+from .adapter_load import load_adapter
+from .adapter_save import save_adapter
+from .distributed import full_adapter_state_dict
 from .config import MatLoRAConfig
 from .export import export_peft, merge_to_base
 from .curve import aurac, describe_rank_choice, format_curve_table, plot_rank_curves, select_rank
@@ -25,5 +28,5 @@ __all__ = [
     "plot_rank_curves", "select_rank",
     "adapted_layers", "at_rank", "begin_step", "build_p", "controller_of", "default_ranks", "get_rank", "merge",
     "rank_scale", "set_rank", "set_rank_scale", "unmerge", "full_adapter_state_dict", "prepare_for_sharding", "__version__",
-    "SavedAdapter", "export_peft", "load_adapter", "merge_to_base", "read_adapter", "save_adapter",
+    "AdapterCheckpoint", "AdapterFormatError", "SavedAdapter", "export_peft", "load_adapter", "merge_to_base", "read_adapter", "save_adapter",
 ]

@@ -12,8 +12,9 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
-from .adapter_io import check_save_adapter, check_save_best_mode, save_best_from_trainer, save_final_from_trainer
+from .adapter_checkpoint import AdapterCheckpoint, callback_checkpoint, trainer_checkpoints
 from .config import MatLoRAConfig, TargetSpec
+from .curve import RankCurve
 from .evaluation import RankCurveValidation, check_rank_eval
 from .distributed import check_not_sharded, is_deepspeed, prepare_strategy
 from .inject import adapted_layers, adapter_state_keys, freeze_base, inject, linear_layer_names, no_match_message
@@ -60,8 +61,12 @@ class MatryoshkaLoRA(pl.Callback):
         adapter_dtype: dtype of the adapter factors; default the base weight's.
         seed: seed of the per-step rank draws of ``"dylora"``/``"rowwise"`` (identical on every process).
         save_adapter: at the end of ``fit``, save the adapter with :func:`~lightning_matlora.save_adapter` (with
-            the last measured rank curve, if any): ``True`` → ``<checkpoint dir>/matlora_adapter``, a path → there,
-            ``False`` → not at all. The path is logged and kept in ``.adapter_path``.
+            the last measured rank curves, ``last_curves``): ``True`` → the run's own directory
+            (``lightning_logs/version_N/matlora_adapter``; without a logger a new
+            ``matlora_adapter/version_N``; never another run's), a path → there (replaced), ``False`` → not at
+            all. The path is logged and kept in ``.adapter_path``. Runs an
+            :class:`~lightning_matlora.AdapterCheckpoint` inside the callback; one in the Trainer's callbacks
+            replaces it.
         save_best: keep the best adapter of the run in ``<save_adapter dir>_best``, saved after each validation
             where the monitored metric improves: ``True`` monitors the rank-curve evaluation's ``val/aurac_loss``
             (minimised), a string names any logged metric (minimised if its name contains "loss", else
@@ -93,11 +98,10 @@ class MatryoshkaLoRA(pl.Callback):
         self.controller = RankController(self.config)
         self.verbose = verbose
         self.adapted: list[str] = []
-        self.save_adapter, self.save_best = check_save_adapter(save_adapter), save_best
-        self.save_best_mode = check_save_best_mode(save_best_mode)
-        self.adapter_path: str | None = None
-        self.best_adapter_path: str | None = None
-        self.best_score: float | None = None
+        self.save_adapter, self.save_best, self.save_best_mode = save_adapter, save_best, save_best_mode
+        # the saving policy (see lightning_matlora.adapter_checkpoint); None when nothing is saved
+        self._saver: AdapterCheckpoint | None = callback_checkpoint(save_adapter, save_best, save_best_mode, verbose)
+        self._saver_active = True  # False when the Trainer has its own AdapterCheckpoint
         self.rank_eval = (RankCurveValidation(self.config, rank_eval, verbose=verbose)
                           if check_rank_eval(rank_eval) is not None else None)
 
@@ -111,6 +115,31 @@ class MatryoshkaLoRA(pl.Callback):
     def last_curve(self) -> dict[str, Any] | None:
         """The last validation epoch's rank curve (``{"metric", "ranks", "scores"}``), saved with the adapter."""
         return self.rank_eval.last_curve() if self.rank_eval is not None else None
+
+    @property
+    def last_curves(self) -> list[RankCurve]:
+        """The last validation epoch's rank curves, one per metric (recorded in the saved adapter)."""
+        history = self.rank_eval.history if self.rank_eval is not None else None
+        if not history:
+            return []
+        from .evaluation import NAME
+
+        return [RankCurve.from_mapping(history[-1][1], metric=NAME, higher_is_better=False)]
+
+    @property
+    def adapter_path(self) -> str | None:
+        """Where the adapter was saved at the end of ``fit`` (``None`` before, or when not saved)."""
+        return self._saver.last_adapter_path if self._saver is not None else None
+
+    @property
+    def best_adapter_path(self) -> str | None:
+        """Where the best adapter (``save_best``) was saved last (``None`` if none was)."""
+        return self._saver.best_adapter_path if self._saver is not None else None
+
+    @property
+    def best_score(self) -> float | None:
+        """The best value of the ``save_best`` metric so far (kept across a resume)."""
+        return self._saver.best_score if self._saver is not None else None
 
     @property
     def last_aurac(self) -> float | None:
@@ -167,6 +196,17 @@ class MatryoshkaLoRA(pl.Callback):
         if not is_deepspeed(trainer.strategy):  # DeepSpeed builds its optimizer from the trainable parameters only
             _drop_frozen_from_optimizers(trainer)
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._saver is None:
+            return
+        own = trainer_checkpoints(trainer.callbacks)
+        self._saver_active = not own
+        if own:
+            rank_zero_info("MatryoshkaLoRA: the Trainer has an AdapterCheckpoint, which saves the adapter; the "
+                           "callback's own save_adapter/save_best settings are not used.")
+        else:
+            self._saver.on_train_start(trainer, pl_module)
+
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         if self.controller.setting is not None:
@@ -192,14 +232,14 @@ class MatryoshkaLoRA(pl.Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.rank_eval is not None and trainer.state.fn == "validate":
             self.rank_eval.report(trainer)
-        if self.save_best and not trainer.sanity_checking and trainer.state.fn == "fit":
-            save_best_from_trainer(self, trainer, pl_module)
+        if self._saver is not None and self._saver_active:
+            self._saver.on_validation_end(trainer, pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.rank_eval is not None:
             self.rank_eval.report(trainer)
-        if self.save_adapter is not False:
-            save_final_from_trainer(self, trainer, pl_module)
+        if self._saver is not None and self._saver_active:
+            self._saver.on_fit_end(trainer, pl_module)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
@@ -212,11 +252,18 @@ class MatryoshkaLoRA(pl.Callback):
         self.controller.set(None)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict(), "adapted": list(self.adapted), "best_score": self.best_score}
+        state = {"config": self.config.to_dict(), "adapted": list(self.adapted)}
+        if self._saver is not None:
+            state["adapter_checkpoint"] = self._saver.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._check_config(state_dict.get("config", {}))
-        self.best_score = state_dict.get("best_score")  # a resumed run keeps its best adapter unless beaten
+        if self._saver is not None:  # a resumed run keeps its adapter directory and its best score unless beaten
+            saved = state_dict.get("adapter_checkpoint")
+            if saved is None and "best_score" in state_dict:  # checkpoints of lightning_matlora 0.1
+                saved = {"best_score": state_dict["best_score"]}
+            self._saver.load_state_dict(saved or {})
 
     # ---------------------------------------------------------------------------------------- internals
     def _owns(self, module: nn.Module) -> bool:
@@ -312,3 +359,28 @@ def _drop_frozen_from_optimizers(trainer: pl.Trainer) -> None:
         if not any(group["params"] for group in opt.param_groups):
             raise ValueError("The optimizer holds no trainable parameter after MatryoshkaLoRA froze the base: build it "
                              "from self.parameters() (or the adapter's parameters) in configure_optimizers.")
+
+
+def prepare_for_sharding(pl_module: pl.LightningModule) -> list[str]:
+    """Add the Trainer's MatryoshkaLoRA adapters to ``pl_module`` now, inside ``configure_model``, before sharding.
+
+    Call it after building the model and before ``fully_shard`` (FSDP2 / ``ModelParallelStrategy``)::
+
+        def configure_model(self):
+            self.model = build_model()
+            lightning_matlora.prepare_for_sharding(self)
+            for block in self.model.model.layers:
+                fully_shard(block, mesh=self.device_mesh["data_parallel"])
+            fully_shard(self.model, mesh=self.device_mesh["data_parallel"])
+
+    Returns the names of the adapted layers. Raises if the module has no Trainer with a MatryoshkaLoRA callback.
+    """
+    trainer = getattr(pl_module, "_trainer", None)
+    callbacks = [c for c in (trainer.callbacks if trainer is not None else []) if isinstance(c, MatryoshkaLoRA)]
+    if not callbacks:
+        raise RuntimeError("prepare_for_sharding(module) adds the adapters of the Trainer's MatryoshkaLoRA callback: "
+                           "call it inside configure_model of a module run by a Trainer(callbacks=[MatryoshkaLoRA("
+                           "...)]). Without a Trainer, adapt the model with MatryoshkaLoRA(...).apply(model).")
+    if len(callbacks) > 1:
+        raise RuntimeError(f"The Trainer has {len(callbacks)} MatryoshkaLoRA callbacks; use one.")
+    return callbacks[0].apply(pl_module)

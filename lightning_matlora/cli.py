@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 DESCRIPTION = """\
 Work with a nested (MatryoshkaLoRA) adapter saved by save_adapter() or by the MatryoshkaLoRA callback
 (a directory with matlora_config.json and adapter_model.safetensors; by default the callback writes it to
-<checkpoint dir>/matlora_adapter at the end of fit).
+lightning_logs/version_N/matlora_adapter, or matlora_adapter/version_N without a logger, at the end of fit).
+Errors print one line naming the file and the problem and exit with status 2.
 
   matlora info    ADAPTER                                 settings, layers and the measured rank curve
   matlora export  ADAPTER --rank K --out DIR              rank K as a standard PEFT LoRA adapter
@@ -24,13 +27,20 @@ adapters; a merged model loads with transformers.AutoModelForCausalLM.from_pretr
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="matlora", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="{info,export,merge}")
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
+    for add, _ in COMMANDS.values():
+        add(sub)
+    return parser
 
+
+def add_info(sub: Any) -> None:
     info = sub.add_parser("info", help="show an adapter's settings, layers and stored rank curve",
                           description="Print the adapter's configuration, train ranks, adapted layers, base model and "
                                       "the measured rank curve (score per rank, AURAC) if the run stored one.")
     info.add_argument("adapter", metavar="ADAPTER", help="a saved adapter directory")
 
+
+def add_export(sub: Any) -> None:
     export = sub.add_parser("export", help="write rank K as a standard PEFT LoRA adapter",
                             description="Write rank K of the nested adapter as a PEFT LoRA adapter (adapter_config.json "
                                         "with r=K, adapter_model.safetensors). No base model is needed. With "
@@ -45,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="fold the rank scale into lora_B (lora_alpha = r, no use_rslora) for servers that ignore "
                              "use_rslora")
 
+
+def add_merge(sub: Any) -> None:
     merge = sub.add_parser("merge", help="write a transformers model with rank K merged into the base",
                            description="Merge rank K into the base weights and save a plain transformers model "
                                        "(save_pretrained) that loads without lightning_matlora.")
@@ -54,11 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--rank", required=True, type=int, metavar="K", help="rank to merge, 1 ≤ K ≤ r_max")
     merge.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist)")
     merge.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
-    return parser
 
 
 def format_info(path: str) -> str:
-    from .adapter_io import read_adapter
+    """The text ``matlora info`` prints: settings, layers, and every recorded rank curve with its AURAC."""
+    from .adapter_format import read_adapter
 
     a = read_adapter(path)
     c = a.config
@@ -81,47 +93,68 @@ def format_info(path: str) -> str:
         f"  parameters      {numel:,} at r_max",
         f"  written by      lightning_matlora {a.library_version}",
     ]
-    curve = a.rank_curve
-    if curve and curve.get("ranks"):
-        metric = curve.get("metric", "score")
-        width = max(len(metric), 5)
-        lines += ["", f"  Measured rank curve", f"  {'rank':>6}  {metric:>{width}}"]
-        lines += [f"  {r:>6}  " + (f"{s:>{width}.4f}" if s is not None else f"{'nan':>{width}}")
-                  for r, s in zip(curve["ranks"], curve["scores"])]
-    else:
+    if not a.curves:
         lines += ["", "  No measured rank curve stored (the run did not evaluate ranks)."]
-    if a.aurac is not None:
-        lines.append(f"  AURAC  {a.aurac:.4f}")
+    for curve in a.curves:
+        width = max(len(curve.metric), 5)
+        better = "higher" if curve.higher_is_better else "lower"
+        lines += ["", f"  Measured rank curve: {curve.metric} ({better} is better)", f"  {'rank':>6}  {curve.metric:>{width}}"]
+        lines += [f"  {r:>6}  {s:>{width}.4f}" for r, s in zip(curve.ranks, curve.scores)]
+        lines.append(f"  AURAC  {curve.aurac():.4f}")
     if a.metadata:
         lines += ["", "  metadata " + ", ".join(f"{k}={v!r}" for k, v in sorted(a.metadata.items()))]
     return "\n".join(lines)
 
 
+def run_info(args: argparse.Namespace) -> str:
+    return format_info(args.adapter)
+
+
+def run_export(args: argparse.Namespace) -> str:
+    from .export import export_peft
+
+    out = export_peft(args.adapter, args.out, rank=args.rank, overwrite=args.overwrite, fold_scale=args.fold_scale)
+    what = "one PEFT adapter per train rank" if args.rank.strip().lower() == "all" else f"rank {args.rank}"
+    return f"Wrote {what} to {out}"
+
+
+def run_merge(args: argparse.Namespace) -> str:
+    from .export import merge_to_base
+
+    out = merge_to_base(args.adapter, args.out, rank=args.rank, base=args.base, overwrite=args.overwrite)
+    return f"Wrote a transformers model with rank {args.rank} merged to {out}"
+
+
+#: subcommand → (adds its parser, runs it and returns what to print); a new subcommand is one more entry
+COMMANDS: dict[str, tuple[Callable[[Any], None], Callable[[argparse.Namespace], str]]] = {
+    "info": (add_info, run_info), "export": (add_export, run_export), "merge": (add_merge, run_merge)}
+
+
+def error_line(command: str, err: BaseException, path: str | None) -> str:
+    """One line for stderr: the command, the file (when the message does not name it) and the problem."""
+    text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(err)).split()) or type(err).__name__
+    if not isinstance(err, (ValueError, OSError)):  # not one of ours: say what it was and which adapter it concerns
+        text = f"{type(err).__name__}: {text}"
+        if path and path not in text:
+            text = f"{path}: {text}"
+    return f"matlora {command}: error: {text}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``matlora``; returns the exit status (0 ok, 1 bad input, 2 bad usage)."""
+    """Entry point of ``matlora``; returns the exit status: 0 done, 2 bad usage or a bad input (one line on
+    stderr naming the file and the problem, never a traceback)."""
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
     try:
-        if args.command == "info":
-            print(format_info(args.adapter))
-        elif args.command == "export":
-            from .export import export_peft
-
-            out = export_peft(args.adapter, args.out, rank=args.rank, overwrite=args.overwrite,
-                              fold_scale=args.fold_scale)
-            what = "one PEFT adapter per train rank" if args.rank.strip().lower() == "all" else f"rank {args.rank}"
-            print(f"Wrote {what} to {out}")
-        elif args.command == "merge":
-            from .export import merge_to_base
-
-            out = merge_to_base(args.adapter, args.out, rank=args.rank, base=args.base, overwrite=args.overwrite)
-            print(f"Wrote a transformers model with rank {args.rank} merged to {out}")
-    except (ValueError, FileNotFoundError, FileExistsError, TypeError, OSError) as e:
-        print(f"matlora {args.command}: error: {e}", file=sys.stderr)
-        return 1
+        print(COMMANDS[args.command][1](args))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as e:  # noqa: BLE001 - the command line reports every failure as one line
+        print(error_line(args.command, e, getattr(args, "adapter", None)), file=sys.stderr)
+        return 2
     return 0
 
 

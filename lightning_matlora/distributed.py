@@ -5,8 +5,7 @@ The one home of everything strategy-specific:
 - :func:`check_strategy`: refuses strategies the plugin cannot support, naming the supported ones.
 - :func:`prepare_strategy`: adjusts a supported strategy at setup (DeepSpeed checkpoints exclude the frozen base;
   ZeRO-3 refuses a model that was materialised before the strategy could partition it).
-- :func:`prepare_for_sharding`: adapt a model inside ``configure_model`` *before* calling ``fully_shard`` on it.
-- :func:`check_not_sharded`: the error for adapters that would be injected into an already sharded model.
+- :func:`check_not_sharded`: the error (naming ``MatryoshkaLoRA``'s ``prepare_for_sharding``) for adapters that would be injected into an already sharded model.
 - :func:`full_adapter_state_dict`: the full, unsharded adapter on every process (a collective call).
 """
 
@@ -168,33 +167,6 @@ def _is_fsdp_sharded(t: torch.Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(t, DTensor)
-
-
-def prepare_for_sharding(pl_module: pl.LightningModule) -> list[str]:
-    """Add the Trainer's MatryoshkaLoRA adapters to ``pl_module`` now, inside ``configure_model``, before sharding.
-
-    Call it after building the model and before ``fully_shard`` (FSDP2 / ``ModelParallelStrategy``)::
-
-        def configure_model(self):
-            self.model = build_model()
-            lightning_matlora.prepare_for_sharding(self)
-            for block in self.model.model.layers:
-                fully_shard(block, mesh=self.device_mesh["data_parallel"])
-            fully_shard(self.model, mesh=self.device_mesh["data_parallel"])
-
-    Returns the names of the adapted layers. Raises if the module has no Trainer with a MatryoshkaLoRA callback.
-    """
-    from .callback import MatryoshkaLoRA
-
-    trainer = getattr(pl_module, "_trainer", None)
-    callbacks = [c for c in (trainer.callbacks if trainer is not None else []) if isinstance(c, MatryoshkaLoRA)]
-    if not callbacks:
-        raise RuntimeError("prepare_for_sharding(module) adds the adapters of the Trainer's MatryoshkaLoRA callback: "
-                           "call it inside configure_model of a module run by a Trainer(callbacks=[MatryoshkaLoRA("
-                           "...)]). Without a Trainer, adapt the model with MatryoshkaLoRA(...).apply(model).")
-    if len(callbacks) > 1:
-        raise RuntimeError(f"The Trainer has {len(callbacks)} MatryoshkaLoRA callbacks; use one.")
-    return callbacks[0].apply(pl_module)
 
 
 # ------------------------------------------------------------------------------------------------- gathering

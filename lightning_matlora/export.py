@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
+import re
 import os
 from pathlib import Path
 from typing import Any, Union
@@ -23,8 +25,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .adapter_io import (SavedAdapter, _transformers_types, atomic_directory, check_base, model_root, read_adapter,
-                         snapshot)
+from .adapter_format import SavedAdapter, read_adapter
+from .adapter_load import check_base
+from .adapter_save import model_root, snapshot, transformers_types
+from .atomic import atomic_directory
 from .inject import adapted_layers
 from .layer import MatryoshkaLinear
 from .rank import RankController
@@ -32,12 +36,12 @@ from .rank import RankController
 AdapterSource = Union[str, os.PathLike, nn.Module, SavedAdapter]
 
 
-def _adapter(source: AdapterSource) -> SavedAdapter:
-    if isinstance(source, SavedAdapter):
-        return source
-    if isinstance(source, nn.Module):
-        return snapshot(source)
-    return read_adapter(source)
+def _adapter(adapter: AdapterSource) -> SavedAdapter:
+    if isinstance(adapter, SavedAdapter):
+        return adapter
+    if isinstance(adapter, nn.Module):
+        return snapshot(adapter)
+    return read_adapter(adapter)
 
 
 def check_rank(rank: Any, r_max: int) -> int:
@@ -49,11 +53,11 @@ def check_rank(rank: Any, r_max: int) -> int:
     return rank
 
 
-def _refuse_ancestor(out_dir: Path, source: AdapterSource) -> None:
+def _refuse_ancestor(out_dir: Path, adapter: AdapterSource) -> None:
     out = out_dir.resolve()
     protected = [Path.cwd().resolve(), Path.home().resolve()]
-    if isinstance(source, (str, os.PathLike)):
-        protected.append(Path(source).resolve())
+    if isinstance(adapter, (str, os.PathLike)):
+        protected.append(Path(adapter).resolve())
     for p in protected:
         if out == p or out in p.parents:
             raise ValueError(f"Refusing to write to {out_dir}: it contains {p} (the working directory, the home "
@@ -116,15 +120,16 @@ def peft_rank_k(adapter: SavedAdapter, rank: int, fold_scale: bool = False
 
 def _card(adapter: SavedAdapter, k: int) -> str:
     cfg = adapter.config
-    score = adapter.score_at(k)
-    metric = (adapter.rank_curve or {}).get("metric", "score")
     lines = [f"# Rank-{k} LoRA adapter (exported from a MatryoshkaLoRA nested adapter)", "",
              f"- base model: `{adapter.base_model_name_or_path or 'unknown'}`",
              f"- rank: {k} of r_max={cfg.r_max} (train ranks {cfg.ranks}; rule `rank_scale={cfg.rank_scale}`, "
-             f"scaling `{cfg.scaling}`, alpha {cfg.alpha})",
-             f"- measured {metric} at rank {k}: " + (f"{score:.4g}" if score is not None else "not measured"),]
-    if adapter.aurac is not None:
-        lines.append(f"- AURAC of the full nested adapter: {adapter.aurac:.4g}")
+             f"scaling `{cfg.scaling}`, alpha {cfg.alpha})"]
+    for curve in adapter.curves:
+        score = curve.score_at(k) if k in curve.ranks else None
+        lines.append(f"- measured {curve.metric} at rank {k}: " + (f"{score:.4g}" if score is not None else "not measured")
+                     + f" (AURAC of the full nested adapter: {curve.aurac():.4g})")
+    if not adapter.curves:
+        lines.append("- no measured rank curve was recorded with the adapter")
     lines += ["", "A standard PEFT LoRA adapter (`adapter_config.json` + `adapter_model.safetensors`):", "",
               "```python", "from peft import PeftModel",
               "model = PeftModel.from_pretrained(base_model, \"<this directory>\")", "```", ""]
@@ -139,12 +144,12 @@ def _write_peft(adapter: SavedAdapter, out: Path, k: int, fold_scale: bool) -> N
     (out / "README.md").write_text(_card(adapter, k))
 
 
-def export_peft(source: AdapterSource, out_dir: str | os.PathLike, rank: int | str, *, overwrite: bool = False,
+def export_peft(adapter: AdapterSource, out_dir: str | os.PathLike, rank: int | str, *, overwrite: bool = False,
                 fold_scale: bool = False) -> Path:
     """Write rank ``rank`` of a nested adapter as a standard PEFT LoRA adapter in ``out_dir``.
 
     Args:
-        source: an adapted model, a saved adapter directory (see :func:`save_adapter`) or a :class:`SavedAdapter`.
+        adapter: an adapted model, a saved adapter directory (see :func:`save_adapter`) or a :class:`SavedAdapter`.
             No base model is needed.
         out_dir: the output directory (``adapter_config.json``, ``adapter_model.safetensors``, ``README.md``).
         rank: k in 1…r_max, or ``"all"``: one adapter per train rank in ``out_dir/rank_<k>/``, each with a README
@@ -153,21 +158,32 @@ def export_peft(source: AdapterSource, out_dir: str | os.PathLike, rank: int | s
         fold_scale: fold the scale into ``lora_B`` (``lora_alpha = r``) even for ``rank_scale="rank"``.
 
     Load with ``peft.PeftModel.from_pretrained(base, out_dir)``; the logits equal the nested model at rank k.
+
+    Example:
+        >>> import json, tempfile
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> from lightning_matlora import MatryoshkaLoRA, export_peft
+        >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+        ...     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+        >>> _ = MatryoshkaLoRA(r_max=4, verbose=False).apply(model)
+        >>> out = export_peft(model, tempfile.mkdtemp() + "/r2", rank=2)
+        >>> json.loads((out / "adapter_config.json").read_text())["r"]
+        2
     """
     out = Path(out_dir)
-    _refuse_ancestor(out, source)
-    adapter = _adapter(source)
+    _refuse_ancestor(out, adapter)
+    saved = _adapter(adapter)
     if isinstance(rank, str) and rank.strip().lower() == "all":
-        ranks = list(adapter.config.ranks)
+        ranks = list(saved.config.ranks)
 
         def write(tmp: Path) -> None:
             for k in ranks:
-                _write_peft(adapter, tmp / f"rank_{k}", k, fold_scale)
+                _write_peft(saved, tmp / f"rank_{k}", k, fold_scale)
     else:
-        k = check_rank(rank, adapter.r_max)
+        k = check_rank(rank, saved.r_max)
 
         def write(tmp: Path) -> None:
-            _write_peft(adapter, tmp, k, fold_scale)
+            _write_peft(saved, tmp, k, fold_scale)
     atomic_directory(out, write, replace=overwrite)
     return out
 
@@ -180,7 +196,12 @@ def _load_base(base: str | os.PathLike, adapter: SavedAdapter) -> nn.Module:
     cls = getattr(transformers, cls_name, None) if cls_name else None
     if cls is None or not hasattr(cls, "from_pretrained"):
         cls = transformers.AutoModelForCausalLM
-    return cls.from_pretrained(str(base))
+    try:
+        return cls.from_pretrained(str(base))
+    except (OSError, ValueError, pickle.UnpicklingError, RuntimeError, KeyError, EnvironmentError) as e:
+        first = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(e)).split())
+        raise ValueError(f"Cannot load the base model {str(base)!r} with {cls.__name__}.from_pretrained: "
+                         f"{first[:300]}") from e
 
 
 def merge_to_base(adapter: AdapterSource, out_dir: str | os.PathLike, rank: int, *,
@@ -197,7 +218,22 @@ def merge_to_base(adapter: AdapterSource, out_dir: str | os.PathLike, rank: int,
         overwrite: replace an existing ``out_dir``.
 
     Neither the adapted model nor a passed ``base`` is changed: merged weights are new tensors handed to
-    ``save_pretrained`` as its ``state_dict``.
+    ``save_pretrained`` as its ``state_dict``. A base that cannot be loaded (e.g. a pickle that transformers'
+    weights-only loading refuses) raises ``ValueError`` naming it.
+
+    Example:
+        >>> import tempfile
+        >>> from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+        >>> from lightning_matlora import MatryoshkaLoRA, merge_to_base
+        >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+        ...     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+        >>> _ = MatryoshkaLoRA(r_max=4, verbose=False).apply(model)
+        >>> out = merge_to_base(model, tempfile.mkdtemp() + "/merged", rank=2)  # doctest: +SKIP
+        >>> type(AutoModelForCausalLM.from_pretrained(out)).__name__  # doctest: +SKIP
+        'LlamaForCausalLM'
+
+    (Skipped as a doctest only because DeepSpeed may print a notice to stdout when ``save_pretrained`` first
+    probes it; ``tests/test_export.py`` runs the same calls.)
     """
     out = Path(out_dir)
     _refuse_ancestor(out, adapter)
@@ -217,7 +253,7 @@ def merge_to_base(adapter: AdapterSource, out_dir: str | os.PathLike, rank: int,
                              "hub name).")
         base = saved.base_model_name_or_path
     base_model = _load_base(base, saved) if isinstance(base, (str, os.PathLike)) else base
-    if not isinstance(base_model, _transformers_types()):
+    if not isinstance(base_model, transformers_types()):
         raise TypeError(f"base must be a transformers PreTrainedModel, a local directory or a hub name, got "
                         f"{type(base_model).__name__}.")
     if adapted_layers(base_model):
@@ -264,7 +300,7 @@ def _merge_adapted(model: nn.Module, out: Path, rank: int, overwrite: bool) -> P
     if not layers:
         raise ValueError("The model has no MatryoshkaLoRA layers: pass an adapted model or a saved adapter directory.")
     names = list(layers)
-    found = model_root(model, lambda n, m: isinstance(m, _transformers_types())
+    found = model_root(model, lambda n, m: isinstance(m, transformers_types())
                        and all(x.startswith(n + ".") or not n for x in names))
     if found is None:
         raise TypeError("merge_to_base writes a transformers model, but the adapted layers are not inside a transformers "

@@ -21,7 +21,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_matlora import (MatryoshkaLoRA, RankCurveMetric, at_rank, aurac, controller_of, describe_rank_choice,
                                load_adapter, plot_rank_curves, select_rank)
-from lightning_matlora.adapter_io import save_from_trainer
+from lightning_matlora.adapter_checkpoint import save_from_trainer
+from lightning_matlora.curve import RankCurve
 from lightning_matlora.inject import adapted_layers
 
 RECIPES = Path(__file__).resolve().parent
@@ -251,12 +252,15 @@ class InstructLM(pl.LightningModule):
     def on_fit_end(self) -> None:
         out = Path(self.hparams.output_dir or self.trainer.log_dir or self.trainer.default_root_dir)
         ranks = sorted(self.curve)
-        key = _advice_metric(self.curve)
-        curve = {"metric": key, "ranks": ranks, "scores": [self.curve[k][key] for k in ranks]} if ranks else None
+        curves = []
+        if ranks:  # one recorded curve per metric, the advice metric first
+            key = _advice_metric(self.curve)
+            names = [key] + [n for n in self.curve[ranks[0]] if n != key and all(n in self.curve[k] for k in ranks)]
+            curves = [RankCurve(tuple(ranks), tuple(self.curve[k][n] for k in ranks), n, n != "loss") for n in names]
         adapter_dir = out / "adapter"
         # every process takes part (sharded adapters are gathered), global rank zero writes
-        save_from_trainer(self.trainer, self.model, adapter_dir, [], curve=curve,
-                          aurac=aurac(ranks, curve["scores"]) if curve else None, base_model=self.hparams.name_or_path)
+        save_from_trainer(self.trainer, self.model, adapter_dir, curves=curves,
+                          metadata={"base_model": self.hparams.name_or_path})
         self.outputs["adapter"] = str(adapter_dir)
         if not self.trainer.is_global_zero:
             return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import lightning.pytorch as pl
@@ -10,10 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import lightning_matlora.adapter_io as adapter_io
+import lightning_matlora.adapter_format as adapter_format
 from conftest import tiny_gpt2, tiny_llama
-from lightning_matlora import (MatryoshkaLinear, MatryoshkaLoRA, adapted_layers, at_rank, load_adapter, read_adapter,
-                               save_adapter)
+from lightning_matlora import (AdapterFormatError, MatryoshkaLinear, MatryoshkaLoRA, adapted_layers, at_rank,
+                               load_adapter, read_adapter, save_adapter)
+from lightning_matlora.curve import RankCurve
 
 X = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(1))
 
@@ -46,13 +48,15 @@ class Wrapped(pl.LightningModule):
 
 def test_round_trip_files_keys_and_logits(tmp_path):
     model = trained(tiny_llama(), r_max=8)
-    path = save_adapter(model, tmp_path / "ad", curve={1: 0.2, 8: 0.6, 2: 0.4}, aurac=0.41, step=7)
+    path = save_adapter(model, tmp_path / "ad", curves=RankCurve.from_mapping({1: 0.2, 8: 0.6, 2: 0.4}),
+                        metadata={"step": 7})
     assert sorted(os.listdir(path)) == ["adapter_model.safetensors", "matlora_config.json"]
     doc = json.loads((path / "matlora_config.json").read_text())
-    assert doc["format_version"] == 1 and doc["config"]["r_max"] == 8 and doc["config"]["ranks"] == [1, 2, 4, 8]
+    assert doc["format_version"] == 2 and doc["config"]["r_max"] == 8 and doc["config"]["ranks"] == [1, 2, 4, 8]
     assert doc["base_model_class"] == "LlamaForCausalLM" and doc["task_type"] == "CAUSAL_LM"
-    assert doc["rank_curve"] == {"metric": "score", "ranks": [1, 2, 8], "scores": [0.2, 0.4, 0.6]}
-    assert doc["aurac"] == 0.41 and doc["metadata"] == {"step": 7} and doc["library_version"] == "0.1.0"
+    assert doc["rank_curves"] == [{"metric": "score", "higher_is_better": True, "ranks": [1, 2, 8],
+                                   "scores": [0.2, 0.4, 0.6]}]
+    assert doc["metadata"] == {"step": 7} and doc["library_version"] == "0.1.0"
     assert doc["peft_target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     tensors = load_file(str(path / "adapter_model.safetensors"))
     assert len(tensors) == 2 * 14 and all(k.endswith((".lora_A", ".lora_B")) for k in tensors)  # no base weights
@@ -122,7 +126,7 @@ def test_failed_save_keeps_previous_adapter(tmp_path, monkeypatch):
     trained(model.__class__(model.config), r_max=4)  # unrelated model, just to be sure nothing is shared
     with torch.no_grad():
         adapted_layers(model)["model.layers.0.self_attn.q_proj"].lora_B.add_(1.0)
-    monkeypatch.setattr(adapter_io, "save_file", _partial_then_fail)
+    monkeypatch.setattr(adapter_format, "save_file", _partial_then_fail)
     with pytest.raises(OSError, match="No space"):
         save_adapter(model, path)
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
@@ -132,7 +136,7 @@ def test_failed_save_keeps_previous_adapter(tmp_path, monkeypatch):
 
 def test_failed_first_save_leaves_nothing(tmp_path, monkeypatch):
     model = trained(tiny_llama(), r_max=4)
-    monkeypatch.setattr(adapter_io, "save_file", _partial_then_fail)
+    monkeypatch.setattr(adapter_format, "save_file", _partial_then_fail)
     with pytest.raises(OSError):
         save_adapter(model, tmp_path / "ad")
     assert os.listdir(tmp_path) == []
@@ -204,12 +208,12 @@ def test_truncated_weights_clear_error_and_model_untouched(tmp_path):
     with pytest.raises(ValueError, match="corrupted or truncated"):
         load_adapter(model, tmp_path / "ad")
     assert _untouched(model)
-    # without the recorded checksum, safetensors' own header check catches the truncation
+    # the checksum is required: deleting it does not switch the check off
     cfg = tmp_path / "ad" / "matlora_config.json"
     doc = json.loads(cfg.read_text())
     del doc["weights_sha256"]
     cfg.write_text(json.dumps(doc))
-    with pytest.raises(ValueError, match="corrupted or truncated and cannot be read"):
+    with pytest.raises(AdapterFormatError, match="missing field 'weights_sha256'"):
         load_adapter(model, tmp_path / "ad")
     assert _untouched(model)
 
@@ -228,9 +232,9 @@ def test_newer_format_version_asks_to_upgrade(tmp_path):
     save_adapter(trained(tiny_llama(), r_max=4), tmp_path / "ad")
     cfg = tmp_path / "ad" / "matlora_config.json"
     doc = json.loads(cfg.read_text())
-    doc["format_version"] = 2
+    doc["format_version"] = 3
     cfg.write_text(json.dumps(doc))
-    with pytest.raises(ValueError, match="format version 2, newer.*upgrade lightning_matlora"):
+    with pytest.raises(AdapterFormatError, match="format version 3, newer.*upgrade lightning_matlora"):
         load_adapter(tiny_llama(), tmp_path / "ad")
 
 
@@ -248,11 +252,13 @@ def test_not_an_adapter_directory(tmp_path):
 
 def test_metadata_must_be_json(tmp_path):
     with pytest.raises(ValueError, match="JSON-serialisable"):
-        save_adapter(trained(tiny_llama(), r_max=2), tmp_path / "ad", extra=object())
+        save_adapter(trained(tiny_llama(), r_max=2), tmp_path / "ad", metadata={"extra": object()})
 
 
 def test_diverged_curve_is_stored_as_null(tmp_path):
-    save_adapter(trained(tiny_llama(), r_max=2), tmp_path / "ad", curve={2: float("nan"), 1: 0.5}, aurac=float("nan"))
+    save_adapter(trained(tiny_llama(), r_max=2), tmp_path / "ad",
+                 curves=RankCurve.from_mapping({2: float("nan"), 1: 0.5}, metric="acc"))
     doc = json.loads((tmp_path / "ad" / "matlora_config.json").read_text())  # strict JSON: no NaN tokens
-    assert doc["rank_curve"]["scores"] == [0.5, None] and doc["aurac"] is None
-    assert read_adapter(tmp_path / "ad").score_at(2) is None
+    assert doc["rank_curves"][0]["scores"] == [0.5, None]
+    [curve] = read_adapter(tmp_path / "ad").curves
+    assert curve.score_at(1) == 0.5 and math.isnan(curve.score_at(2))

@@ -144,7 +144,7 @@ def test_ddp_rank_curve_is_reduced_over_every_process(ddp, tmp_path):
     """The callback's rank curve under DDP equals one process's curve on all the validation data (same adapter)."""
     import lightning.pytorch as pl
 
-    from lightning_matlora.adapter_io import load_adapter
+    from lightning_matlora import load_adapter
 
     assert sorted(ddp["curve"]) == [1, 2, 4, 8]
     # one process, the DDP run's saved adapter, all validation sequences

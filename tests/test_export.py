@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from conftest import tiny_gpt2, tiny_llama
 from lightning_matlora import adapted_layers, at_rank, export_peft, merge_to_base, save_adapter
+from lightning_matlora.curve import RankCurve
 from test_adapter_io import X, Wrapped, logits, trained
 
 peft = pytest.importorskip("peft")
@@ -92,11 +93,11 @@ def test_partial_targets_and_modules_to_save_in_peft(tmp_path):
 
 def test_export_all_writes_one_adapter_per_train_rank_with_cards(tmp_path):
     model = trained(tiny_llama(), r_max=4)
-    save_adapter(model, tmp_path / "ad", curve={"metric": "accuracy", "ranks": [1, 2, 4], "scores": [0.5, 0.625, 0.75]},
-                 aurac=0.625)
+    save_adapter(model, tmp_path / "ad", curves=RankCurve((1, 2, 4), (0.5, 0.625, 0.75), metric="accuracy"))
     out = export_peft(tmp_path / "ad", tmp_path / "all", rank="all")
     assert sorted(p.name for p in out.iterdir()) == ["rank_1", "rank_2", "rank_4"]
     card = (out / "rank_2" / "README.md").read_text()
+    # AURAC on the log2 axis: ((0.5 + 0.625) / 2 + (0.625 + 0.75) / 2) / 2 = 0.625
     assert "measured accuracy at rank 2: 0.625" in card and "AURAC of the full nested adapter: 0.625" in card
     assert json.loads((out / "rank_4" / "adapter_config.json").read_text())["r"] == 4
     torch.testing.assert_close(peft_logits("llama", out / "rank_2"), logits(model, 2), rtol=1e-5, atol=1e-5)

@@ -146,9 +146,10 @@ def test_fit_logs_curve_aurac_table_png_and_tensorboard(tmp_path, caplog):
     from lightning_matlora import read_adapter
 
     saved = read_adapter(cb.adapter_path)
-    assert saved.rank_curve["ranks"] == [1, 2, 4, 8] and saved.rank_curve["metric"] == "val/loss"
-    assert saved.rank_curve["scores"] == pytest.approx([ref[k] for k in (1, 2, 4, 8)], rel=1e-5)
-    assert saved.aurac == pytest.approx(float(metrics["val/aurac_loss"]), rel=1e-6)
+    [curve] = saved.curves
+    assert curve.ranks == (1, 2, 4, 8) and curve.metric == "loss" and curve.higher_is_better is False
+    assert list(curve.scores) == pytest.approx([ref[k] for k in (1, 2, 4, 8)], rel=1e-5)
+    assert curve.aurac() == pytest.approx(float(metrics["val/aurac_loss"]), rel=1e-6)
     text = caplog.text
     assert "MatryoshkaLoRA rank curve after epoch 1" in text and "Advice: rank" in text and "AURAC" in text
 
@@ -317,16 +318,13 @@ def test_curve_reduces_across_two_ddp_processes(tmp_path):
 def test_nan_rank_is_reported_not_hidden_and_does_not_block_saving(caplog):
     """A diverged rank: the AURAC is NaN, the table says so, the saved metadata keeps the curve without an AURAC."""
     import math
-    from types import SimpleNamespace
-
-    from lightning_matlora.adapter_io import run_metadata
 
     cb = MatryoshkaLoRA(r_max=4, verbose=True)
     curve = {1: 2.0, 2: 1.5, 4: float("nan")}
     cb.rank_eval.history.append((0, curve, aurac(list(curve), list(curve.values()))))
     assert math.isnan(cb.rank_eval.history[-1][2]) and cb.last_aurac is None
-    meta = run_metadata(SimpleNamespace(global_step=3, current_epoch=0), [cb])
-    assert "aurac" not in meta and math.isnan(meta["curve"]["scores"][2])
+    [saved] = cb.last_curves  # what the saved adapter records: the NaN rank stays, as null in JSON
+    assert math.isnan(saved.scores[2]) and saved.to_json()["scores"] == [2.0, 1.5, None]
     with caplog.at_level(logging.INFO):
         cb.rank_eval.report(None)
     assert "no rank advised: the scores at ranks [4] are NaN" in caplog.text and "AURAC (log2 axis): nan" in caplog.text

@@ -118,10 +118,12 @@ def test_fit_cli_end_to_end_prints_curve_advice_and_paths(fitted):
     assert saved.r_max == 4 and len(saved.layers) == 21  # q k v o gate up down × 3 layers
     b = [saved.factors(n)[1] for n in saved.layers]
     assert any(t.abs().sum() > 0 for t in b)  # trained: B left zero
-    assert saved.rank_curve["ranks"] == [1, 2, 4]
+    assert all(c.ranks == (1, 2, 4) for c in saved.curves)
     curve = json.loads((png.parent / "rank_curve.json").read_text())
-    metric = saved.rank_curve["metric"]
-    assert saved.rank_curve["scores"] == [pytest.approx(curve["curve"][str(k)][metric]) for k in (1, 2, 4)]
+    assert sorted(c.metric for c in saved.curves) == ["exact_match", "loss", "token_acc"]
+    for c in saved.curves:  # one recorded curve per metric, equal to the printed numbers
+        assert list(c.scores) == [pytest.approx(curve["curve"][str(k)][c.metric]) for k in (1, 2, 4)]
+        assert c.higher_is_better is (c.metric != "loss")
     assert sorted(map(int, curve["curve"])) == [1, 2, 4]
     for m in curve["curve"].values():
         assert set(m) == {"loss", "token_acc", "exact_match"}
