@@ -1,6 +1,7 @@
 """Nested training against plain LoRA and the per-rank grid on the recipe's Encode task, at equal steps.
 
     python benchmarks/encode_study.py METHOD --lr 1e-2 --seed 0 [--epochs 6] [--out docs/encode_study_runs.jsonl]
+    python benchmarks/encode_study.py summary [--out docs/encode_study_runs.jsonl]   # the markdown table
 
 The recipe's setting (bundled base and Encode data, batch 32, max_length 64, AdamW with 5 % linear warm-up then
 linear decay, weight decay 0, 6 epochs = 678 optimizer steps) in a plain training loop on one CPU thread. After
@@ -94,7 +95,45 @@ class Schedule:
         self.sched.step()
 
 
+def summary(path: str) -> str:
+    """Markdown table of the runs in ``path``: one row per setting (method, scaling, row shares, lr, epochs), exact
+    match per rank as mean ± sd over its seeds, log2 AURAC of exact match, token accuracy at r = 1 and r_max."""
+    import collections
+    import statistics
+
+    groups: dict[tuple, list[dict]] = collections.defaultdict(list)
+    for line in Path(path).read_text().splitlines():
+        d = json.loads(line)
+        key = (d["method"], d["scaling"], d.get("rank_weights", "uniform"), d.get("weights"), d["lr"], d.get("lr2"),
+               d["epochs"])
+        groups[key].append(d)
+
+    def ms(vals: list[float]) -> str:
+        return f"{statistics.mean(vals):.1f}" + (f" ± {statistics.stdev(vals):.1f}" if len(vals) > 1 else "")
+
+    out = ["| setting | lr | seeds | " + " | ".join(f"r={k}" for k in EVAL_RANKS) + " | AURAC log2 | token acc r=1 / r_max |",
+           "|---" * (len(EVAL_RANKS) + 5) + "|"]
+    for (method, scaling, rw, w, lr, lr2, epochs), ds in groups.items():
+        name = method + ("" if scaling == "sqrt" else f", scaling={scaling}") + \
+            ("" if rw in (None, "uniform") or method.startswith("lora") else f", rank_weights={rw}") + \
+            (f", weights={w}" if w else "") + (f", lr2={lr2:g}" if lr2 else "") + \
+            ("" if epochs == 6 else f", {epochs:g} epochs")
+        cells = [ms([d["curve"][str(k)]["exact_match"] for d in ds]) if str(k) in ds[0]["curve"] else ""
+                 for k in EVAL_RANKS]
+        top = str(max(int(k) for k in ds[0]["curve"]))
+        tok = ms([d["curve"]["1"]["token_acc"] for d in ds]) if "1" in ds[0]["curve"] else "–"
+        out.append(f"| {name} | {lr:g} | {','.join(str(d['seed']) for d in ds)} | " + " | ".join(cells) +
+                   f" | {ms([d['aurac_log2_em'] for d in ds])} | {tok} / {ms([d['curve'][top]['token_acc'] for d in ds])} |")
+    return "\n".join(out)
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["summary"]:
+        ap = argparse.ArgumentParser()
+        ap.add_argument("summary")
+        ap.add_argument("--out", default="docs/encode_study_runs.jsonl")
+        print(summary(ap.parse_args().out))
+        return
     ap = argparse.ArgumentParser()
     ap.add_argument("method")
     ap.add_argument("--lr", type=float, default=1e-2)
