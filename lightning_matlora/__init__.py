@@ -16,6 +16,8 @@ from .evaluation import RankCurveValidation
 from .inject import adapted_layers
 from .layer import MatryoshkaLinear
 from .metric import RankCurveMetric
+from .nesting import NestReport, nest_by_svd
+from .nest_peft import NestResult, nest_adapter
 from .model import at_rank, begin_step, controller_of, get_rank, merge, set_rank, set_rank_scale, unmerge
 from .rank import RankController, RankPlan
 from .scaling import build_p, default_ranks, rank_scale
@@ -28,5 +30,6 @@ __all__ = [
     "plot_rank_curves", "select_rank",
     "adapted_layers", "at_rank", "begin_step", "build_p", "controller_of", "default_ranks", "get_rank", "merge",
     "rank_scale", "set_rank", "set_rank_scale", "unmerge", "full_adapter_state_dict", "prepare_for_sharding", "__version__",
+    "NestReport", "NestResult", "nest_adapter", "nest_by_svd",
     "AdapterCheckpoint", "AdapterFormatError", "SavedAdapter", "export_peft", "load_adapter", "merge_to_base", "read_adapter", "save_adapter",
 ]

@@ -33,7 +33,7 @@ from torch import nn
 
 from .adapter_format import as_curves, write_adapter
 from .adapter_save import snapshot
-from .curve import RankCurve
+from .curve import RankCurve, aurac_key
 
 ADAPTER_DIRNAME = "matlora_adapter"
 MODES = ("auto", "min", "max")
@@ -254,9 +254,7 @@ def callback_checkpoint(save_adapter: Any, save_best: Any, save_best_mode: str,
         raise ValueError(f"save_best_mode must be 'auto' (minimise metrics whose name contains 'loss', maximise the "
                          f"others), 'min' or 'max', got {save_best_mode!r}.")
     if save_best is True:
-        from .evaluation import aurac_name
-
-        monitor = aurac_name()
+        monitor = aurac_key("loss")
     elif save_best:
         monitor = str(save_best)
     else:

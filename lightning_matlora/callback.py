@@ -17,6 +17,7 @@ from .config import MatLoRAConfig, TargetSpec
 from .curve import RankCurve
 from .evaluation import RankCurveValidation, check_rank_eval
 from .distributed import check_not_sharded, is_deepspeed, prepare_strategy
+from .quantized import check_strategy_for_quantized
 from .inject import adapted_layers, adapter_state_keys, freeze_base, inject, linear_layer_names, no_match_message
 from .rank import RankController
 from .summary import format_summary
@@ -58,7 +59,8 @@ class MatryoshkaLoRA(pl.Callback):
             (the prefix p_1…p_k of the training diagonal).
         p: explicit training diagonal (length r_max, finite, ≥ 0) instead of Algorithm 1's.
         eval_ranks: ranks evaluated and reported; default the train ranks.
-        adapter_dtype: dtype of the adapter factors; default the base weight's.
+        adapter_dtype: dtype of the adapter factors (a floating dtype); default the base weight's, or for a
+            quantized (bitsandbytes) base its compute dtype. The factors are never quantized.
         seed: seed of the per-step rank draws of ``"dylora"``/``"rowwise"`` (identical on every process).
         save_adapter: at the end of ``fit``, save the adapter with :func:`~lightning_matlora.save_adapter` (with
             the last measured rank curves, ``last_curves``): ``True`` → the run's own directory
@@ -72,11 +74,14 @@ class MatryoshkaLoRA(pl.Callback):
             (minimised), a string names any logged metric (minimised if its name contains "loss", else
             maximised; see ``save_best_mode``), ``None``/``False`` keeps no best adapter.
         save_best_mode: ``"auto"`` (as above), ``"min"`` or ``"max"``.
-        rank_eval: per-rank validation (see :mod:`lightning_matlora.evaluation`): every validation epoch, the loss
-            returned by ``validation_step`` is measured at every eval rank and logged as ``val/loss@r<k>`` and
-            ``val/aurac_loss``. ``"auto"`` (one mixed-rank pass when the step returns per-row losses, else one
-            pass per rank), ``"mixed"``, ``"sequential"``, or ``None`` to turn it off (use
-            :class:`~lightning_matlora.RankCurveMetric` yourself).
+        rank_eval: rank curves (see :mod:`lightning_matlora.evaluation` and docs/rank-curves.md): every validation
+            (and test) epoch, the loss returned by ``validation_step`` and every
+            :class:`~lightning_matlora.RankCurveMetric` on the module are measured at every eval rank and logged
+            as ``val/<name>@r<k>`` and ``val/aurac_<name>`` (``name``: ``loss``, or the metric's name), plotted
+            (one PNG per metric) and printed as a table at the end of ``fit``/``validate``; ``last_curves`` holds
+            them. ``"auto"`` (one mixed-rank pass when the step returns per-row losses and the module has no
+            ``RankCurveMetric``, else one pass per rank), ``"mixed"``, ``"sequential"``, or ``None`` to turn it
+            off.
     """
 
     def __init__(self, r_max: int = 64, ranks: Sequence[int] | None = None,
@@ -112,19 +117,16 @@ class MatryoshkaLoRA(pl.Callback):
         return self.controller.p
 
     @property
-    def last_curve(self) -> dict[str, Any] | None:
-        """The last validation epoch's rank curve (``{"metric", "ranks", "scores"}``), saved with the adapter."""
-        return self.rank_eval.last_curve() if self.rank_eval is not None else None
+    def last_curves(self) -> list[RankCurve]:
+        """The last validation epoch's rank curves, one :class:`~lightning_matlora.RankCurve` per metric (the loss
+        curve first, then the module's ``RankCurveMetric``s by name); an empty list before the first epoch or
+        with ``rank_eval=None``. The adapter saved at the end of ``fit`` records them."""
+        return self.rank_eval.last_curves() if self.rank_eval is not None else []
 
     @property
-    def last_curves(self) -> list[RankCurve]:
-        """The last validation epoch's rank curves, one per metric (recorded in the saved adapter)."""
-        history = self.rank_eval.history if self.rank_eval is not None else None
-        if not history:
-            return []
-        from .evaluation import NAME
-
-        return [RankCurve.from_mapping(history[-1][1], metric=NAME, higher_is_better=False)]
+    def last_test_curves(self) -> list[RankCurve]:
+        """The last ``trainer.test`` run's rank curves (logged as ``test/<name>@r<k>``); empty before any."""
+        return list(self.rank_eval.test_curves) if self.rank_eval is not None else []
 
     @property
     def adapter_path(self) -> str | None:
@@ -140,11 +142,6 @@ class MatryoshkaLoRA(pl.Callback):
     def best_score(self) -> float | None:
         """The best value of the ``save_best`` metric so far (kept across a resume)."""
         return self._saver.best_score if self._saver is not None else None
-
-    @property
-    def last_aurac(self) -> float | None:
-        """The last validation epoch's AURAC (``None`` if not measured or not finite)."""
-        return self.rank_eval.last_aurac() if self.rank_eval is not None else None
 
     def apply(self, module: nn.Module) -> list[str]:
         """Adapt ``module`` without a Trainer: inject, freeze the base, return the adapted layers' names.
@@ -162,6 +159,7 @@ class MatryoshkaLoRA(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # already adapted by us (fit then validate with the same trainer, or `.apply(module)` before the fit):
         # skip the injection, but checkpoints must still load as adapter-only below
+        check_strategy_for_quantized(trainer.strategy, pl_module)  # FSDP/ZeRO-3 cannot shard a quantized base
         if not self._owns(pl_module):
             prepare_strategy(trainer, pl_module)  # refuses unsupported strategies and ZeRO-3 on a materialised model
             names = self._inject(pl_module)
@@ -176,11 +174,14 @@ class MatryoshkaLoRA(pl.Callback):
                 raise ValueError(no_match_message(pl_module, self.config) + hint)
             if adapted_layers(pl_module):
                 self._finish(pl_module)
+        if self.rank_eval is not None:  # the module's RankCurveMetrics: checked before the first step
+            self.rank_eval.bind(pl_module)
         _wrap_hook(pl_module, "on_load_checkpoint", before=lambda ckpt: self._check_checkpoint(pl_module, ckpt))
         # checkpoints hold only the adapter, so loading them must not demand the frozen base's keys
         pl_module.strict_loading = False
 
     def _after_configure_model(self, pl_module: pl.LightningModule) -> None:
+        check_strategy_for_quantized(pl_module.trainer.strategy, pl_module)
         names = self._inject(pl_module)
         check_not_sharded(pl_module, names)  # fully_shard ran before the adapters existed
         if not adapted_layers(pl_module):
@@ -193,6 +194,8 @@ class MatryoshkaLoRA(pl.Callback):
         if merged:
             raise RuntimeError(f"The model is merged at rank {merged[0]}: a merged adapter does not train. Call "
                                f"lightning_matlora.unmerge(model) before trainer.fit.")
+        if self.rank_eval is not None:  # RankCurveMetrics built in configure_model
+            self.rank_eval.bind(pl_module)
         if not is_deepspeed(trainer.strategy):  # DeepSpeed builds its optimizer from the trainable parameters only
             _drop_frozen_from_optimizers(trainer)
 
@@ -215,10 +218,10 @@ class MatryoshkaLoRA(pl.Callback):
             self.controller.set_process(trainer.global_rank, trainer.world_size)
         self.controller.begin_step(trainer.global_step, batch_idx)
 
-    # per-rank validation: delegated to lightning_matlora.evaluation
+    # per-rank validation and test: delegated to lightning_matlora.evaluation
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.rank_eval is not None:
-            self.rank_eval.epoch_start(pl_module)
+            self.rank_eval.epoch_start(trainer, pl_module, "validate")
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -228,6 +231,20 @@ class MatryoshkaLoRA(pl.Callback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.rank_eval is not None:
             self.rank_eval.epoch_end(trainer, pl_module)
+
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.rank_eval is not None:
+            self.rank_eval.epoch_start(trainer, pl_module, "test")
+
+    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self.rank_eval is not None:
+            self.rank_eval.batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.rank_eval is not None:
+            self.rank_eval.epoch_end(trainer, pl_module)
+            self.rank_eval.report(trainer, "test")
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.rank_eval is not None and trainer.state.fn == "validate":

@@ -18,6 +18,7 @@ Errors print one line naming the file and the problem and exit with status 2.
   matlora export  ADAPTER --rank K --out DIR              rank K as a standard PEFT LoRA adapter
   matlora export  ADAPTER --rank all --out DIR            one PEFT adapter per train rank, DIR/rank_<k>/
   matlora merge   ADAPTER --base MODEL --rank K --out DIR  a plain transformers model with rank K merged in
+  matlora nest    PEFT_ADAPTER --base MODEL --out DIR     a PEFT LoRA adapter reordered by SVD into a nested one
 
 An exported adapter loads with peft.PeftModel.from_pretrained(base, DIR) or any server that reads PEFT
 adapters; a merged model loads with transformers.AutoModelForCausalLM.from_pretrained(DIR).
@@ -125,9 +126,51 @@ def run_merge(args: argparse.Namespace) -> str:
     return f"Wrote a transformers model with rank {args.rank} merged to {out}"
 
 
+def add_nest(sub: Any) -> None:
+    nest = sub.add_parser("nest", help="turn a PEFT LoRA adapter into a nested adapter (SVD, exact at r_max)",
+                          description="Reorder every layer of a standard PEFT LoRA adapter by the SVD of its update, so "
+                                      "that rank K of the result is each layer's best rank-K approximation and rank "
+                                      "r_max is the PEFT adapter itself; save it as a nested adapter that `matlora "
+                                      "export --rank K` turns back into PEFT at any rank. Refuses DoRA, LoRA biases, "
+                                      "embedding LoRA and other PEFT methods.")
+    nest.add_argument("adapter", metavar="PEFT_ADAPTER",
+                      help="a PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors)")
+    nest.add_argument("--base", metavar="MODEL", default=None,
+                      help="base model: a local directory or hub name (default: the adapter's base_model_name_or_path)")
+    nest.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist)")
+    nest.add_argument("--data", metavar="FILE", default=None,
+                      help="JSON Lines rows ({\"text\"}, {\"question\", \"answer\"} or {\"prompt\", \"completion\"}): "
+                           "measure the mean loss at each rank, before and after nesting, and store it")
+    nest.add_argument("--ranks", metavar="K,K,...", default=None,
+                      help="ranks to measure (default: powers of two up to r_max, and r_max)")
+    nest.add_argument("--max-rows", type=int, default=256, metavar="N", help="rows of --data used (default 256)")
+    nest.add_argument("--overwrite", action="store_true", help="replace DIR if it holds an adapter")
+
+
+def run_nest(args: argparse.Namespace) -> str:
+    from .nest_peft import nest_adapter
+
+    ranks = None
+    if args.ranks:
+        try:
+            ranks = [int(r) for r in args.ranks.split(",")]
+        except ValueError:
+            raise ValueError(f"--ranks must be comma-separated integers such as 1,2,4,8, got {args.ranks!r}.") \
+                from None
+    result = nest_adapter(args.adapter, args.base, args.out, eval_data=args.data, eval_ranks=ranks,
+                          max_rows=args.max_rows, overwrite=args.overwrite)
+    lines = [f"Wrote the nested adapter (r_max={result.report.r_max}) to {result.path}", str(result.report)]
+    if result.curve is not None:
+        lines.append("rank  loss (nested)  loss (LoRA truncated)")
+        lines += [f"{k:>4}  {v:>13.4f}  {result.unnested_curve[k]:>20.4f}" for k, v in result.curve.items()]
+    lines.append(f"Export a rank with `matlora export {result.path} --rank K --out DIR`.")
+    return "\n".join(lines)
+
+
 #: subcommand → (adds its parser, runs it and returns what to print); a new subcommand is one more entry
 COMMANDS: dict[str, tuple[Callable[[Any], None], Callable[[argparse.Namespace], str]]] = {
-    "info": (add_info, run_info), "export": (add_export, run_export), "merge": (add_merge, run_merge)}
+    "info": (add_info, run_info), "export": (add_export, run_export), "merge": (add_merge, run_merge),
+    "nest": (add_nest, run_nest)}
 
 
 def error_line(command: str, err: BaseException, path: str | None) -> str:

@@ -24,6 +24,11 @@ def dtype_name(dtype: str | torch.dtype | None) -> str | None:
     if dtype is None:
         return None
     name = str(dtype).replace("torch.", "")
+    if name not in DTYPES and (name.startswith(("int", "uint", "bool")) or name in ("nf4", "fp4", "4bit", "8bit")):
+        raise ValueError(f"adapter_dtype {dtype!r} is an integer or quantized type, but the adapter factors are trained "
+                         f"and stay in floating point (never quantized): use None (the base weight's dtype, or a "
+                         f"quantized base's compute dtype) or one of {sorted(DTYPES)}. To quantize the frozen base, "
+                         f"load it with transformers' BitsAndBytesConfig (see docs/quantized.md).")
     if name not in DTYPES:
         raise ValueError(f"adapter_dtype {dtype!r} is not supported: use None (the base weight's dtype) or one of "
                          f"{sorted(DTYPES)}.")

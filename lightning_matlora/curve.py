@@ -192,6 +192,34 @@ def format_curve_table(curve: Mapping[int, Number], name: str = "loss", higher_i
     return "\n".join(lines)
 
 
+def format_curves_table(curves: Sequence["RankCurve"], tolerance: float = 0.01, title: str | None = None,
+                        axis: str = "log2") -> str:
+    """A plain-text table of several rank curves measured together: one row per rank, one column per metric
+    (↓ lower is better, ↑ higher), the AURAC of each, and one sentence of advice per metric
+    (:func:`describe_rank_choice`)."""
+    curves = list(curves)
+    if not curves:
+        raise ValueError("format_curves_table got no curve.")
+    ranks = sorted({r for c in curves for r in c.ranks})
+    width = max(4, len(str(ranks[-1])), len("AURAC"))
+    heads = [f"{c.metric} {'↑' if c.higher_is_better else '↓'}" for c in curves]
+    cols = [max(12, len(h)) for h in heads]
+
+    def cell(v: float | None, w: int) -> str:
+        return f"{'—':>{w}}" if v is None else f"{v:>{w}.5g}"
+
+    lines = [title or "Rank curves (↓ lower is better, ↑ higher is better):",
+             f"  {'rank':>{width}}  " + "  ".join(f"{h:>{w}}" for h, w in zip(heads, cols))]
+    for r in ranks:
+        lines.append(f"  {r:>{width}}  " + "  ".join(
+            cell(c.score_at(r) if r in c.ranks else None, w) for c, w in zip(curves, cols)))
+    lines.append(f"  {'AURAC':>{width}}  " + "  ".join(cell(c.aurac(axis), w) for c, w in zip(curves, cols))
+                 + f"   ({axis} axis)")
+    for c in curves:
+        lines.append(f"  Advice ({c.metric}): " + c.describe(tolerance))
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------------------ plot
 def plot_rank_curves(curves: Mapping[int, Number] | Sequence[Mapping[int, Number]], labels: Sequence[str] | None = None,
                      ax: Any = None, axis: str = "log2", ylabel: str = "score", title: str | None = None) -> tuple:
@@ -241,6 +269,18 @@ def plot_rank_curves(curves: Mapping[int, Number] | Sequence[Mapping[int, Number
     if labels is not None:
         ax.legend(fontsize="small")
     return fig, ax
+
+
+# ------------------------------------------------------------------------------------------------ log keys
+def log_key(metric: str, rank: int, ranks: Sequence[int], prefix: str = "val") -> str:
+    """The logged name of ``metric`` at ``rank`` on a curve over ``ranks``: ``val/acc@r08``, the rank zero-padded
+    to the width of the largest rank so that names sort by rank. The one home of this naming."""
+    return f"{prefix}/{metric}@r{rank:0{len(str(max(ranks)))}d}"
+
+
+def aurac_key(metric: str, prefix: str = "val") -> str:
+    """The logged name of a curve's AURAC: ``val/aurac_acc``."""
+    return f"{prefix}/aurac_{metric}"
 
 
 # ------------------------------------------------------------------------------------------- the value type
@@ -340,11 +380,11 @@ class RankCurve:
 
     def log_key(self, rank: int, prefix: str = "val") -> str:
         """``val/acc@r08``: the rank zero-padded to the width of the largest rank, so that names sort by rank."""
-        return f"{prefix}/{self.metric}@r{rank:0{len(str(max(self.ranks)))}d}"
+        return log_key(self.metric, rank, self.ranks, prefix)
 
     def aurac_key(self, prefix: str = "val") -> str:
         """``val/aurac_acc``."""
-        return f"{prefix}/aurac_{self.metric}"
+        return aurac_key(self.metric, prefix)
 
     def as_log_dict(self, prefix: str = "val", axis: str = "log2") -> dict[str, float]:
         """``{"val/acc@r01": …, …, "val/aurac_acc": …}``: what the callback logs each validation epoch."""

@@ -31,6 +31,7 @@ from .adapter_save import model_root, snapshot, transformers_types
 from .atomic import atomic_directory
 from .inject import adapted_layers
 from .layer import MatryoshkaLinear
+from .quantized import is_quantized
 from .rank import RankController
 
 AdapterSource = Union[str, os.PathLike, nn.Module, SavedAdapter]
@@ -209,7 +210,8 @@ def merge_to_base(adapter: AdapterSource, out_dir: str | os.PathLike, rank: int,
     """Write a plain transformers model (``save_pretrained``) with rank ``rank`` of the adapter merged in.
 
     Args:
-        adapter: an adapted model (its base is used; ``base`` must be None), or a saved adapter directory /
+        adapter: an adapted model (its base is used and ``base`` must be None, unless that base is quantized: then
+            ``base`` is the unquantized base the merge is written from), or a saved adapter directory /
             :class:`SavedAdapter` (then ``base`` is a transformers model, or a local directory or hub name loaded
             with ``from_pretrained``; default: the base recorded in the adapter).
         out_dir: the output directory; reload it with ``AutoModelForCausalLM.from_pretrained(out_dir)``, no
@@ -241,10 +243,18 @@ def merge_to_base(adapter: AdapterSource, out_dir: str | os.PathLike, rank: int,
         raise FileExistsError(f"{out} already exists: choose another output directory or pass overwrite=True "
                               f"(--overwrite on the command line).")
     if isinstance(adapter, nn.Module):
-        if base is not None:
-            raise ValueError("merge_to_base(model, ...) merges into the model's own base: pass base=None (base is for a "
-                             "saved adapter directory).")
-        return _merge_adapted(adapter, out, rank, overwrite)
+        quantized = [n for n, m in adapted_layers(adapter).items() if m.quantized]
+        if not quantized:
+            if base is not None:
+                raise ValueError("merge_to_base(model, ...) merges into the model's own base: pass base=None (base is for "
+                                 "a saved adapter directory, or for a model whose base is quantized).")
+            return _merge_adapted(adapter, out, rank, overwrite)
+        if base is None:
+            raise ValueError(f"The model's base is quantized ({len(quantized)} bitsandbytes layers, e.g. "
+                             f"{quantized[0]!r}) and merge_to_base writes a plain float model: pass base= the "
+                             f"unquantized base model (a model, a local directory or a hub name), e.g. "
+                             f"merge_to_base(model, out_dir, rank, base='path/to/float/base').")
+        adapter = snapshot(adapter)  # the trained factors, merged below into the unquantized base
     saved = _adapter(adapter)
     k = check_rank(rank, saved.r_max)
     if base is None:
@@ -258,6 +268,11 @@ def merge_to_base(adapter: AdapterSource, out_dir: str | os.PathLike, rank: int,
                         f"{type(base_model).__name__}.")
     if adapted_layers(base_model):
         raise ValueError("base is already adapted: pass the plain base model (or call merge_to_base(adapted_model, ...)).")
+    quantized_base = [n for n, m in base_model.named_modules() if is_quantized(m)]
+    if quantized_base:
+        raise ValueError(f"base is quantized ({len(quantized_base)} bitsandbytes layers, e.g. {quantized_base[0]!r}): "
+                         f"merge_to_base writes a plain float model, so pass the unquantized base (load it without "
+                         f"quantization_config). To merge into the quantized weights in memory, use merge(model, rank).")
     _, root = check_base(saved, base_model)
     if root is not base_model:
         raise ValueError("The adapter's layers are not relative to base: pass the transformers model itself.")

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .quantized import (compute_dtype, dequantize, is_quantized, prepare_base_layer, quantized_dims, requantize,
+                        unmerge_refusal)
 from .rank import RankController
 
 try:  # transformers' GPT-2 style Conv1D: weight is in_features × out_features, y = x·W + b
@@ -38,6 +40,8 @@ def _weight_shape(weight: torch.Tensor) -> tuple[int, ...]:
 
 def layer_dims(base: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a supported base layer."""
+    if is_quantized(base):  # bitsandbytes packs the weight: its shape is not the layer's
+        return quantized_dims(base)
     shape = _weight_shape(base.weight)
     if Conv1D is not None and isinstance(base, Conv1D):
         return shape[0], shape[1]
@@ -51,7 +55,8 @@ class MatryoshkaLinear(nn.Module):
         base_layer: the layer to adapt.
         controller: the model's shared rank state (decides k and the coefficients of each forward).
         dropout: dropout probability on the adapter's input (as PEFT's ``lora_dropout``).
-        adapter_dtype: dtype of ``lora_A``/``lora_B``; ``None`` uses the base weight's dtype.
+        adapter_dtype: dtype of ``lora_A``/``lora_B`` (a floating dtype); ``None`` uses the base weight's dtype, or
+            for a bitsandbytes quantized base its compute dtype (the factors are never quantized).
     """
 
     def __init__(self, base_layer: nn.Module, controller: RankController, dropout: float = 0.0,
@@ -66,8 +71,15 @@ class MatryoshkaLinear(nn.Module):
         self.controller = controller
         r = controller.r_max
         weight = base_layer.weight
+        if adapter_dtype is not None and not adapter_dtype.is_floating_point:
+            raise ValueError(f"adapter_dtype={adapter_dtype} is not a floating dtype: the adapter factors are trained "
+                             f"and stay in floating point (quantize the base instead, e.g. with transformers' "
+                             f"BitsAndBytesConfig); use None or float32/bfloat16/float16.")
         self.adapter_dtype = adapter_dtype  # None: follow the base weight's dtype, also through .to(dtype)
-        dtype = adapter_dtype or weight.dtype
+        self.quantized = is_quantized(base_layer)
+        if self.quantized:
+            prepare_base_layer(base_layer)
+        dtype = adapter_dtype or (compute_dtype(base_layer) if self.quantized else weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=weight.device))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, dtype=dtype, device=weight.device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -139,15 +151,23 @@ class MatryoshkaLinear(nn.Module):
         """Fold rank k into the base weight; the layer then costs what the base layer costs."""
         if self.merged_rank is not None:
             raise RuntimeError(f"Layer is already merged at rank {self.merged_rank}: call unmerge() first.")
+        if self.quantized:  # dequantize, add, re-quantize (as PEFT does): lossy; lightning_matlora.merge warns
+            w = dequantize(self.base_layer)
+            requantize(self.base_layer, w + self.delta_weight(k).to(w.device))
+            self.merged_rank = k
+            return
         w = self.base_layer.weight
         w.data = (w.data.float() + self.delta_weight(k)).to(w.dtype)
         self.merged_rank = k
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract the merged rank from the base weight again (exact up to float rounding)."""
+        """Subtract the merged rank from the base weight again (exact up to float rounding). Refused on a quantized
+        base, where the merge re-quantized the weights and cannot be undone exactly (reload the base instead)."""
         if self.merged_rank is None:
             return
+        if self.quantized:
+            raise RuntimeError(unmerge_refusal(self.base_layer, self.merged_rank))
         w = self.base_layer.weight
         w.data = (w.data.float() - self.delta_weight(self.merged_rank)).to(w.dtype)
         self.merged_rank = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+import re
 from typing import Any
 
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 from torchmetrics import Metric
 from torchmetrics.wrappers.abstract import WrapperMetric
 
-from .curve import aurac, check_axis, check_curve_ranks, plot_rank_curves, select_rank
+from .curve import RankCurve, check_axis, check_curve_ranks, plot_rank_curves
 
 
 class WeightedMean(Metric):
@@ -43,61 +44,102 @@ class WeightedMean(Metric):
 
 
 class RankCurveMetric(WrapperMetric):
-    """One copy of a base metric per rank; ``compute()`` gives the rank curve and its AURAC.
+    """Any torchmetrics metric, measured at every eval rank: ``compute()`` returns a :class:`RankCurve`.
 
-    Each rank's copy is an ordinary torchmetrics metric, so its states reduce across processes exactly as the
-    base metric's do (``compute()`` must be called on every process, as for any torchmetrics metric).
+    It keeps one copy of the base metric per rank (ordinary torchmetrics metrics, so their states reduce across
+    processes exactly as the base metric's do; ``compute()`` must run on every process, as for any metric).
 
-    Example (accuracy of a classifier at every eval rank)::
+    **With the MatryoshkaLoRA callback** (the usual way) put it on your LightningModule and update it in
+    ``validation_step`` with the base metric's arguments only: the callback finds it (any attribute, also inside
+    an ``nn.ModuleDict``), runs ``validation_step`` once per eval rank with the model set to that rank, and each
+    update goes to the copy of the rank that is active. Every validation epoch the callback computes it, logs
+    ``val/<name>@r<k>`` and ``val/aurac_<name>``, plots it and resets it::
 
-        curve = RankCurveMetric(MulticlassAccuracy(num_classes=10), ranks=[1, 2, 4, 8])
-        for k in curve.ranks:
-            with at_rank(model, k):
-                curve.update(k, model(x).argmax(-1), y)
-        curve.compute()   # {"curve": {1: tensor(0.61), 2: …, 8: tensor(0.83)}, "aurac": tensor(0.74)}
+        self.acc = RankCurveMetric(MulticlassAccuracy(num_classes=10))   # ranks: the callback's eval ranks
+        ...
+        def validation_step(self, batch, i):
+            x, y = batch
+            self.acc.update(self(x).argmax(-1), y)
+
+    Updates made in Lightning's own call of ``validation_step`` (the training forward, before the callback's
+    per-rank calls) are not counted (:attr:`active_rank` is ``None`` then: test it to skip expensive work such as
+    generation). An update outside validation (or test), or without a callback evaluating ranks, is an error.
+
+    **Driving the ranks yourself**: give the rank first, ``update(k, preds, target)`` (a Python ``int`` first
+    argument is always read as the rank), and build it with ``ranks=[...]``.
 
     Args:
         metric: the base metric (cloned once per rank; never updated itself). Default: a :class:`WeightedMean`
-            for losses, so ``update(rank, loss, weight)`` averages (weight e.g. the batch size) and a NaN loss gives
-            a NaN point (it is never dropped).
-        ranks: the ranks to track (distinct integers ≥ 1).
-        higher_is_better: direction of the score, for :meth:`select_rank`; default the base metric's own
-            ``higher_is_better``, or ``False`` for the default mean (a loss).
+            for losses: ``update(loss, weight)`` averages (weight e.g. the batch size) and a NaN loss gives a NaN
+            point (it is never dropped).
+        ranks: the ranks to track (distinct integers ≥ 1). Default ``None``: the callback's eval ranks (set when
+            the callback finds the metric). With the callback, explicit ranks must be among its eval ranks; the
+            metric then counts only those ranks' passes.
+        name: the metric's name in log keys (``val/<name>@r08``) and tables; default the attribute name under which
+            the callback finds it (``self.acc`` → ``"acc"``), else ``"loss"`` for the default mean, else the base
+            metric's class name.
+        higher_is_better: direction of the score; default the base metric's own ``higher_is_better``, or ``False``
+            for the default mean (a loss). Must be known (a curve's rank advice depends on it).
         axis: rank axis of the AURAC: ``"log2"`` (default) or ``"linear"``.
     """
 
     is_differentiable = False
     full_state_update = False
 
-    def __init__(self, metric: Metric | None = None, ranks: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
+    def __init__(self, metric: Metric | None = None, ranks: Sequence[int] | None = None, name: str | None = None,
                  higher_is_better: bool | None = None, axis: str = "log2", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if metric is not None and not isinstance(metric, Metric):
             raise TypeError(f"metric must be a torchmetrics Metric (e.g. MulticlassAccuracy(num_classes=...)), got "
                             f"{type(metric).__name__}.")
-        self.ranks: list[int] = sorted(check_curve_ranks(list(ranks)))
         self.axis = check_axis(axis)
-        base = metric if metric is not None else WeightedMean()
+        self.name = check_metric_name(name) if name is not None else None
+        # the template of the per-rank copies, kept out of the module tree (never updated, never moved)
+        object.__setattr__(self, "_base", metric if metric is not None else WeightedMean())
+        self._default_name = "loss" if metric is None else type(metric).__name__
         if higher_is_better is None:
             higher_is_better = False if metric is None else getattr(metric, "higher_is_better", None)
+        if not isinstance(higher_is_better, bool):
+            raise ValueError(f"{type(self._base).__name__} does not say whether higher is better: build "
+                             f"RankCurveMetric(..., higher_is_better=True) for accuracy-like scores or False for "
+                             f"loss-like ones.")
         self._higher_is_better = higher_is_better
-        self.metrics = nn.ModuleDict({self._key(r): base.clone() for r in self.ranks})
+        self.ranks: list[int] | None = None
+        self.metrics = nn.ModuleDict()
+        self._evaluator: Any = None  # set by the MatryoshkaLoRA callback that found this metric
+        if ranks is not None:
+            self._set_ranks(ranks)
 
     @property
-    def higher_is_better(self) -> bool | None:  # type: ignore[override]
-        """Direction of the score (from the constructor or the base metric; ``None`` if unknown)."""
+    def higher_is_better(self) -> bool:  # type: ignore[override]
+        """Direction of the score (from the constructor or the base metric)."""
         return self._higher_is_better
+
+    @property
+    def curve_name(self) -> str:
+        """The name used in log keys and tables (see ``name``)."""
+        return self.name or getattr(self, "_found_as", None) or self._default_name
+
+    def _set_ranks(self, ranks: Sequence[int]) -> None:
+        self.ranks = sorted(check_curve_ranks(list(ranks)))
+        self.metrics = nn.ModuleDict({self._key(r): self._base.clone() for r in self.ranks})
 
     @staticmethod
     def _key(rank: int) -> str:
         return f"r{rank}"
 
-    def _metric(self, rank: int | torch.Tensor) -> Metric:
-        if isinstance(rank, torch.Tensor) and rank.numel() == 1:
-            rank = int(rank)
-        key = self._key(rank) if isinstance(rank, int) and not isinstance(rank, bool) else None
+    def _need_ranks(self) -> list[int]:
+        if self.ranks is None:
+            raise ValueError("This RankCurveMetric has no ranks yet: build it with ranks=[...] to drive the ranks "
+                             "yourself, or put it on a LightningModule trained with the MatryoshkaLoRA callback (its "
+                             "eval ranks are used).")
+        return self.ranks
+
+    def _metric(self, rank: Any) -> Metric:
+        ranks = self._need_ranks()
+        key = self._key(rank) if _is_rank(rank) else None
         if key is None or key not in self.metrics:
-            raise ValueError(f"RankCurveMetric was built for ranks {self.ranks} and got update for rank {rank!r}: "
+            raise ValueError(f"RankCurveMetric was built for ranks {ranks} and got update for rank {rank!r}: "
                              f"update only those ranks, or build it with ranks=[...] including {rank!r}.")
         return self.metrics[key]
 
@@ -105,32 +147,61 @@ class RankCurveMetric(WrapperMetric):
         """The base-metric copy of ``rank``."""
         return self._metric(rank)
 
+    # ------------------------------------------------------------------------------------------------ routing
+    @property
+    def active_rank(self) -> int | None:
+        """The rank an update without a rank would be counted for now, or ``None`` when it would not be counted
+        (Lightning's own call of ``validation_step``, or a pass at a rank this metric does not track). Raises
+        where such an update is an error (see :meth:`update`)."""
+        if self._evaluator is None:
+            raise RuntimeError(
+                f"RankCurveMetric {self.curve_name!r} got an update without a rank, and no MatryoshkaLoRA callback is "
+                f"evaluating ranks for it. Either train with MatryoshkaLoRA(...) in the Trainer's callbacks (with "
+                f"rank_eval on, the default): it finds the metric on your LightningModule and runs validation_step "
+                f"at every eval rank; or drive the ranks yourself and pass the rank first: update(k, ...).")
+        rank = self._evaluator.active_rank(self.curve_name)
+        if rank is not None and rank not in self._need_ranks():
+            return None  # a pass at a rank this metric does not track
+        return rank
+
+    def _route(self, args: tuple) -> tuple[Metric | None, tuple]:
+        if args and _is_rank(args[0]):
+            return self._metric(int(args[0])), args[1:]
+        rank = self.active_rank
+        return (self._metric(rank) if rank is not None else None), args
+
     # ------------------------------------------------------------------------------------------ torchmetrics
-    def update(self, rank: int, *args: Any, **kwargs: Any) -> None:
-        """Update the copy of ``rank`` with the base metric's ``update`` arguments (for the default mean:
-        ``value`` and an optional ``weight``, e.g. the batch size)."""
-        self._metric(rank).update(*args, **kwargs)
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        """Update the copy of the active rank with the base metric's ``update`` arguments (for the default mean:
+        ``value`` and an optional ``weight``, e.g. the batch size); ``update(k, ...)`` updates rank k's copy.
 
-    def forward(self, rank: int, *args: Any, **kwargs: Any) -> Any:
-        """Update the copy of ``rank`` and return its value on this batch (torchmetrics' ``forward``)."""
-        return self._metric(rank)(*args, **kwargs)
+        Without a rank the update must happen inside ``validation_step`` (or ``test_step``) while the
+        MatryoshkaLoRA callback evaluates ranks; elsewhere it raises ``RuntimeError`` saying why."""
+        metric, args = self._route(args)
+        if metric is not None:
+            metric.update(*args, **kwargs)
 
-    def compute(self) -> dict[str, Any]:
-        """``{"curve": {rank: value}, "aurac": value}``; the AURAC is NaN if any rank's value is NaN.
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Update as :meth:`update` and return the value on this batch (torchmetrics' ``forward``); ``None`` when
+        the update is not counted."""
+        metric, args = self._route(args)
+        return metric(*args, **kwargs) if metric is not None else None
+
+    def compute(self) -> RankCurve:
+        """The rank curve: one score per rank (a NaN score marks a rank whose value is NaN).
 
         A rank that received no update warns (torchmetrics) and its value follows the base metric's empty result.
         """
-        curve = {r: self.metrics[self._key(r)].compute() for r in self.ranks}
-        values = list(curve.values())
-        if all(isinstance(v, torch.Tensor) for v in values):
-            stacked = torch.stack([v.detach().to(torch.float64).cpu() for v in values])
-            area = aurac(self.ranks, stacked, self.axis)
-            device = values[0].device
-            area = torch.as_tensor(area, dtype=torch.float64).to(device=device, dtype=values[0].dtype
-                                                                  if values[0].is_floating_point() else torch.float32)
-        else:
-            area = torch.tensor(aurac(self.ranks, values, self.axis))
-        return {"curve": curve, "aurac": area}
+        ranks = self._need_ranks()
+        scores = []
+        for r in ranks:
+            v = self.metrics[self._key(r)].compute()
+            if isinstance(v, torch.Tensor) and v.numel() != 1:
+                raise ValueError(f"RankCurveMetric {self.curve_name!r}: the base metric gave a tensor of shape "
+                                 f"{tuple(v.shape)} at rank {r}; a rank curve needs one number per rank (e.g. "
+                                 f"average='macro' instead of None).")
+            scores.append(float(v.detach().double().cpu()) if isinstance(v, torch.Tensor) else float(v))
+        return RankCurve(tuple(ranks), tuple(scores), self.curve_name, self.higher_is_better)
 
     def reset(self) -> None:
         for m in self.metrics.values():
@@ -138,21 +209,32 @@ class RankCurveMetric(WrapperMetric):
         super().reset()
 
     # --------------------------------------------------------------------------------------------------- help
-    def select_rank(self, tolerance: float = 0.01, relative: bool = True, value: dict | None = None) -> int:
-        """:func:`~lightning_matlora.select_rank` on the computed curve (or on ``value``, a result of ``compute``)."""
-        if self.higher_is_better is None:
-            raise ValueError("The base metric does not say whether higher is better: build RankCurveMetric with "
-                             "higher_is_better=True (accuracy-like) or False (loss-like).")
-        value = value if value is not None else self.compute()
-        return select_rank(value["curve"], tolerance, relative, self.higher_is_better)
+    def select_rank(self, tolerance: float = 0.01, relative: bool = True) -> int:
+        """:meth:`RankCurve.select_rank` on the computed curve."""
+        return self.compute().select_rank(tolerance, relative)
 
-    def plot(self, val: dict | Sequence[dict] | None = None, ax: Any = None) -> tuple:
+    def plot(self, val: RankCurve | Sequence[RankCurve] | None = None, ax: Any = None) -> tuple:
         """Plot the rank curve (torchmetrics' convention: ``val`` is a result of ``compute()`` or a list of them,
         one line each, e.g. one per epoch; ``None`` computes now). Returns ``(figure, axes)``."""
         val = val if val is not None else self.compute()
-        vals = [val] if isinstance(val, dict) else list(val)
-        curves = [v["curve"] if "curve" in v else v for v in vals]
-        labels = [f"{i}: AURAC {float(v['aurac']):.4g}" for i, v in enumerate(vals)] if len(vals) > 1 and all(
-            "aurac" in v for v in vals) else None
-        name = type(next(iter(self.metrics.values()))).__name__
-        return plot_rank_curves(curves, labels=labels, ax=ax, axis=self.axis, ylabel=name)
+        vals = [val] if isinstance(val, RankCurve) else list(val)
+        labels = [f"{i}: AURAC {v.aurac(self.axis):.4g}" for i, v in enumerate(vals)] if len(vals) > 1 else None
+        return plot_rank_curves([v.as_mapping() for v in vals], labels=labels, ax=ax, axis=self.axis,
+                                ylabel=vals[0].metric)
+
+
+def _is_rank(value: Any) -> bool:
+    """A Python (or NumPy) integer: the explicit rank of ``update(k, ...)``. Tensors are never read as ranks."""
+    if isinstance(value, bool) or isinstance(value, torch.Tensor):
+        return False
+    if isinstance(value, int):
+        return True
+    return type(value).__module__ == "numpy" and hasattr(value, "__index__")
+
+
+def check_metric_name(name: Any) -> str:
+    """A metric name usable in log keys: letters, digits, ``_``, ``-`` and ``.``."""
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
+        raise ValueError(f"A RankCurveMetric name is used in log keys such as 'val/<name>@r08' and must be letters, "
+                         f"digits, '_', '-' or '.', got {name!r}.")
+    return name

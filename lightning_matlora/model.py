@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 
 from torch import nn
 
 from .inject import adapted_layers
+from .quantized import merge_warning
 from .rank import RankController, RankSetting
 
 
@@ -68,7 +70,9 @@ def set_rank_scale(model: nn.Module, rank_scale: str) -> None:
 def merge(model: nn.Module, rank: int) -> None:
     """Fold rank ``rank`` (under the ``rank_scale`` rule) into every adapted layer's base weight.
 
-    Afterwards each adapted layer costs what its base layer costs; ``unmerge(model)`` restores the weights.
+    Afterwards each adapted layer costs what its base layer costs; ``unmerge(model)`` restores the weights. On a
+    quantized (bitsandbytes) base each weight is dequantized, the delta added and the sum re-quantized, as PEFT
+    does: a warning says that the merged weights carry quantization error, and ``unmerge`` is refused there.
     """
     ctrl = controller_of(model)
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= ctrl.r_max:
@@ -76,13 +80,24 @@ def merge(model: nn.Module, rank: int) -> None:
     layers = adapted_layers(model).values()
     if any(m.merged_rank is not None for m in layers):
         raise RuntimeError("The model is already merged: call unmerge(model) first.")
+    quantized = [m for m in layers if m.quantized]
+    if quantized:
+        warnings.warn(merge_warning(quantized[0].base_layer), UserWarning, stacklevel=2)
     for m in layers:
         m.merge(rank)
 
 
 def unmerge(model: nn.Module) -> None:
-    """Undo :func:`merge` on every adapted layer (a no-op on layers that are not merged)."""
-    for m in adapted_layers(model).values():
+    """Undo :func:`merge` on every adapted layer (a no-op on layers that are not merged).
+
+    Refused, before any layer changes, when a merged layer's base is quantized (bitsandbytes): the merge
+    re-quantized its weights, which cannot be undone exactly; reload the base model instead.
+    """
+    layers = adapted_layers(model).values()
+    for m in layers:
+        if m.merged_rank is not None and m.quantized:
+            m.unmerge()  # raises, naming the fix
+    for m in layers:
         m.unmerge()
 
 

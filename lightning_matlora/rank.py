@@ -95,6 +95,23 @@ class RankController:
         self.config.rank_scale = rank_scale
         self._cache.clear()
 
+    def reconfigure(self, **changes) -> None:
+        """Change the rule and objective of a live adapter in place: ``scaling``, ``alpha``, ``rank_scale``,
+        ``mode`` and ``ranks`` (``ranks=None``: the new mode's default). The changes are validated as a whole
+        :class:`MatLoRAConfig` first, then written into the shared config object (so a callback holding it trains
+        with them from its next step) and the training diagonal p is rebuilt. Example: after
+        :func:`~lightning_matlora.nesting.nest_by_svd` on a ``mode="lora"`` run, ``reconfigure(mode="rowwise",
+        ranks=None)`` continues training with every rank trained as it is served."""
+        allowed = {"scaling", "alpha", "rank_scale", "mode", "ranks"}
+        unknown = sorted(set(changes) - allowed)
+        if unknown:
+            raise ValueError(f"reconfigure changes only {sorted(allowed)}, not {unknown}.")
+        new = MatLoRAConfig.from_dict({**self.config.to_dict(), **changes})
+        for name in changes:
+            setattr(self.config, name, getattr(new, name))
+        self.p = self.config.train_diagonal
+        self._cache.clear()
+
     def begin_step(self, step: int, micro_step: int = 0) -> None:
         """Draw the per-step randomness of the training forward, deterministically from (seed, step).
 

@@ -7,13 +7,16 @@ from collections import Counter
 from torch import nn
 
 from .config import MatLoRAConfig
+from .quantized import base_memory, format_base_memory, is_quantized, logical_numel
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts, each shared parameter counted once."""
+    """(trainable, total) parameter counts, each shared parameter counted once (a quantized layer's packed weight
+    counts as the ``in × out`` weights it holds)."""
+    packed = {id(m.weight): logical_numel(m) for m in model.modules() if is_quantized(m)}
     seen: dict[int, tuple[int, bool]] = {}
     for p in model.parameters():
-        numel = int(getattr(p, "ds_numel", p.numel()))
+        numel = packed.get(id(p)) or int(getattr(p, "ds_numel", p.numel()))
         seen[id(p)] = (numel, p.requires_grad)
     total = sum(n for n, _ in seen.values())
     trainable = sum(n for n, t in seen.values() if t)
@@ -34,4 +37,7 @@ def format_summary(model: nn.Module, config: MatLoRAConfig, names: list[str]) ->
         f"  trainable parameters: {trainable:,} of {total:,} ({share:.2f}%)"
         + (f"  modules_to_save={config.modules_to_save}" if config.modules_to_save else ""),
     ]
+    memory = base_memory(model)
+    if memory is not None:  # a bitsandbytes base
+        lines.append(format_base_memory(memory))
     return "\n".join(lines)

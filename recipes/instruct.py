@@ -13,7 +13,8 @@ Everything is a LightningCLI option (``--help``, ``--print_config``, ``--config 
         --data.prompts '["Encode hello"]'
 
 The ``MatryoshkaLoRA`` callback is in the default config's ``trainer.callbacks`` (recipes/configs/default.yaml);
-change it with ``--trainer.callbacks.init_args.r_max 32`` style options or a config file.
+change it with ``--trainer.callbacks.init_args.r_max 32`` style options or a config file. It adapts the model,
+measures the module's rank-curve metrics at every eval rank, and saves the adapter at the end of ``fit``.
 """
 
 from __future__ import annotations
@@ -46,8 +47,17 @@ class InstructCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
-        if config.get("num_threads"):
-            torch.set_num_threads(int(config["num_threads"]))
+        threads = config.get("num_threads")
+        if threads is not None:
+            if threads < 1:
+                raise ValueError(f"--num_threads must be ≥ 1 (or unset for torch's choice), got {threads}.")
+            torch.set_num_threads(int(threads))
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        # options that depend on the callback (eval ranks and predict rank against r_max): checked now, before
+        # any data is read or any step runs
+        self.model.check_callbacks(self.trainer.callbacks)
 
 
 def main(args: list[str] | None = None, run: bool = True) -> InstructCLI:

@@ -1,10 +1,14 @@
-"""The LightningModule of the instruction-tuning recipe: a transformers causal LM, evaluated at every eval rank.
+"""The LightningModule of the instruction-tuning recipe: a transformers causal LM with rank-curve metrics.
 
 The module knows nothing about adapters while training: the ``MatryoshkaLoRA`` callback adapts and freezes the
-model. At each validation epoch it evaluates the adapter at every eval rank k (``at_rank``): the loss and the
-accuracy of the answer tokens (teacher forcing) and, for GSM8K-style data, the exact match of the final answer
-from greedy generation on the first ``num_generate`` validation examples. At the end of ``fit`` it prints the
-rank–accuracy table with the AURAC of each metric and the rank advice, saves the adapter and the curve PNG.
+model, and evaluates the adapter at every eval rank k each validation epoch. The module only declares its
+metrics as :class:`~lightning_matlora.RankCurveMetric`s — the loss and the accuracy of the answer tokens (teacher
+forcing) and, for GSM8K-style data, the exact match of the final answer from greedy generation on the first
+``num_generate`` validation examples — and updates them in ``validation_step`` with no rank argument: the
+callback runs the step at each eval rank and each update goes to the rank that is active. The callback logs
+``val/<metric>@r<k>`` and ``val/aurac_<metric>``, plots the curves and saves the adapter with them; at the end of
+``fit`` this module prints the rank–accuracy table with the base model's row, the AURAC of each metric and the
+rank advice, and plots the accuracy curves against the base model's level.
 """
 
 from __future__ import annotations
@@ -12,50 +16,54 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Iterable, Literal, Optional
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from lightning_matlora import (MatryoshkaLoRA, RankCurveMetric, at_rank, aurac, controller_of, describe_rank_choice,
-                               load_adapter, plot_rank_curves, select_rank)
-from lightning_matlora.adapter_checkpoint import save_from_trainer
+from lightning_matlora import (MatryoshkaLoRA, RankCurveMetric, adapted_layers, at_rank, describe_rank_choice,
+                               load_adapter, plot_rank_curves)
 from lightning_matlora.curve import RankCurve
-from lightning_matlora.inject import adapted_layers
+
+from instruct_base import load_or_explain
 
 RECIPES = Path(__file__).resolve().parent
 DEFAULT_BASE = str(RECIPES / "assets" / "base")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 METRICS = ("loss", "token_acc", "exact_match")
+HEADS = {"loss": "loss", "token_acc": "token acc %", "exact_match": "exact match %"}
 
 
-def load_or_explain(fn: Callable, name_or_path: str, what: str, **kwargs: Any) -> Any:
-    """``fn(name_or_path, **kwargs)`` (a ``from_pretrained``), with a clear error when the name is neither a local
-    directory nor reachable on the hub."""
-    try:
-        return fn(name_or_path, **kwargs)
-    except (OSError, ValueError) as e:
-        if Path(name_or_path).exists():
-            raise
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
-        if offline:
-            why = ("this machine is offline (HF_HUB_OFFLINE=1), so hub names only work for models already in the "
-                   "local cache, and this one is not there")
-        elif "connect" in str(e).lower():
-            why = ("this machine is offline (the hub could not be reached) and the name is neither a local directory "
-                   "nor in the local cache")
-        else:
-            why = "it is not a local directory and the hub could not serve it (check the name and your access)"
-        raise ValueError(f"Cannot load the {what} {name_or_path!r}: {why}. Point --model.name_or_path at a local "
-                         f"directory holding a transformers model (config.json, weights, tokenizer files), e.g. one "
-                         f"written by save_pretrained, or run where the hub is reachable. "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+def _quantized_loading(quantize: str | None, dtype: str) -> dict[str, Any]:
+    """``from_pretrained`` arguments that load the base quantized (``quantize`` = nf4, fp4, int8), else none."""
+    if quantize is None:
+        return {}
+    from lightning_matlora.quantized import quantization_config
+
+    compute = DTYPES[dtype] if dtype != "auto" else None
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    return {"quantization_config": quantization_config(quantize, compute_dtype=compute), "device_map": {"": device}}
+
+
+def load_model(name_or_path: str, dtype: str, trust_remote_code: bool, quantize: str | None = None) -> torch.nn.Module:
+    """The causal LM to fine-tune (``from_pretrained``), in training mode; quantized with bitsandbytes when
+    ``quantize`` is ``"nf4"``, ``"fp4"`` or ``"int8"``."""
+    from transformers import AutoModelForCausalLM
+
+    model = load_or_explain(AutoModelForCausalLM.from_pretrained, name_or_path, "model", dtype=DTYPES[dtype],
+                            trust_remote_code=trust_remote_code, **_quantized_loading(quantize, dtype))
+    model.train()  # from_pretrained returns eval mode; Lightning switches modes per stage from here
+    return model
 
 
 class InstructLM(pl.LightningModule):
-    """Causal-LM instruction tuning with a per-rank evaluation of the nested adapter.
+    """Causal-LM instruction tuning with rank-curve metrics of the nested adapter.
+
+    Needs the ``MatryoshkaLoRA`` callback in ``trainer.callbacks`` (it is in the default config) with its rank
+    evaluation on: it adapts the model, evaluates every eval rank, logs and plots the curves and saves the
+    adapter.
 
     Args:
         name_or_path: a transformers causal LM: a hub name or a local directory (default: the recipe's bundled
@@ -63,36 +71,40 @@ class InstructLM(pl.LightningModule):
         dtype: weights' dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``"auto"`` (the checkpoint's).
         trust_remote_code: allow custom model code from the model's repository (off unless asked for).
         lr: peak learning rate of AdamW (linear warm-up over ``warmup_ratio`` of the steps, then linear decay).
-        weight_decay: AdamW weight decay.
-        warmup_ratio: share of the optimizer steps spent warming up.
-        eval_ranks: ranks evaluated each validation epoch; default the callback's eval ranks.
+        weight_decay: AdamW weight decay (≥ 0).
+        warmup_ratio: share of the optimizer steps spent warming up (0 ≤ ratio < 1).
+        eval_ranks: ranks the metrics report; default every eval rank of the callback (its ``eval_ranks``, which
+            decide the validation passes). Must be among them.
         num_generate: validation examples scored by greedy generation (exact match of the final answer,
             GSM8K-style data only); 0 turns generation off.
         max_new_tokens: generation budget per answer (validation and predict).
         rank: the rank ``predict`` generates at (default r_max).
         adapter: a saved adapter directory to load before validate/test/predict.
-        output_dir: where the end of ``fit`` writes the adapter and the curve (default: the logger's directory).
+        output_dir: where the end of ``fit`` writes ``rank_curve.json`` and ``rank_curve.png`` (default: the
+            logger's directory). The adapter goes where the callback's ``save_adapter`` says.
+        quantize: load the frozen base quantized with bitsandbytes: ``"nf4"`` or ``"fp4"`` (4-bit, double
+            quantization, compute dtype ``dtype``) or ``"int8"`` (LLM.int8); None (default) keeps it unquantized.
+            Needs ``pip install 'lightning_matlora[quant]'``.
     """
 
     def __init__(self, name_or_path: str = DEFAULT_BASE, dtype: str = "float32", trust_remote_code: bool = False,
                  lr: float = 1e-3, weight_decay: float = 0.0, warmup_ratio: float = 0.05,
                  eval_ranks: list[int] | None = None, num_generate: int = 64, max_new_tokens: int = 32,
-                 rank: int | None = None, adapter: str | None = None, output_dir: str | None = None) -> None:
+                 rank: int | None = None, adapter: str | None = None, output_dir: str | None = None,
+                 quantize: Optional[Literal["nf4", "fp4", "int8"]] = None) -> None:
         super().__init__()
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}.")
-        if num_generate < 0 or max_new_tokens < 1:
-            raise ValueError("num_generate must be ≥ 0 and max_new_tokens ≥ 1.")
-        if adapter is not None and not Path(adapter).is_dir():
-            raise ValueError(f"--model.adapter {adapter!r} is not a directory: give the adapter directory printed at "
-                             f"the end of fit.")
+        check_options(dtype=dtype, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
+                      eval_ranks=eval_ranks, num_generate=num_generate, max_new_tokens=max_new_tokens, rank=rank,
+                      adapter=adapter)
         self.save_hyperparameters()
-        from transformers import AutoModelForCausalLM
-
-        self.model = load_or_explain(AutoModelForCausalLM.from_pretrained, name_or_path, "model",
-                                     dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
-        self.model.train()  # from_pretrained returns eval mode; Lightning switches modes per stage from here
-        self.curve: dict[int, dict[str, float]] = {}
+        self.model = load_model(name_or_path, dtype, trust_remote_code, quantize)
+        ranks = sorted(eval_ranks) if eval_ranks else None  # None: the callback's eval ranks
+        # the rank curves: updated in validation_step at the rank the callback has set
+        self.loss = RankCurveMetric(ranks=ranks, higher_is_better=False)  # answer-token loss (token-weighted)
+        self.token_acc = RankCurveMetric(ranks=ranks, higher_is_better=True)  # % of answer tokens right
+        self.exact_match = (RankCurveMetric(ranks=ranks, higher_is_better=True)  # % of final answers right
+                            if num_generate > 0 else None)
+        self.curves: dict[str, RankCurve] = {}  # the last validation (or test) epoch's curves, by metric
         self.base_metrics: dict[str, float] | None = None
         self.outputs: dict[str, str] = {}
 
@@ -101,10 +113,29 @@ class InstructLM(pl.LightningModule):
     def tokenizer(self):
         return self.trainer.datamodule.load_tokenizer()
 
-    def ranks(self) -> list[int]:
-        if self.hparams.eval_ranks:
-            return sorted(self.hparams.eval_ranks)
-        return list(controller_of(self.model).config.eval_ranks)
+    def matlora(self) -> MatryoshkaLoRA:
+        """The trainer's MatryoshkaLoRA callback."""
+        return find_matlora(self.trainer.callbacks)
+
+    def check_callbacks(self, callbacks: Iterable[pl.Callback]) -> None:
+        """Check the options that depend on the callback's settings (run by the CLI when it builds the objects,
+        and at setup): the eval ranks and the predict rank against r_max and the callback's eval ranks."""
+        cb = find_matlora(callbacks)
+        ev, r_max = list(cb.config.eval_ranks), cb.config.r_max
+        if cb.rank_eval is None:
+            raise ValueError("The recipe's metrics are measured by the MatryoshkaLoRA callback's rank evaluation, "
+                             "which rank_eval: null turns off: remove rank_eval from the callback's init_args.")
+        wanted = self.hparams.eval_ranks or []
+        outside = sorted(set(wanted) - set(ev))
+        if outside:
+            above = [r for r in outside if r > r_max]
+            raise ValueError(f"--model.eval_ranks {sorted(wanted)}: ranks {outside} are not among the callback's eval "
+                             f"ranks {ev}" + (f" ({above} exceed r_max={r_max})" if above else "")
+                             + f". Choose ranks from {ev}, or evaluate more ranks with "
+                               f"--trainer.callbacks.init_args.eval_ranks (each in 1…r_max={r_max}).")
+        if self.hparams.rank is not None and self.hparams.rank > r_max:
+            raise ValueError(f"--model.rank {self.hparams.rank} exceeds the adapter's r_max={r_max}: choose a rank in "
+                             f"1…{r_max}.")
 
     def _with_generation(self) -> bool:
         dm = self.trainer.datamodule
@@ -163,8 +194,8 @@ class InstructLM(pl.LightningModule):
         return out
 
     def _exact_match_counts(self) -> tuple[float, int]:
-        """(percentage, count) of this process's share of the first ``num_generate`` validation examples whose
-        greedy final answer is right, at the current rank."""
+        """(percentage, count) of this process's share of the first ``num_generate`` validation (or test) examples
+        whose greedy final answer is right, at the current rank."""
         from instruct_data import final_answer
 
         split = "test" if self.trainer.testing else "val"
@@ -176,67 +207,47 @@ class InstructLM(pl.LightningModule):
         hits = sum(final_answer(t) == e.reference for t, e in zip(texts, mine))
         return 100.0 * hits / len(mine), len(mine)
 
-    def _new_curves(self, ranks: list[int]) -> None:
-        """One :class:`RankCurveMetric` per measure (weighted means, reduced across processes by torchmetrics)."""
-        self.curves = torch.nn.ModuleDict({n: RankCurveMetric(ranks=ranks, higher_is_better=(n != "loss"))
-                                           for n in METRICS}).to(self.device)
-
-    def _update_tokens(self, k: int, batch: dict[str, torch.Tensor]) -> None:
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        # the callback calls this step once per eval rank with the model set to that rank; Lightning's own call
+        # (the training forward) counts for no rank, so skip its work
+        if self.token_acc.active_rank is None:
+            return
         loss_sum, correct, n = self._token_stats(batch)
         if n > 0:
-            self.curves["loss"].update(k, loss_sum / n, n)
-            self.curves["token_acc"].update(k, 100.0 * correct / n, n)
-
-    def _compute_curves(self, ranks: list[int], generation: bool) -> dict[int, dict[str, float]]:
-        """Runs generation (if asked) at every rank, then computes every curve on every process."""
-        if generation:
-            for k in ranks:
-                with at_rank(self.model, k):
-                    em, n = self._exact_match_counts()
-                self.curves["exact_match"].update(k, em, n)
-        names = METRICS if generation else METRICS[:2]
-        computed = {n: self.curves[n].compute()["curve"] for n in names}
-        for c in self.curves.values():
-            c.reset()
-        return {k: {n: float(computed[n][k]) for n in names} for k in ranks}
-
-    def on_validation_epoch_start(self) -> None:
-        self._new_curves(self.ranks())
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        for k in self.ranks():
-            with at_rank(self.model, k):
-                self._update_tokens(k, batch)
+            self.loss.update(loss_sum / n, n)
+            self.token_acc.update(100.0 * correct / n, n)
+        if self.exact_match is not None and batch_idx == 0:  # once per epoch: the first num_generate examples
+            em, count = self._exact_match_counts()  # greedy generation at the active rank
+            self.exact_match.update(em, count)
 
     def on_validation_epoch_end(self) -> None:
-        curve = self._compute_curves(self.ranks(), self._with_generation() and not self.trainer.sanity_checking)
         if self.trainer.sanity_checking:
             return
-        self.curve = curve
-        ranks = list(curve)
-        for k, m in curve.items():
-            for name, v in m.items():
-                self.log(f"val/{name}@r{k:0{len(str(max(ranks)))}d}", v)
-        for name in METRICS:
-            if all(name in m for m in curve.values()):
-                self.log(f"val/aurac_{name}", aurac(ranks, [curve[k][name] for k in ranks]),
-                         prog_bar=name != "loss")
-        rank_zero_info(f"epoch {self.current_epoch}: " + "  ".join(
-            f"r{k}: acc {m['token_acc']:.1f}" + (f" em {m['exact_match']:.1f}" if "exact_match" in m else "")
-            for k, m in curve.items()))
+        self.curves = {c.metric: c for c in self.matlora().last_curves}  # the callback's hook ran first
+        if "token_acc" in self.curves:
+            acc, em = self.curves["token_acc"], self.curves.get("exact_match")
+            rank_zero_info(f"epoch {self.current_epoch}: " + "  ".join(
+                f"r{k}: acc {acc.score_at(k):.1f}" + (f" em {em.score_at(k):.1f}" if em else "") for k in acc.ranks))
 
     @torch.no_grad()
     def evaluate_base(self) -> dict[str, float]:
-        """Loss, token accuracy (and exact match) of the model as it is now, over the whole validation split."""
+        """Loss, token accuracy (and exact match) of the model as it is now, over the whole validation split
+        (summed over processes)."""
         was_training = self.model.training
         self.model.eval()
-        k = controller_of(self.model).r_max  # any rank: the adapter is zero
-        self._new_curves([k])
-        for batch in self.trainer.datamodule.val_dataloader():
-            with at_rank(self.model, k):
-                self._update_tokens(k, {n: t.to(self.device) for n, t in batch.items()})
-        metrics = self._compute_curves([k], self._with_generation())[k]
+        totals = torch.zeros(5, dtype=torch.float64, device=self.device)  # loss sum, correct, tokens, hits, scored
+        with at_rank(self.model, self.matlora().config.r_max):  # any rank: the adapter is zero
+            for batch in self.trainer.datamodule.val_dataloader():
+                totals[:3] += self._token_stats({n: t.to(self.device) for n, t in batch.items()}).double()
+            if self.exact_match is not None:
+                em, count = self._exact_match_counts()
+                totals[3:] += torch.tensor([em * count / 100.0, count], dtype=torch.float64, device=self.device)
+        totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
         self.model.train(was_training)
+        loss, correct, tokens, hits, scored = totals.tolist()
+        metrics = {"loss": loss / tokens, "token_acc": 100.0 * correct / tokens}
+        if self.exact_match is not None:
+            metrics["exact_match"] = 100.0 * hits / max(scored, 1.0)
         return metrics
 
     def on_fit_start(self) -> None:
@@ -250,36 +261,33 @@ class InstructLM(pl.LightningModule):
 
     # ----------------------------------------------------------------------------------------- end of fit
     def on_fit_end(self) -> None:
-        out = Path(self.hparams.output_dir or self.trainer.log_dir or self.trainer.default_root_dir)
-        ranks = sorted(self.curve)
-        curves = []
-        if ranks:  # one recorded curve per metric, the advice metric first
-            key = _advice_metric(self.curve)
-            names = [key] + [n for n in self.curve[ranks[0]] if n != key and all(n in self.curve[k] for k in ranks)]
-            curves = [RankCurve(tuple(ranks), tuple(self.curve[k][n] for k in ranks), n, n != "loss") for n in names]
-        adapter_dir = out / "adapter"
-        # every process takes part (sharded adapters are gathered), global rank zero writes
-        save_from_trainer(self.trainer, self.model, adapter_dir, curves=curves,
-                          metadata={"base_model": self.hparams.name_or_path})
-        self.outputs["adapter"] = str(adapter_dir)
+        # the callback's on_fit_end ran first: it saved the adapter with its curves (every process took part)
+        cb = self.matlora()
+        adapter = cb.adapter_path
+        if adapter:
+            self.outputs["adapter"] = adapter
         if not self.trainer.is_global_zero:
             return
-        if not self.curve:
-            print(f"\nNo validation ran, so there is no rank curve. Adapter saved to {adapter_dir}")
+        saved = f"Adapter saved to {adapter}" if adapter else "The adapter was not saved (save_adapter: false)."
+        if not self.curves:
+            print(f"\nNo validation ran, so there is no rank curve. {saved}")
             return
-        (out / "rank_curve.json").write_text(json.dumps({"curve": self.curve, "base": self.base_metrics}, indent=1))
-        png = plot_curve(self.curve, self.base_metrics, out / "rank_curve.png")
+        out = Path(self.hparams.output_dir or self.trainer.log_dir or self.trainer.default_root_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "rank_curve.json").write_text(json.dumps({"curve": by_rank(self.curves), "base": self.base_metrics},
+                                                        indent=1))
+        png = plot_curve(self.curves, self.base_metrics, out / "rank_curve.png")
         self.outputs["png"] = str(png) if png else ""
-        print("\n" + format_report(self.curve, self.base_metrics))
-        print(f"Adapter saved to {adapter_dir}")
+        print("\n" + format_report(self.curves, self.base_metrics))
+        print(saved)
         if png:
             print(f"Rank curve plotted to {png}")
 
     # -------------------------------------------------------------------------------------- load / predict
     def setup(self, stage: str) -> None:
-        for cb in self.trainer.callbacks if self._trainer is not None else []:
-            if isinstance(cb, MatryoshkaLoRA) and getattr(cb, "rank_eval", None) is not None:
-                cb.rank_eval = None  # this module measures its own curves (loss, token accuracy, exact match)
+        self.check_callbacks(self.trainer.callbacks)
+        if self.exact_match is not None and not self._with_generation():
+            self.exact_match = None  # not GSM8K-style data: no final answer to match (the callback re-reads this)
         if self.hparams.adapter and stage in ("validate", "test", "predict"):
             try:
                 load_adapter(self.model, self.hparams.adapter)
@@ -290,20 +298,17 @@ class InstructLM(pl.LightningModule):
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self.validation_step(batch, batch_idx)
 
-    def on_test_epoch_start(self) -> None:
-        self.on_validation_epoch_start()
-
     def on_test_epoch_end(self) -> None:
-        self.on_validation_epoch_end()
-        if self.global_rank == 0 and self.curve:
-            print("\n" + format_report(self.curve, None).replace("(validation)", "(test)"))
+        self.curves = {c.metric: c for c in self.matlora().last_test_curves}
+        if self.global_rank == 0 and self.curves:
+            print("\n" + format_report(self.curves, None).replace("(validation)", "(test)"))
 
     def on_validation_end(self) -> None:
-        if self.trainer.state.fn == "validate" and self.global_rank == 0 and self.curve:
-            print("\n" + format_report(self.curve, None))
+        if self.trainer.state.fn == "validate" and self.global_rank == 0 and self.curves:
+            print("\n" + format_report(self.curves, None))
 
     def predict_step(self, batch: list[str], batch_idx: int) -> list[dict[str, Any]]:
-        k = self.hparams.rank or controller_of(self.model).r_max
+        k = self.hparams.rank or self.matlora().config.r_max
         tok = self.tokenizer
         prompts = [tok(p, add_special_tokens=True)["input_ids"] for p in batch]
         with at_rank(self.model, k):
@@ -313,55 +318,97 @@ class InstructLM(pl.LightningModule):
         return [{"prompt": p, "answer": a, "rank": k} for p, a in zip(batch, answers)]
 
 
+# ------------------------------------------------------------------------------------------------ options
+def check_options(dtype: str, lr: float, weight_decay: float, warmup_ratio: float, eval_ranks: list[int] | None,
+                  num_generate: int, max_new_tokens: int, rank: int | None, adapter: str | None) -> None:
+    """Every option of the module that can be checked on its own, at construction (before any training)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"--model.dtype {dtype!r} is not one of {sorted(DTYPES)}.")
+    if not lr > 0:
+        raise ValueError(f"--model.lr must be > 0, got {lr!r}.")
+    if not weight_decay >= 0:
+        raise ValueError(f"--model.weight_decay must be ≥ 0, got {weight_decay!r}.")
+    if not 0 <= warmup_ratio < 1:
+        raise ValueError(f"--model.warmup_ratio must be in [0, 1) (a share of the optimizer steps), got "
+                         f"{warmup_ratio!r}.")
+    if eval_ranks is not None:
+        bad = [r for r in eval_ranks if isinstance(r, bool) or not isinstance(r, int) or r < 1]
+        twice = sorted({r for r in eval_ranks if list(eval_ranks).count(r) > 1})
+        if bad or twice or not eval_ranks:
+            why = (f"must be integers ≥ 1, got {bad}" if bad else f"has duplicates {twice}" if twice else "is empty")
+            raise ValueError(f"--model.eval_ranks {why}: give distinct ranks in 1…r_max, e.g. --model.eval_ranks "
+                             f"'[1, 4, 16]', or leave it unset for the callback's eval ranks.")
+    if num_generate < 0 or max_new_tokens < 1:
+        raise ValueError(f"--model.num_generate must be ≥ 0 and --model.max_new_tokens ≥ 1, got {num_generate} and "
+                         f"{max_new_tokens}.")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"--model.rank must be a rank ≥ 1 (at most the adapter's r_max), got {rank!r}.")
+    if adapter is not None and not Path(adapter).is_dir():
+        raise ValueError(f"--model.adapter {adapter!r} is not a directory: give the adapter directory printed at "
+                         f"the end of fit.")
+
+
+def find_matlora(callbacks: Iterable[pl.Callback]) -> MatryoshkaLoRA:
+    found = [cb for cb in callbacks if isinstance(cb, MatryoshkaLoRA)]
+    if not found:
+        raise ValueError("The recipe needs the MatryoshkaLoRA callback in trainer.callbacks (recipes/configs/"
+                         "default.yaml has it; a --trainer.callbacks option on the command line replaces that list, "
+                         "so include lightning_matlora.MatryoshkaLoRA in it).")
+    return found[0]
+
+
 # ---------------------------------------------------------------------------------------- report and files
+def by_rank(curves: dict[str, RankCurve]) -> dict[int, dict[str, float]]:
+    """``{rank: {metric: score}}`` over the ranks of the curves (the form of ``rank_curve.json``)."""
+    ranks = sorted({r for c in curves.values() for r in c.ranks})
+    return {k: {n: c.score_at(k) for n, c in curves.items() if k in c.ranks} for k in ranks}
+
+
 def _fmt_metrics(m: dict[str, float]) -> str:
     s = f"val loss {m['loss']:.4f}, token accuracy {m['token_acc']:.1f}%"
     return s + (f", exact match {m['exact_match']:.1f}%" if "exact_match" in m else "")
 
 
-def _advice_metric(curve: dict[int, dict[str, float]]) -> str:
+def _advice_metric(curves: dict[str, RankCurve]) -> str:
     """Exact match when it was measured and is not zero everywhere, else answer-token accuracy."""
-    if curve and all("exact_match" in m for m in curve.values()) and any(m["exact_match"] > 0 for m in curve.values()):
-        return "exact_match"
-    return "token_acc"
+    em = curves.get("exact_match")
+    return "exact_match" if em is not None and any(v > 0 for v in em.scores) else "token_acc"
 
 
-def format_report(curve: dict[int, dict[str, float]], base: dict[str, float] | None) -> str:
+def format_report(curves: dict[str, RankCurve], base: dict[str, float] | None) -> str:
     """The end-of-fit table: one row per eval rank (and the base), the AURAC of each metric, the rank advice."""
-    ranks = sorted(curve)
-    names = [n for n in METRICS if all(n in curve[k] for k in ranks)]
-    heads = {"loss": "loss", "token_acc": "token acc %", "exact_match": "exact match %"}
+    names = [n for n in METRICS if n in curves]
+    ranks = sorted({r for n in names for r in curves[n].ranks})
 
     def cells(values: dict[str, float]) -> str:
         return " ".join(f"{values.get(n, float('nan')):>14.4f}" if n == "loss"
                         else f"{values.get(n, float('nan')):>14.1f}" for n in names)
 
-    lines = ["Rank curve (validation)", f"{'rank':>6} " + " ".join(f"{heads[n]:>14}" for n in names)]
+    lines = ["Rank curve (validation)", f"{'rank':>6} " + " ".join(f"{HEADS[n]:>14}" for n in names)]
     if base:
         lines.append(f"{'base':>6} " + cells(base))
-    lines += [f"{k:>6} " + cells(curve[k]) for k in ranks]
-    lines.append(f"{'AURAC':>6} " + cells({n: aurac(ranks, [curve[k][n] for k in ranks]) for n in names}))
-    key = _advice_metric(curve)
-    scores = {k: curve[k][key] for k in ranks}
-    r = select_rank(scores, tolerance=0.01)
-    lines.append(f"Advice (select_rank, {heads[key].rstrip(' %')}): "
-                 + describe_rank_choice(scores, tolerance=0.01, name=heads[key].rstrip(" %"))
-                 + f" Serve it with --model.rank {r}.")
+    lines += [f"{k:>6} " + cells({n: curves[n].score_at(k) for n in names if k in curves[n].ranks}) for k in ranks]
+    lines.append(f"{'AURAC':>6} " + cells({n: curves[n].aurac() for n in names}))
+    key = _advice_metric(curves)
+    what = HEADS[key].rstrip(" %")
+    curve = curves[key]
+    lines.append(f"Advice (select_rank, {what}): "
+                 + describe_rank_choice(curve.as_mapping(), 0.01, True, curve.higher_is_better, what)
+                 + f" Serve it with --model.rank {curve.select_rank(tolerance=0.01)}.")
     return "\n".join(lines)
 
 
-def plot_curve(curve: dict[int, dict[str, float]], base: dict[str, float] | None, path: Path) -> Path | None:
+def plot_curve(curves: dict[str, RankCurve], base: dict[str, float] | None, path: Path) -> Path | None:
     """Accuracy against rank (log2 axis) with the base level dashed; ``None`` if matplotlib is missing."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         return None
-    ranks = sorted(curve)
-    names = [n for n in ("token_acc", "exact_match") if all(n in curve[k] for k in ranks)]
+    names = [n for n in ("token_acc", "exact_match") if n in curves]
     labels = {"token_acc": "answer-token accuracy", "exact_match": "exact match"}
-    fig, ax = plot_rank_curves([{k: curve[k][n] for k in ranks} for n in names],
-                               labels=[f"{labels[n]} (AURAC {aurac(ranks, [curve[k][n] for k in ranks]):.1f})"
-                                       for n in names], ylabel="%", title="Validation accuracy by adapter rank")
+    fig, ax = plot_rank_curves([curves[n].as_mapping() for n in names],
+                               labels=[f"{labels[n]} (AURAC {curves[n].aurac():.1f})" for n in names],
+                               ylabel="%", title="Validation accuracy by adapter rank")
     for line, n in zip(ax.get_lines(), names):
         if base and n in base:
             ax.axhline(base[n], ls="--", color=line.get_color(), alpha=0.6, label=f"base model: {labels[n]}")

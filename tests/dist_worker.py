@@ -261,8 +261,8 @@ def main() -> None:
     mine = {"local": local_adapter(module), "full": full, "losses": module.losses, "rows": module.rows}
     result.update(full=full, losses=module.losses, world_size=t.world_size, strategy=type(t.strategy).__name__)
     mine["optimizer_numel"] = optimizer_numel(t)
-    if cb.rank_eval is not None and cb.rank_eval.history:
-        result["curve"] = cb.rank_eval.history[-1][1]  # reduced over both processes' validation data
+    if cb.last_curves:
+        result["curve"] = cb.last_curves[0].as_mapping()  # the loss, reduced over both processes' validation data
     if cb.adapter_path and rank == 0:  # the adapter the callback saved at the end of fit
         from lightning_matlora import read_adapter
 

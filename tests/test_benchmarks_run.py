@@ -41,3 +41,13 @@ def test_multirank_eval_benchmark_runs(tmp_path):
     stdout = _run(["benchmarks/multirank_eval.py", "--hidden", "32", "--layers", "1", "--vocab", "97", "--seq", "8",
                    "--r-max", "8", "--batch-sizes", "1", "2", "--reps", "2"])
     assert "mixed" in stdout.lower()
+
+
+@pytest.mark.slow
+def test_quantized_benchmark_runs_every_variant():
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not importable: pip install 'lightning_matlora[quant]'")
+    stdout = _run(["benchmarks/quantized.py", "--hidden", "64", "--inter", "128", "--layers", "1", "--heads", "2",
+                   "--kv-heads", "2", "--vocab", "97", "--batch", "2", "--seq", "8", "--r", "4", "--reps", "2",
+                   "--warmup", "1"], timeout=600)
+    for row in ("| float |", "| nf4 |", "| peft-qlora |", "nf4 / float", "PEFT QLoRA"):
+        assert row in stdout

@@ -57,13 +57,14 @@ def test_fit_saves_final_adapter_with_rank_curve_and_best_by_aurac(tmp_path):
     final = tmp_path / "matlora_adapter" / "version_0"  # no logger: a versioned directory of its own
     assert cb.adapter_path == str(final)
     saved = read_adapter(final)
-    _, curve, area = cb.rank_eval.history[-1]
-    assert saved.curves == [RankCurve((1, 2, 4), (curve[1], curve[2], curve[4]), "loss", higher_is_better=False)]
-    assert saved.curves[0].aurac() == pytest.approx(area, rel=1e-6)
-    best_area = min(a for _, _, a in cb.rank_eval.history)
+    curve = cb.last_curves[0]
+    assert saved.curves == [curve] and curve.metric == "loss" and curve.ranks == (1, 2, 4)
+    best_area = min(curves[0].aurac() for _, curves in cb.rank_eval.history)
     best = read_adapter(tmp_path / "matlora_adapter" / "version_0_best")
-    assert cb.best_score == best_area and best.curves[0].aurac() == pytest.approx(best_area, rel=1e-6)
-    assert best.metadata["monitor"] == "val/aurac_loss" and best.metadata["monitor_value"] == best_area
+    assert cb.best_score == pytest.approx(best_area, rel=1e-6)
+    assert best.curves[0].aurac() == pytest.approx(best_area, rel=1e-6)
+    assert best.metadata["monitor"] == "val/aurac_loss"
+    assert best.metadata["monitor_value"] == pytest.approx(best_area, rel=1e-6)
     fresh = load_adapter(tiny_llama(), final)
     with torch.no_grad(), at_rank(module.model, 2):
         torch.testing.assert_close(logits(fresh, 2), module.model(X).logits, rtol=0, atol=0)

@@ -157,7 +157,7 @@ def test_ddp_rank_curve_is_reduced_over_every_process(ddp, tmp_path):
                          enable_model_summary=False, default_root_dir=str(tmp_path), use_distributed_sampler=False,
                          callbacks=[cb])
     trainer.validate(module)
-    single = cb.rank_eval.history[-1][1]
+    single = cb.last_curves[0].as_mapping()
     for k in single:  # one process's mean over all rows, not rank 0's half
         assert abs(ddp["curve"][k] - single[k]) < 1e-5, (k, ddp["curve"][k], single[k])
     assert len({round(v, 4) for v in single.values()}) > 1, "the ranks differ"

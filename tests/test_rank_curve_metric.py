@@ -14,6 +14,7 @@ from torchmetrics.functional.classification import multiclass_accuracy
 from torchmetrics.regression import MeanSquaredError
 
 from lightning_matlora import RankCurveMetric, aurac
+from lightning_matlora.curve import RankCurve
 from lightning_matlora.metric import WeightedMean
 
 RANKS = [1, 2, 8]
@@ -39,10 +40,11 @@ def test_each_rank_copy_is_the_base_metric_on_its_own_data():
             curve.update(k, preds[k][chunk:chunk + 16], target[chunk:chunk + 16])
     out = curve.compute()
     ref = {k: float(multiclass_accuracy(preds[k], target, num_classes=5)) for k in RANKS}
-    assert set(out["curve"]) == set(RANKS)
+    assert isinstance(out, RankCurve) and list(out.ranks) == RANKS and out.higher_is_better is True
+    assert out.metric == "MulticlassAccuracy"  # no name given and not found on a module: the base metric's class
     for k in RANKS:
-        assert float(out["curve"][k]) == pytest.approx(ref[k], abs=1e-6)
-    assert float(out["aurac"]) == pytest.approx(aurac(RANKS, [ref[k] for k in RANKS]), abs=1e-6)
+        assert out.score_at(k) == pytest.approx(ref[k], abs=1e-6)
+    assert out.aurac() == pytest.approx(aurac(RANKS, [ref[k] for k in RANKS]), abs=1e-6)
     assert curve.higher_is_better is True and curve.select_rank(tolerance=1.0) == 1
 
 
@@ -53,40 +55,41 @@ def test_default_is_a_weighted_mean_that_keeps_nan_and_resets():
     curve.update(1, 4.0, 1)  # weighted: (2·3 + 4·1) / 4
     curve.update(4, torch.tensor([1.0, 3.0]))
     out = curve.compute()
-    assert float(out["curve"][1]) == pytest.approx(2.5) and float(out["curve"][4]) == pytest.approx(2.0)
-    assert float(out["aurac"]) == pytest.approx(2.25)
+    assert out.metric == "loss" and out.higher_is_better is False
+    assert out.score_at(1) == pytest.approx(2.5) and out.score_at(4) == pytest.approx(2.0)
+    assert out.aurac() == pytest.approx(2.25)
     curve.update(4, float("nan"))
     out = curve.compute()
-    assert math.isnan(float(out["curve"][4])) and math.isnan(float(out["aurac"]))
+    assert math.isnan(out.score_at(4)) and math.isnan(out.aurac())
     curve.reset()
     curve.update(1, 1.0)
     curve.update(4, 2.0)
-    assert float(curve.compute()["curve"][4]) == 2.0  # reset cleared the NaN
+    assert curve.compute().score_at(4) == 2.0  # reset cleared the NaN
 
 
 def test_forward_returns_the_batch_value_and_accumulates():
     curve = RankCurveMetric(ranks=[2])
     assert float(curve(2, torch.tensor([1.0, 3.0]))) == 2.0
     assert float(curve(2, torch.tensor([5.0]))) == 5.0
-    assert float(curve.compute()["curve"][2]) == 3.0
+    assert curve.compute().score_at(2) == 3.0
 
 
 def test_higher_is_better_comes_from_the_base_metric_or_the_argument():
     assert RankCurveMetric(MeanSquaredError(), ranks=[1]).higher_is_better is False
     assert RankCurveMetric(MeanSquaredError(), ranks=[1], higher_is_better=True).higher_is_better is True
-    unknown = RankCurveMetric(WeightedMean(), ranks=[1, 2])
-    unknown.update(1, 1.0)
-    unknown.update(2, 2.0)
-    with pytest.raises(ValueError, match="higher_is_better=True"):
-        unknown.select_rank()
+    with pytest.raises(ValueError, match="higher_is_better=True"):  # unknown direction: refused when built
+        RankCurveMetric(WeightedMean(), ranks=[1, 2])
 
 
 def test_bad_input():
     curve = RankCurveMetric(ranks=[1, 2, 4])
     with pytest.raises(ValueError, match=r"built for ranks \[1, 2, 4\] and got update for rank 3"):
         curve.update(3, 1.0)
-    with pytest.raises(ValueError, match="got update for rank '4'"):
-        curve.update("4", 1.0)
+    with pytest.raises(ValueError, match="got update for rank 8"):
+        curve.forward(8, 1.0)
+    # only a Python int first argument is a rank: anything else is the base metric's input, which needs a callback
+    with pytest.raises(RuntimeError, match="no MatryoshkaLoRA callback is evaluating ranks"):
+        curve.update(torch.tensor(4), 1.0)
     with pytest.raises(TypeError, match="torchmetrics Metric"):
         RankCurveMetric(torch.nn.MSELoss(), ranks=[1])
     with pytest.raises(ValueError, match="duplicates"):
@@ -100,7 +103,8 @@ def test_linear_axis_and_plot():
     for k, v in zip([1, 2, 4], [3.0, 2.0, 1.0]):
         curve.update(k, v)
     out = curve.compute()
-    assert float(out["aurac"]) == pytest.approx(aurac([1, 2, 4], [3.0, 2.0, 1.0], axis="linear"))
+    assert curve.axis == "linear"
+    assert out.aurac("linear") == pytest.approx(aurac([1, 2, 4], [3.0, 2.0, 1.0], axis="linear"))
     fig, ax = curve.plot()
     assert len(ax.lines) == 1 and ax.get_xscale() == "linear"
     fig, ax = curve.plot([out, out])  # one line per result, e.g. per epoch
@@ -120,7 +124,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             per_row = (preds[k] != target).float()[rank::world] * k
             loss.update(k, per_row[:7].mean(), 7)
             loss.update(k, per_row[7:], 1)
-        first = {"acc": acc.compute(), "loss": loss.compute()}
+        first = {"acc": acc.compute().to_json(), "loss": loss.compute().to_json()}
         acc.reset()
         loss.reset()
         for k in RANKS:  # second "epoch": only process 1 has data for the loss, and its values are k
@@ -129,7 +133,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 loss.update(k, float(k), 2)
             else:
                 loss.update(k, 0.0, 0)
-        second = {"acc": acc.compute(), "loss": loss.compute()}
+        second = {"acc": acc.compute().to_json(), "loss": loss.compute().to_json()}
         torch.save({"first": first, "second": second}, os.path.join(out_dir, f"r{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -148,10 +152,11 @@ def test_states_reduce_across_two_processes(tmp_path):
     ref_loss = {k: float((preds[k] != target).float().mean() * k) for k in RANKS}
     for r in (0, 1):
         res = torch.load(tmp_path / f"r{r}.pt")
-        first, second = res["first"], res["second"]
+        first = {n: RankCurve.from_json(c) for n, c in res["first"].items()}
+        second = {n: RankCurve.from_json(c) for n, c in res["second"].items()}
         for k in RANKS:
-            assert float(first["acc"]["curve"][k]) == pytest.approx(ref_acc[k], abs=1e-6)
-            assert float(first["loss"]["curve"][k]) == pytest.approx(ref_loss[k], abs=1e-6)
-            assert float(second["acc"]["curve"][k]) == 1.0  # reset between epochs
-            assert float(second["loss"]["curve"][k]) == pytest.approx(k)
-        assert float(first["loss"]["aurac"]) == pytest.approx(aurac(RANKS, [ref_loss[k] for k in RANKS]), abs=1e-6)
+            assert first["acc"].score_at(k) == pytest.approx(ref_acc[k], abs=1e-6)
+            assert first["loss"].score_at(k) == pytest.approx(ref_loss[k], abs=1e-6)
+            assert second["acc"].score_at(k) == 1.0  # reset between epochs
+            assert second["loss"].score_at(k) == pytest.approx(k)
+        assert first["loss"].aurac() == pytest.approx(aurac(RANKS, [ref_loss[k] for k in RANKS]), abs=1e-6)

@@ -132,7 +132,7 @@ def test_fit_logs_curve_aurac_table_png_and_tensorboard(tmp_path, caplog):
     assert float(metrics["val_mean"]) == pytest.approx(p_loss, rel=1e-5)
     # one curve per epoch, a PNG next to the logs, a figure in TensorBoard, a table with advice at fit end
     cb_eval = cb.rank_eval
-    assert [e for e, _, _ in cb_eval.history] == [0, 1]  # the sanity check is not an epoch
+    assert [e for e, _ in cb_eval.history] == [0, 1]  # the sanity check is not an epoch
     png = os.path.join(logger.log_dir, "rank_curve_loss.png")
     assert os.path.getsize(png) > 1000
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -151,7 +151,7 @@ def test_fit_logs_curve_aurac_table_png_and_tensorboard(tmp_path, caplog):
     assert list(curve.scores) == pytest.approx([ref[k] for k in (1, 2, 4, 8)], rel=1e-5)
     assert curve.aurac() == pytest.approx(float(metrics["val/aurac_loss"]), rel=1e-6)
     text = caplog.text
-    assert "MatryoshkaLoRA rank curve after epoch 1" in text and "Advice: rank" in text and "AURAC" in text
+    assert "MatryoshkaLoRA rank curves (epoch 1, val" in text and "Advice (loss): rank" in text and "AURAC" in text
 
 
 # ------------------------------------------------------------------------------------------- the two paths
@@ -175,7 +175,7 @@ def test_validate_curve_matches_reference_on_both_paths(tmp_path, adapted_lm, re
     t = trainer(tmp_path, callbacks=[cb])
     with caplog.at_level(logging.INFO):
         t.validate(module, val, verbose=False)
-    assert "MatryoshkaLoRA rank curve after epoch 0" in caplog.text  # the table is printed at the end of validate
+    assert "MatryoshkaLoRA rank curves (epoch 0, val" in caplog.text  # the table is printed at the end of validate
     assert cb.rank_eval.used_mixed is (returns in ("per_row", "dict_per_row"))
     ref = reference_curve(module.model, val, [1, 3, 8])
     got = {k: float(t.callback_metrics[f"val/loss@r{k}"]) for k in (1, 3, 8)}
@@ -241,7 +241,7 @@ def test_auto_falls_back_when_layers_see_flattened_rows(tmp_path):
         for k in (1, 2, 8):
             with at_rank(module, k):
                 ref = float(torch.cat([module.per_row(b) for b in val]).double().mean())
-            assert float(cb.rank_eval.history[-1][1][k]) == pytest.approx(ref, rel=1e-5)
+            assert cb.last_curves[0].score_at(k) == pytest.approx(ref, rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -320,11 +320,310 @@ def test_nan_rank_is_reported_not_hidden_and_does_not_block_saving(caplog):
     import math
 
     cb = MatryoshkaLoRA(r_max=4, verbose=True)
-    curve = {1: 2.0, 2: 1.5, 4: float("nan")}
-    cb.rank_eval.history.append((0, curve, aurac(list(curve), list(curve.values()))))
-    assert math.isnan(cb.rank_eval.history[-1][2]) and cb.last_aurac is None
+    curve = RankCurve((1, 2, 4), (2.0, 1.5, float("nan")), "loss", higher_is_better=False)
+    cb.rank_eval.history.append((0, [curve]))
     [saved] = cb.last_curves  # what the saved adapter records: the NaN rank stays, as null in JSON
-    assert math.isnan(saved.scores[2]) and saved.to_json()["scores"] == [2.0, 1.5, None]
+    assert saved == curve and math.isnan(saved.aurac()) and saved.to_json()["scores"] == [2.0, 1.5, None]
     with caplog.at_level(logging.INFO):
         cb.rank_eval.report(None)
-    assert "no rank advised: the scores at ranks [4] are NaN" in caplog.text and "AURAC (log2 axis): nan" in caplog.text
+    assert "no rank advised: the scores at ranks [4] are NaN" in caplog.text
+    assert [ln.split()[1] for ln in caplog.text.splitlines() if ln.strip().startswith("AURAC")] == ["nan"]
+
+
+# ------------------------------------------------------------------------- RankCurveMetric on the module
+import lightning as L  # noqa: E402
+from torchmetrics.classification import MulticlassAccuracy  # noqa: E402
+from torchmetrics.functional.classification import multiclass_accuracy  # noqa: E402
+
+from lightning_matlora import RankCurveMetric  # noqa: E402
+from lightning_matlora.curve import RankCurve  # noqa: E402
+
+
+def blobs(n: int, seed: int) -> torch.utils.data.TensorDataset:
+    """10-class data labelled by a fixed random linear teacher (learnable, not trivially)."""
+    g = torch.Generator().manual_seed(seed)
+    teacher = torch.randn(24, 10, generator=torch.Generator().manual_seed(99))
+    x = torch.randn(n, 24, generator=g)
+    return torch.utils.data.TensorDataset(x, (x @ teacher).argmax(-1))
+
+
+class Classifier(L.LightningModule):
+    """The user-facing snippet of docs/rank-curves.md, verbatim in its validation_step."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(24, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+        self.acc = RankCurveMetric(MulticlassAccuracy(num_classes=10))   # ranks: the callback's eval ranks
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, i):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, i):
+        x, y = batch
+        self.acc.update(self(x).argmax(-1), y)        # no rank argument, no loop
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=5e-2)
+
+
+def classifier_loaders():
+    return (DataLoader(blobs(512, 0), batch_size=32, shuffle=True),
+            DataLoader(blobs(90, 1), batch_size=20))  # last batch of 10 rows: the loss weighs rows
+
+
+def classifier_reference(module, val, ranks):
+    """Each rank on its own over the whole validation set: accuracy (torchmetrics' functional form on all rows)
+    and the row-weighted mean loss (float64)."""
+    acc, loss = {}, {}
+    with torch.no_grad():
+        for k in ranks:
+            with at_rank(module, k):
+                logits = torch.cat([module(x) for x, _ in val])
+            y = torch.cat([y for _, y in val])
+            acc[k] = float(multiclass_accuracy(logits.argmax(-1), y, num_classes=10))
+            loss[k] = float(F.cross_entropy(logits.double(), y, reduction="none").mean())
+    return acc, loss
+
+
+def test_rank_curve_metric_on_the_module_needs_no_loop(tmp_path, caplog):
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    train, val = classifier_loaders()
+    module = Classifier()
+    cb = MatryoshkaLoRA(r_max=16, verbose=True)
+    assert cb.last_curves == []
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), monitor="val/aurac_acc", mode="max")
+    stop = EarlyStopping(monitor="val/acc@r16", mode="max", patience=5)
+    with caplog.at_level(logging.INFO):
+        t = trainer(tmp_path, callbacks=[cb, ckpt, stop], max_epochs=3, enable_checkpointing=True,
+                    num_sanity_val_steps=2)
+        t.fit(module, train, val)
+    ranks = [1, 2, 4, 8, 16]
+    acc, loss = classifier_reference(module, val, ranks)
+    assert len(set(acc.values())) > 2, "the ranks score differently: the test can tell them apart"
+    m = t.callback_metrics
+    for k in ranks:
+        assert float(m[f"val/acc@r{k:02d}"]) == pytest.approx(acc[k], abs=1e-6)
+        assert float(m[f"val/loss@r{k:02d}"]) == pytest.approx(loss[k], rel=1e-5)
+    assert float(m["val/aurac_acc"]) == pytest.approx(aurac(ranks, [acc[k] for k in ranks]), abs=1e-6)
+    assert float(m["val/aurac_loss"]) == pytest.approx(aurac(ranks, [loss[k] for k in ranks]), rel=1e-5)
+    # monitorable: the checkpoint callback ranked epochs by the AURAC of accuracy
+    assert ckpt.best_model_score is not None and float(ckpt.best_model_score) >= float(m["val/aurac_acc"]) - 1e-9
+    # the callback's curves: one RankCurve per metric, the loss first; three epochs (the sanity check is not one)
+    curves = cb.last_curves
+    assert [c.metric for c in curves] == ["loss", "acc"] and all(isinstance(c, RankCurve) for c in curves)
+    assert curves[1].higher_is_better and not curves[0].higher_is_better
+    assert curves[1].scores == pytest.approx([acc[k] for k in ranks], abs=1e-6)
+    assert [e for e, _ in cb.rank_eval.history] == [0, 1, 2]
+    from lightning_matlora import read_adapter
+
+    assert read_adapter(cb.adapter_path).curves == curves  # the saved adapter records every metric's curve
+    # one PNG per metric, one table with a column per metric
+    for name in ("loss", "acc"):
+        assert os.path.getsize(tmp_path / f"rank_curve_{name}.png") > 1000
+    table = caplog.text[caplog.text.index("MatryoshkaLoRA rank curves (epoch 2"):]
+    assert "loss ↓" in table and "acc ↑" in table and "Advice (acc):" in table and "Advice (loss):" in table
+    # metrics were reset per epoch: a fresh validate gives the same curve (not an accumulation over epochs)
+    t.validate(module, val, verbose=False)
+    for k in ranks:
+        assert float(t.callback_metrics[f"val/acc@r{k:02d}"]) == pytest.approx(acc[k], abs=1e-6)
+
+
+def test_named_metric_in_a_moduledict_with_explicit_subset_of_ranks(tmp_path):
+    """name= sets the log key; a ModuleDict and a MetricCollection are searched; ranks= a subset of the eval ranks
+    counts only those."""
+    train, val = classifier_loaders()
+    module = Classifier()
+    del module.acc
+    module.extra = torch.nn.ModuleDict({
+        "top1": RankCurveMetric(MulticlassAccuracy(num_classes=10, average="micro"), ranks=[2, 16],
+                                name="exact_match")})
+
+    from torchmetrics import MetricCollection
+
+    module.coll = MetricCollection({"err": RankCurveMetric(MulticlassAccuracy(num_classes=10, average="micro"),
+                                                           higher_is_better=False)})
+
+    def step(batch):  # no batch_idx: Lightning allows it, and so do the callback's calls
+        module.extra["top1"].update(module(batch[0]).argmax(-1), batch[1])
+        module.coll.update((module(batch[0]).argmax(-1) + 1) % 10, batch[1])  # through a MetricCollection
+        return F.cross_entropy(module(batch[0]), batch[1])
+    module.validation_step = step
+    cb = MatryoshkaLoRA(r_max=16, verbose=False, save_adapter=False)
+    cb.apply(module)
+    randomise_adapter(module)
+    t = trainer(tmp_path, callbacks=[cb])
+    t.validate(module, val, verbose=False)
+    with torch.no_grad():
+        y = torch.cat([y for _, y in val])
+        for k in (2, 16):
+            with at_rank(module, k):
+                pred = torch.cat([module(x) for x, _ in val]).argmax(-1)
+            assert float(t.callback_metrics[f"val/exact_match@r{k:02d}"]) == pytest.approx(
+                float((pred == y).float().mean()), abs=1e-6)
+        for k in (1, 2, 4, 8, 16):
+            with at_rank(module, k):
+                pred = torch.cat([module(x) for x, _ in val]).argmax(-1)
+            assert float(t.callback_metrics[f"val/err@r{k:02d}"]) == pytest.approx(
+                float(((pred + 1) % 10 == y).float().mean()), abs=1e-6)
+    assert "val/exact_match@r04" not in t.callback_metrics and "val/aurac_exact_match" in t.callback_metrics
+    assert [c.metric for c in cb.last_curves] == ["loss", "err", "exact_match"]
+
+
+def test_a_metric_named_loss_replaces_the_returned_loss(tmp_path):
+    """A RankCurveMetric called `loss` is the loss curve (token-weighted here); the step may return nothing."""
+    _, val = loaders(n_val=10, batch_size=4)
+    module = LM("none")
+    module.loss = RankCurveMetric()  # a weighted mean
+
+    def step(self_or_batch, batch=None):  # Lightning reads the first parameter of an attribute function as self
+        batch = batch if batch is not None else self_or_batch
+        per = per_row_losses(module.model, batch["input_ids"])
+        module.loss.update(per.sum() / 100, 100)  # a different weighting than rows: visible in the result
+    module.validation_step = step
+    cb = MatryoshkaLoRA(r_max=8, eval_ranks=[1, 8], verbose=False, save_adapter=False)
+    cb.apply(module)
+    randomise_adapter(module)
+    t = trainer(tmp_path, callbacks=[cb])
+    t.validate(module, val, verbose=False)
+    with torch.no_grad():
+        for k in (1, 8):
+            with at_rank(module.model, k):
+                per = torch.cat([per_row_losses(module.model, b["input_ids"]) for b in val])
+            # mean over batches of (sum/100), each weighted 100 = total / (100 · batches)
+            assert float(t.callback_metrics[f"val/loss@r{k}"]) == pytest.approx(float(per.double().sum()) / 300,
+                                                                               rel=1e-5)
+    assert [c.metric for c in cb.last_curves] == ["loss"]
+
+
+def test_updates_outside_validation_or_without_callback_say_why(tmp_path):
+    train, val = classifier_loaders()
+    # no callback at all: the metric has no ranks and nothing evaluates them
+    alone = RankCurveMetric(MulticlassAccuracy(num_classes=10))
+    with pytest.raises(RuntimeError, match=r"no MatryoshkaLoRA callback is evaluating ranks.*update\(k, \.\.\.\)"):
+        alone.update(torch.tensor([1]), torch.tensor([1]))
+    with pytest.raises(ValueError, match="has no ranks yet"):
+        alone.update(4, torch.tensor([1]), torch.tensor([1]))
+
+    class UpdatesInTraining(Classifier):
+        def training_step(self, batch, i):
+            x, y = batch
+            self.acc.update(self(x).argmax(-1), y)
+            return super().training_step(batch, i)
+
+    with pytest.raises(RuntimeError, match="outside validation"):
+        trainer(tmp_path, callbacks=[MatryoshkaLoRA(r_max=4, verbose=False, save_adapter=False)],
+                max_epochs=1).fit(UpdatesInTraining(), train, val)
+    # the callback's evaluation turned off: the update in validation_step has no rank to go to
+    with pytest.raises(RuntimeError, match="no MatryoshkaLoRA callback is evaluating ranks"):
+        trainer(tmp_path, callbacks=[MatryoshkaLoRA(r_max=4, verbose=False, save_adapter=False, rank_eval=None)],
+                max_epochs=1).fit(Classifier(), train, val)
+
+
+def test_bad_metric_setups_fail_at_setup_before_training(tmp_path):
+    train, val = classifier_loaders()
+
+    class Counting(Classifier):
+        steps = 0
+
+        def training_step(self, batch, i):
+            Counting.steps += 1
+            return super().training_step(batch, i)
+
+    m = Counting()
+    m.acc = RankCurveMetric(MulticlassAccuracy(num_classes=10), ranks=[1, 16])
+    with pytest.raises(ValueError, match=r"tracks ranks \[16\] that MatryoshkaLoRA does not evaluate.*r_max 4"):
+        trainer(tmp_path, callbacks=[MatryoshkaLoRA(r_max=4, verbose=False)]).fit(m, train, val)
+    m = Counting()
+    m.other = torch.nn.ModuleDict({"acc": RankCurveMetric(MulticlassAccuracy(num_classes=10))})
+    with pytest.raises(ValueError, match=r"Two RankCurveMetrics of the module are named 'acc'.*name="):
+        trainer(tmp_path, callbacks=[MatryoshkaLoRA(r_max=4, verbose=False)]).fit(m, train, val)
+    with pytest.raises(ValueError, match="rank_eval='mixed'.*cannot be split by rank"):
+        trainer(tmp_path, callbacks=[MatryoshkaLoRA(r_max=4, verbose=False, rank_eval="mixed")]).fit(
+            Counting(), train, val)
+    assert Counting.steps == 0
+    with pytest.raises(ValueError, match="higher_is_better=True"):
+        RankCurveMetric(WeightedMeanForTest())
+    with pytest.raises(ValueError, match="letters, digits"):
+        RankCurveMetric(name="val/acc")
+
+
+def WeightedMeanForTest():
+    from lightning_matlora.metric import WeightedMean
+
+    return WeightedMean()
+
+
+def test_test_stage_logs_test_curves(tmp_path, caplog):
+    train, val = classifier_loaders()
+    module = Classifier()
+    cb = MatryoshkaLoRA(r_max=8, verbose=True, save_adapter=False)
+    cb.apply(module)
+    randomise_adapter(module)
+    module.test_step = module.validation_step
+    with caplog.at_level(logging.INFO):
+        t = trainer(tmp_path, callbacks=[cb])
+        t.test(module, val, verbose=False)
+    acc, _ = classifier_reference(module, val, [1, 2, 4, 8])
+    for k in (1, 2, 4, 8):
+        assert float(t.callback_metrics[f"test/acc@r{k}"]) == pytest.approx(acc[k], abs=1e-6)
+    assert "MatryoshkaLoRA rank curves (test" in caplog.text
+    assert cb.last_curves == []  # validation curves only
+
+
+@pytest.mark.slow
+def test_module_metrics_under_ddp_equal_one_process(tmp_path):
+    """The snippet's module under Lightning DDP (2 CPU processes, gloo): each process validates half of the rows;
+    the logged curves equal one process's curves on all the rows."""
+    _, val = classifier_loaders()
+
+    def build():  # the same adapted module each time (a module that went through a Trainer is not re-spawned)
+        module, cb = Classifier(), MatryoshkaLoRA(r_max=8, verbose=False, save_adapter=False)
+        cb.apply(module)
+        randomise_adapter(module)
+        return module, cb
+
+    module, cb = build()
+    t = trainer(tmp_path, callbacks=[cb], strategy="ddp_spawn", devices=2)
+    t.validate(module, val, verbose=False)
+    module, cb = build()
+    acc, loss = classifier_reference(module, val, [1, 2, 4, 8])
+    single = trainer(tmp_path, callbacks=[cb])
+    single.validate(module, val, verbose=False)
+    one = {k: float(v) for k, v in single.callback_metrics.items()}
+    assert {k for k in one if "@r" in k} == {k for k in t.callback_metrics if "@r" in k}
+    for key, value in one.items():
+        assert float(t.callback_metrics[key]) == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    for k in (1, 2, 4, 8):
+        assert one[f"val/acc@r{k}"] == pytest.approx(acc[k], abs=1e-6)
+        assert one[f"val/loss@r{k}"] == pytest.approx(loss[k], rel=1e-5)
+
+
+def test_metric_built_in_configure_model_is_found(tmp_path):
+    """A RankCurveMetric created in configure_model (after the callback's setup) is found before the first
+    validation and measured like one built in __init__."""
+    train, val = classifier_loaders()
+
+    class Late(Classifier):
+        def __init__(self):
+            super().__init__()
+            del self.acc
+
+        def configure_model(self):
+            if not hasattr(self, "acc"):
+                self.acc = RankCurveMetric(MulticlassAccuracy(num_classes=10))
+
+    module = Late()
+    cb = MatryoshkaLoRA(r_max=4, verbose=False, save_adapter=False)
+    t = trainer(tmp_path, callbacks=[cb], max_epochs=1, num_sanity_val_steps=1)
+    t.fit(module, train, val)
+    acc, _ = classifier_reference(module, val, [1, 2, 4])
+    for k in (1, 2, 4):
+        assert float(t.callback_metrics[f"val/acc@r{k}"]) == pytest.approx(acc[k], abs=1e-6)
+    assert module.acc.ranks == [1, 2, 4]

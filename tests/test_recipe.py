@@ -29,7 +29,7 @@ OFFLINE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", 
                "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 # a cut-down run: a few optimizer steps on a slice of the bundled task
 CALLBACK = ('--trainer.callbacks=[{"class_path": "lightning_matlora.MatryoshkaLoRA", "init_args": {"r_max": 4, '
-            '"ranks": [1, 2, 4], "mode": "rowwise", "rank_eval": null, "save_adapter": false}}]')
+            '"ranks": [1, 2, 4], "mode": "rowwise"}}]')
 EVAL = ["--data.max_train_examples", "128", "--data.max_val_examples", "32", "--model.num_generate", "8",
         "--trainer.enable_progress_bar", "false", CALLBACK]
 QUICK = ["--trainer.max_steps", "4", "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1", *EVAL]
@@ -121,7 +121,7 @@ def test_fit_cli_end_to_end_prints_curve_advice_and_paths(fitted):
     assert all(c.ranks == (1, 2, 4) for c in saved.curves)
     curve = json.loads((png.parent / "rank_curve.json").read_text())
     assert sorted(c.metric for c in saved.curves) == ["exact_match", "loss", "token_acc"]
-    for c in saved.curves:  # one recorded curve per metric, equal to the printed numbers
+    for c in saved.curves:  # one recorded curve per metric (saved by the callback), equal to the printed numbers
         assert list(c.scores) == [pytest.approx(curve["curve"][str(k)][c.metric]) for k in (1, 2, 4)]
         assert c.higher_is_better is (c.metric != "loss")
     assert sorted(map(int, curve["curve"])) == [1, 2, 4]
@@ -175,11 +175,13 @@ def test_validate_with_the_saved_adapter_reproduces_the_fit_curve(fitted, tmp_pa
 
     root, out = fitted
     adapter = out.split("Adapter saved to ")[1].split()[0]
-    want = json.loads((Path(adapter).parent / "rank_curve.json").read_text())["curve"]
+    png = Path(out.split("Rank curve plotted to ")[1].split()[0])
+    want = json.loads((png.parent / "rank_curve.json").read_text())["curve"]
     cli = instruct.main(["validate", "--model.adapter", adapter, "--trainer.default_root_dir", str(tmp_path),
                          *EVAL])
-    assert sorted(cli.model.curve) == [1, 2, 4]
-    for k, m in cli.model.curve.items():
+    got = imod.by_rank(cli.model.curves)
+    assert sorted(got) == [1, 2, 4] and sorted(cli.model.curves) == ["exact_match", "loss", "token_acc"]
+    for k, m in got.items():
         for name, v in m.items():
             assert v == pytest.approx(want[str(k)][name], abs=1e-3), (k, name)
     assert "Rank curve (validation)" in capsys.readouterr().out
@@ -314,8 +316,72 @@ def test_bad_data_fails_in_the_cli_before_training(tmp_path):
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
+@pytest.mark.parametrize("option, message", [
+    (["--model.eval_ranks", "[1, 16]"], r"--model.eval_ranks \[1, 16\]: ranks \[16\] are not among the callback's "
+                                        r"eval ranks \[1, 2, 4\] \(\[16\] exceed r_max=4\)"),
+    (["--model.eval_ranks", "[0, 2]"], r"--model.eval_ranks must be integers ≥ 1, got \[0\]"),
+    (["--model.eval_ranks", "[2, 2]"], r"--model.eval_ranks has duplicates \[2\]"),
+    (["--model.rank", "16"], r"--model.rank 16 exceeds the adapter's r_max=4"),
+    (["--model.rank", "0"], r"--model.rank must be a rank ≥ 1"),
+    (["--model.lr", "0"], r"--model.lr must be > 0"),
+    (["--model.warmup_ratio", "1.5"], r"--model.warmup_ratio must be in \[0, 1\)"),
+    (["--model.weight_decay", "-1"], r"--model.weight_decay must be ≥ 0"),
+    (["--num_threads", "-1"], r"--num_threads must be ≥ 1"),
+    (['--trainer.callbacks=[{"class_path": "lightning_matlora.MatryoshkaLoRA", "init_args": {"r_max": 4, '
+      '"rank_eval": null}}]'], r"rank_eval: null turns off"),
+    (['--trainer.callbacks=[]'], r"needs the MatryoshkaLoRA callback"),
+])
+def test_bad_options_fail_before_any_step(tmp_path, option, message):
+    """Every option is checked when the CLI builds the objects: nothing trains, nothing is written."""
+    import instruct
+
+    with pytest.raises(ValueError, match=message):
+        instruct.main(["fit", "--trainer.default_root_dir", str(tmp_path), *QUICK, *option])
+    assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("matlora_adapter"))
+
+
+def test_eval_ranks_outside_the_callback_fail_at_setup_without_the_cli(tmp_path):
+    """Built without the CLI, the module's metrics are checked by the callback at setup, before any step."""
+    import lightning.pytorch as pl
+
+    from lightning_matlora import MatryoshkaLoRA
+
+    module = imod.InstructLM(name_or_path=str(BASE), eval_ranks=[1, 16], num_generate=0)
+    dm = idata.InstructData(path=str(DATA), tokenizer=str(BASE), max_train_examples=32, max_val_examples=8)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, default_root_dir=str(tmp_path),
+                         callbacks=[MatryoshkaLoRA(r_max=4, verbose=False)])
+    with pytest.raises(ValueError, match=r"RankCurveMetric '(loss|token_acc)' tracks ranks \[16\] that MatryoshkaLoRA "
+                                         r"does not evaluate \(eval_ranks \[1, 2, 4\], r_max 4\)"):
+        trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 0
+
+
 def test_missing_local_dataset_or_hub_name_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(ValueError, match=r"local .jsonl"):
         idata.load_source("no-such-org/no-such-dataset-xyz")
+
+
+@pytest.mark.slow
+def test_fit_twice_prints_the_same_table_and_saves_the_same_adapter(fitted, tmp_path):
+    """The same command on the same machine (seed 0, the config's thread count) is bitwise the same run."""
+    from lightning_matlora import read_adapter
+
+    root, out = fitted
+    cmd = [sys.executable, str(RECIPES / "instruct.py"), "fit", "--trainer.default_root_dir", str(tmp_path), *QUICK]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=OFFLINE_ENV, cwd=str(tmp_path), timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    again = res.stdout + res.stderr
+
+    def table(text: str) -> str:
+        return text[text.index("Rank curve (validation)"):text.index("Adapter saved to ")]
+
+    assert table(again) == table(out)
+    first, second = (Path(t.split("Adapter saved to ")[1].split()[0]) for t in (out, again))
+    assert (first.parent / "rank_curve.json").read_text() == (second.parent / "rank_curve.json").read_text()
+    a, b = read_adapter(first), read_adapter(second)
+    for name in a.layers:
+        for x, y in zip(a.factors(name), b.factors(name)):
+            assert torch.equal(x, y), name
