@@ -53,8 +53,8 @@ class MatryoshkaLoRA(pl.Callback):
         rank_weights: ``"rowwise"`` only: how a batch's rows are shared among the train ranks. ``"half_max"``
             (default): half of the rows at r_max, the other half spread evenly over the other train ranks;
             ``"uniform"``: the same share for every train rank; or one positive integer per train rank (rank i
-            gets a share ∝ its integer). Measured on the recipe's task (docs/results.md), ``"half_max"`` brings
-            r_max to plain LoRA's level at the same steps without costing the low ranks.
+            gets a share ∝ its integer). On the recipe's task (docs/results.md) ``"half_max"`` raised r_max in
+            every paired run against ``"uniform"`` (toward a plain LoRA of the same steps), at some cost below r_max.
         rank_scale: inference rule at rank k: ``"rank"`` (the paper's, s(k) on the prefix) or ``"trained"``
             (the prefix p_1…p_k of the training diagonal).
         p: explicit training diagonal (length r_max, finite, ≥ 0) instead of Algorithm 1's.
