@@ -60,7 +60,10 @@ def log2_aurac(ranks: list[int], vals: list[float]) -> float:
 
 @torch.no_grad()
 def nest_by_svd(model: torch.nn.Module) -> None:
-    """Re-order every adapted layer so that prefix k (served under the ``rank`` rule) is s(k)/s(R) times the best
+    """The study's prototype (kept so that its ``svd:F`` figures reproduce; the library's
+    :func:`lightning_matlora.nesting.nest_by_svd` instead switches a ``sqrt`` adapter to ``scaling="none"`` so that
+    every prefix is exactly the best approximation). Re-order every adapted layer so that prefix k (served under the
+    ``rank`` rule) is s(k)/s(R) times the best
     rank-k approximation of the layer's rank-R update s(R)·B·A (exactly the best one when s is constant);
     the rank-R update is unchanged. Balanced factors: A' = Σ^½Vᵀ/√s(R), B' = UΣ^½/√s(R)."""
     ctrl = controller_of(model)
