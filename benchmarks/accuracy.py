@@ -58,8 +58,9 @@ if str(ROOT) not in sys.path:
 from lightning_matlora import MatryoshkaLoRA, begin_step, build_p, default_ranks, set_rank, set_rank_scale  # noqa: E402,E501
 from lightning_matlora import aurac as _lib_aurac  # noqa: E402
 
-METHODS = ("matryoshka", "matryoshka-trained", "matryoshka-P/|S|", "rowwise", "dylora", "lora-truncated", "grid")
-ONE_RUN = ("matryoshka", "matryoshka-P/|S|", "rowwise", "dylora", "lora-truncated")  # training runs (not rules)
+METHODS = ("matryoshka", "matryoshka-trained", "matryoshka-P/|S|", "rowwise", "rowwise-half", "dylora", "lora-truncated",
+           "grid")
+ONE_RUN = ("matryoshka", "matryoshka-P/|S|", "rowwise", "rowwise-half", "dylora", "lora-truncated")  # training runs (not rules)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 SIZES = {
@@ -235,8 +236,10 @@ def adapter_kwargs(method: str, r_max: int, scaling: str) -> tuple[int, dict]:
     if method == "matryoshka-P/|S|":
         p = (build_p(ranks, r_max, scaling) / len(ranks)).tolist()
         return r_max, dict(mode="matryoshka", rank_scale="rank", p=p)
-    if method == "rowwise":
-        return r_max, dict(mode="rowwise", rank_scale="rank")
+    if method == "rowwise":  # every train rank on the same share of the rows
+        return r_max, dict(mode="rowwise", rank_scale="rank", rank_weights="uniform")
+    if method == "rowwise-half":  # half of the rows at r_max (the library's default rank_weights)
+        return r_max, dict(mode="rowwise", rank_scale="rank", rank_weights="half_max")
     if method == "dylora":
         return r_max, dict(mode="dylora", rank_scale="rank")
     if method == "lora-truncated":
@@ -525,7 +528,7 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--lrs", type=float, nargs="+", default=None)
     ap.add_argument("--scaling", default="sqrt", choices=["none", "rank", "sqrt"])
     ap.add_argument("--no-compute", action="store_true", help="skip the equal-compute runs")
-    ap.add_argument("--compute-methods", nargs="+", default=["matryoshka", "rowwise", "dylora"],
+    ap.add_argument("--compute-methods", nargs="+", default=["matryoshka", "rowwise", "rowwise-half", "dylora"],
                     choices=list(ONE_RUN), help="one-run methods also trained at the grid's K× step budget")
     ap.add_argument("--runs", default=None, help="JSONL of finished runs, appended as they finish and reused on "
                     "restart (default: --out with suffix _runs.jsonl)")

@@ -213,7 +213,11 @@ CONFIG_FIELDS: dict[str, _Type] = {
     "r_max": POS_INT, "ranks": _list(INT), "target_modules": _TARGETS, "exclude_modules": _null(_TARGETS),
     "modules_to_save": _null(_list(STR)), "scaling": STR, "alpha": NUM, "dropout": NUM, "mode": STR,
     "rank_scale": STR, "p": _null(_list(NUM)), "eval_ranks": _list(INT), "adapter_dtype": _null(STR), "seed": INT,
+    "rank_weights": _either(STR, _list(INT)),
 }
+#: config fields that only steer training and were added after format version 2 first shipped: a file without
+#: one reads with the field's default (every other config field is required).
+OPTIONAL_CONFIG_FIELDS = ("rank_weights",)
 _V1_CURVE_FIELDS = {"metric": STR, "ranks": _list(INT), "scores": _list(_null(NUM))}
 
 
@@ -249,7 +253,8 @@ def _show(v: Any) -> str:
 
 
 def _parse_config(doc: dict[str, Any], where: Path, note: str) -> MatLoRAConfig:
-    required = [f.name for f in dataclasses.fields(MatLoRAConfig)]
+    required = [f.name for f in dataclasses.fields(MatLoRAConfig)
+                if f.name not in OPTIONAL_CONFIG_FIELDS or (isinstance(doc, dict) and f.name in doc)]
     _check_fields(doc, CONFIG_FIELDS, where, "config", required, note)
     try:
         return MatLoRAConfig.from_dict(doc)

@@ -51,6 +51,11 @@ class MatryoshkaLoRA(pl.Callback):
             ``"lora"`` (plain LoRA at r_max) or ``"dylora"`` (one rank sampled per optimizer step). The default
             follows the project's accuracy study (docs/results.md), where the paper's P served with its own rule
             stayed at the base model's level; ``mode="matryoshka"`` reproduces the paper.
+        rank_weights: ``"rowwise"`` only: how a batch's rows are shared among the train ranks. ``"half_max"``
+            (default): half of the rows at r_max, the other half spread evenly over the other train ranks;
+            ``"uniform"``: the same share for every train rank; or one positive integer per train rank (rank i
+            gets a share ∝ its integer). On the recipe's task (docs/results.md) ``"half_max"`` raised r_max in
+            every paired run against ``"uniform"`` (toward a plain LoRA of the same steps), at some cost below r_max.
         rank_scale: inference rule at rank k: ``"rank"`` (the paper's, s(k) on the prefix) or ``"trained"``
             (the prefix p_1…p_k of the training diagonal; warns for ``"rowwise"``/``"dylora"``, which train
             ``"rank"``).
@@ -101,12 +106,13 @@ class MatryoshkaLoRA(pl.Callback):
                  p: Sequence[float] | None = None, eval_ranks: Sequence[int] | None = None,
                  adapter_dtype: str | torch.dtype | None = None, seed: int = 0, verbose: bool = True,
                  save_adapter: bool | str = True, save_best: bool | str | None = None, save_best_mode: str = "auto",
-                 rank_eval: str | None = "auto") -> None:
+                 rank_eval: str | None = "auto", rank_weights: str | Sequence[int] = "half_max") -> None:
         super().__init__()
         self.config = MatLoRAConfig(
             r_max=r_max, ranks=list(ranks) if ranks is not None else None, target_modules=target_modules,
             exclude_modules=exclude_modules, modules_to_save=list(modules_to_save) if modules_to_save else None,
-            scaling=scaling, alpha=alpha, dropout=dropout, mode=mode, rank_scale=rank_scale,
+            scaling=scaling, alpha=alpha, dropout=dropout, mode=mode,
+            rank_weights=rank_weights if isinstance(rank_weights, str) else list(rank_weights), rank_scale=rank_scale,
             p=list(p) if p is not None else None, eval_ranks=list(eval_ranks) if eval_ranks is not None else None,
             adapter_dtype=adapter_dtype, seed=seed)
         self.controller = RankController(self.config)

@@ -14,6 +14,7 @@ import torch
 from .scaling import build_p, check_p, check_r_max, check_ranks, check_scaling, default_ranks
 
 MODES = ("matryoshka", "lora", "dylora", "rowwise")
+RANK_WEIGHT_RULES = ("half_max", "uniform")
 RANK_SCALES = ("rank", "trained")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -75,6 +76,23 @@ def check_rule_for_mode(mode: str, rank_scale: str) -> None:
                       UserWarning, stacklevel=3)
 
 
+def _rank_weights(spec: Any, ranks: list[int], mode: str) -> str | list[int]:
+    """Validate ``rank_weights``: a rule name, or one positive integer per train rank (``"rowwise"`` only)."""
+    if isinstance(spec, str):
+        if spec not in RANK_WEIGHT_RULES:
+            raise ValueError(f"Unknown rank_weights {spec!r}: use {RANK_WEIGHT_RULES} or a list of positive integers, "
+                             f"one per train rank ({ranks}).")
+        return spec
+    items = list(spec)
+    if len(items) != len(ranks) or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in items):
+        raise ValueError(f"rank_weights must be 'half_max', 'uniform' or one positive integer per train rank "
+                         f"({len(ranks)} for ranks={ranks}), got {spec!r}.")
+    if mode != "rowwise":
+        raise ValueError(f"rank_weights (how rowwise shares a batch's rows among the train ranks) only applies to "
+                         f"mode='rowwise', not mode={mode!r}: drop rank_weights or switch mode.")
+    return items
+
+
 @dataclasses.dataclass
 class MatLoRAConfig:
     """Settings of a MatryoshkaLoRA adapter, validated at construction. See :class:`lightning_matlora.MatryoshkaLoRA`
@@ -101,6 +119,7 @@ class MatLoRAConfig:
     eval_ranks: list[int] | None = None
     adapter_dtype: str | None = None
     seed: int = 0
+    rank_weights: str | list[int] = "half_max"
 
     def __post_init__(self) -> None:
         check_r_max(self.r_max)
@@ -124,6 +143,7 @@ class MatLoRAConfig:
             if self.mode == "lora" and self.ranks != [self.r_max]:
                 raise ValueError(f"mode='lora' trains plain LoRA at r_max (S = {{{self.r_max}}}) but ranks="
                                  f"{self.ranks} was given: drop `ranks`, or use mode='matryoshka' for nested ranks.")
+        self.rank_weights = _rank_weights(self.rank_weights, self.ranks, self.mode)
         if self.eval_ranks is None:
             self.eval_ranks = default_ranks(self.r_max) if self.mode == "lora" else list(self.ranks)
         else:
@@ -146,6 +166,20 @@ class MatLoRAConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}.")
         check_rule_for_mode(self.mode, self.rank_scale)
+
+    @property
+    def row_cycle(self) -> list[int]:
+        """The cycle of train ranks that ``"rowwise"`` deals over a batch's rows: train rank i repeated
+        ``rank_weights[i]`` times (``"half_max"``: every rank once, then r_max n−2 more times, so that r_max gets
+        half of the rows; ``"uniform"``: every rank once)."""
+        n = len(self.ranks)
+        if self.rank_weights == "uniform" or n == 1:
+            weights = [1] * n
+        elif self.rank_weights == "half_max":
+            weights = [1] * (n - 1) + [n - 1]
+        else:
+            weights = list(self.rank_weights)
+        return [r for r, w in zip(self.ranks, weights) for _ in range(w)]
 
     @property
     def train_diagonal(self) -> torch.Tensor:

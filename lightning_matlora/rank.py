@@ -171,7 +171,7 @@ class RankController:
             self._step_rank = self.config.ranks[idx]
         elif mode == "rowwise":
             g = torch.Generator().manual_seed((self.config.seed * 1_000_003 + int(step)) * 1009 + int(micro_step))
-            self._row_offset = int(torch.randint(len(self.config.ranks), (1,), generator=g))
+            self._row_offset = int(torch.randint(len(self._cycle), (1,), generator=g))
         else:
             return
         self._cache.clear()
@@ -220,14 +220,20 @@ class RankController:
         self.process_index, self.num_processes = int(index), int(count)
         self._cache.clear()
 
+    @property
+    def _cycle(self) -> list[int]:
+        """rowwise: the ranks dealt cyclically over a batch's rows (the config's ``row_cycle``)."""
+        return self.config.row_cycle
+
     def _rowwise_index(self, i: int) -> int:
-        return (self._row_offset + i * self.num_processes + self.process_index) % len(self.config.ranks)
+        return (self._row_offset + i * self.num_processes + self.process_index) % len(self._cycle)
 
     def rowwise_ranks(self, rows: int) -> torch.Tensor:
-        """The rank of each of ``rows`` rows in a ``"rowwise"`` training step: the train ranks assigned
-        cyclically over the global batch from this step's offset (row i of process g is global row
-        i·world + g), so each rank gets ⌊rows/n⌋ or ⌈rows/n⌉ of the global batch's rows."""
-        ranks = torch.tensor(self.config.ranks, dtype=torch.long)
+        """The rank of each of ``rows`` rows in a ``"rowwise"`` training step: the config's ``row_cycle`` (each train
+        rank repeated by its ``rank_weights`` entry) dealt cyclically over the global batch from this step's offset
+        (row i of process g is global row i·world + g), so rank r gets its weight's share of the global batch's
+        rows (exactly, when the global batch is a multiple of the cycle's length)."""
+        ranks = torch.tensor(self._cycle, dtype=torch.long)
         index = (self._row_offset + torch.arange(rows) * self.num_processes + self.process_index) % len(ranks)
         return ranks[index]
 
@@ -262,8 +268,8 @@ class RankController:
             b = self._step_rank if self._step_rank is not None else self.r_max
             return b, self.rank_coefficients(b, rule="rank")  # DyLoRA trains rank b as the paper serves it
         if mode == "rowwise":
-            ranks = self.config.ranks  # the cyclic assignment uses the largest rank once rows ≥ len(ranks)
-            k = max(ranks[self._rowwise_index(i)] for i in range(min(rows, len(ranks))))
+            cycle = self._cycle  # the cyclic assignment uses the largest rank once rows ≥ len(cycle)
+            k = max(cycle[self._rowwise_index(i)] for i in range(min(rows, len(cycle))))
             coef = self.row_coefficients(self.rowwise_ranks(rows), rule="rank", k=k)
             return k, coef
         return self.r_max, self.p.clone()

@@ -120,8 +120,8 @@ def test_dylora_draws_are_uniform_and_reproducible():
 # ----------------------------------------------------------------------------------------------- mode="rowwise"
 @pytest.mark.parametrize("rows", [5, 7, 12])
 def test_rowwise_assigns_every_train_rank(rows):
-    model, cb, _ = adapt_single(make_base("linear", 4, 4), r_max=16, mode="rowwise")
-    ranks = cb.config.ranks  # 5 ranks
+    model, cb, _ = adapt_single(make_base("linear", 4, 4), r_max=16, mode="rowwise", rank_weights="uniform")
+    ranks = cb.config.ranks  # 5 ranks, one share each (other shares: tests/test_rank_weights.py)
     assignments = set()
     for step in range(10):
         begin_step(model, step)
@@ -333,7 +333,7 @@ def test_rowwise_spreads_the_train_ranks_over_the_global_batch_of_all_processes(
     from lightning_matlora import MatLoRAConfig
     from lightning_matlora.rank import RankController
 
-    cfg = MatLoRAConfig(r_max=8, mode="rowwise")  # S = 1, 2, 4, 8
+    cfg = MatLoRAConfig(r_max=8, mode="rowwise", rank_weights="uniform")  # S = 1, 2, 4, 8, one share each
     world, rows = 2, 2
     for step in range(6):
         single = RankController(cfg)
