@@ -42,9 +42,10 @@ RECIPES = HERE.parent / "recipes"
 sys.path.insert(0, str(RECIPES))
 sys.path.insert(1, str(HERE.parent))
 
-from lightning_matlora import MatryoshkaLoRA, at_rank, begin_step, controller_of, set_rank  # noqa: E402
+from lightning_matlora import MatryoshkaLoRA, at_rank, begin_step, set_rank  # noqa: E402
+from lightning_matlora.control import controller_of  # noqa: E402
 from lightning_matlora.inject import adapted_layers  # noqa: E402
-from lightning_matlora.scaling import rank_scale  # noqa: E402
+from lightning_matlora.scaling import scale_of_rank  # noqa: E402
 
 EVAL_RANKS = [1, 2, 4, 8, 16]
 
@@ -67,7 +68,7 @@ def nest_by_svd(model: torch.nn.Module) -> None:
     rank-k approximation of the layer's rank-R update s(R)·B·A (exactly the best one when s is constant);
     the rank-R update is unchanged. Balanced factors: A' = Σ^½Vᵀ/√s(R), B' = UΣ^½/√s(R)."""
     ctrl = controller_of(model)
-    R, sR = ctrl.r_max, rank_scale(ctrl.r_max, ctrl.config.scaling, ctrl.config.alpha)
+    R, sR = ctrl.r_max, scale_of_rank(ctrl.r_max, ctrl.config.scaling, ctrl.config.alpha)
     for m in adapted_layers(model).values():
         delta = sR * m.lora_B.double() @ m.lora_A.double()  # out × in
         U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
