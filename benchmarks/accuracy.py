@@ -1,33 +1,51 @@
 """Does one nested run replace the rank grid?  The accuracy study behind the project's recommended defaults.
 
 A small Llama is pretrained (seeded, cached) on a synthetic cipher and frozen; adapters on all seven projections
-are then trained on two new tasks with every method of this library, and every trained adapter is evaluated at
-every rank (token accuracy and loss on a held-out set):
+are then trained on new tasks with every method of this library, and every trained adapter is evaluated at every
+rank (token accuracy and loss on a held-out set):
 
 regimes
     ``small``: a *small update*: the base's cipher with ``--override`` of its entries changed (the base
         already solves most of the task; fine-tuning adjusts it).
     ``large``: a *large update*: a fresh random cipher the base does not know.
+    ``chain``: a task designed to be *capacity-bound at every rank*: a chained cipher y_i = table[y_{i-1}, x_i]
+        (each answer depends on the previous answer and the current symbol, so the table is
+        (symbols + 1) × symbols), its own base pretrained on one such table, and the task that table with
+        ``override`` of its entries changed, more than r_max can store in the run's steps.  At ``--size small``
+        (64 symbols: 4160 entries, 2048 changed, base 50% on the task; same model, batch, sequence length and
+        steps as the other regimes, so a run costs about what a ``small`` run costs) plain LoRA trained at each
+        rank alone reached 45 / 51 / 60 / 78% at r = 1 / 2 / 4 / 8 (seed 0, best of the size's LR sweep per rank),
+        i.e. it rises at every doubling and is far from saturated at r_max; ``small`` saturates from r = 2 and
+        ``large`` is bimodal over seeds.  The ``medium``/``large`` sizes' chain settings are scaled guesses, not
+        measured.
 
-Both are capacity-limited (the table the adapter must store grows with the number of changed entries), so a LoRA
-trained at each rank separately rises clearly from rank 1 to r_max.
+The adapter's table grows with the number of changed entries, so a LoRA trained at each rank separately rises
+from rank 1 to r_max where the task needs more than rank 1 can store.
 
-methods (all through this library's layers, modes, ``set_rank`` and ``begin_step``)
+methods (all through this library's layers, modes, ``set_rank``, ``begin_step`` and ``paired_loss``)
     ``matryoshka``            mode="matryoshka", paper's P, paper's inference rule (rank_scale="rank")
     ``matryoshka-trained``    the same runs, evaluated with rank_scale="trained" (the prefix of P)
     ``matryoshka-P/|S|``      mode="matryoshka" with p = P/|S| (the reference code's averaged form), rule "rank"
-    ``rowwise``               mode="rowwise" (each row trains one rank as served), rule "rank"
+    ``rowwise``               mode="rowwise", rank_weights="uniform" (each row trains one rank as served)
+    ``rowwise-half``          mode="rowwise", rank_weights="half_max" (half of the rows at r_max)
+    ``paired``                mode="rowwise", max_pass=True: each step is ``paired_loss`` (the whole batch at r_max,
+                              then its rows dealt over the lower ranks; two forward-backward passes per step)
     ``dylora``                mode="dylora" (one rank per step), rule "rank"
     ``lora-truncated``        mode="lora" at r_max, truncated to each rank keeping its trained scale s(r_max)
-    ``grid``                  mode="lora" trained separately at each rank (K runs)
+    ``grid``                  mode="lora" trained separately at each rank (K runs); its r_max member is also
+                              reported on its own as ``plain LoRA at r_max`` (the same runs as ``lora-truncated``)
 
 Every method gets a learning-rate sweep at equal steps; the rate with the best mean validation AURAC (log2 axis,
-accuracy) over seeds is reported on the test set.  The one-run methods are run again with the grid's K× step
-budget ("equal compute").  Results: JSON, a Markdown report and a PNG plot.
+accuracy) over seeds is reported on the test set (each grid member, and so plain LoRA at r_max, by its validation
+accuracy at its own rank).  Compute is counted in forward-backward passes (steps × passes per step): the one-run
+methods are run again with the grid's K × steps passes ("equal compute"; ``paired`` gets half as many steps).
+``--curve-steps`` trains seed 0 of every method (and the grid's r = 1 and r_max members) at its chosen rate for
+each given step budget and plots accuracy at r = 1 and r_max against passes.  Results: a runs JSONL (reused on
+restart), a Markdown report and PNG plots.
 
-Usage (CPU, ~20–30 min on 2 cores)::
+Usage (CPU, one process; about an hour on one core with the steps plot)::
 
-    python benchmarks/accuracy.py --size small --workers 2
+    python benchmarks/accuracy.py --size small --curve-steps 50 100 200 400 800
 
 Bigger (GPU, bf16)::
 
@@ -58,21 +76,29 @@ if str(ROOT) not in sys.path:
 from lightning_matlora import MatryoshkaLoRA, begin_step, build_p, default_ranks, set_rank, set_rank_scale  # noqa: E402,E501
 from lightning_matlora import aurac as _lib_aurac  # noqa: E402
 
-METHODS = ("matryoshka", "matryoshka-trained", "matryoshka-P/|S|", "rowwise", "rowwise-half", "dylora", "lora-truncated",
-           "grid")
-ONE_RUN = ("matryoshka", "matryoshka-P/|S|", "rowwise", "rowwise-half", "dylora", "lora-truncated")  # training runs (not rules)
+METHODS = ("matryoshka", "matryoshka-trained", "matryoshka-P/|S|", "rowwise", "rowwise-half", "paired", "dylora",
+           "lora-truncated", "grid")
+ONE_RUN = ("matryoshka", "matryoshka-P/|S|", "rowwise", "rowwise-half", "paired", "dylora",
+           "lora-truncated")  # one-run methods (``matryoshka-trained`` is a rule on the ``matryoshka`` runs)
+PASSES = {"paired": 2}  # forward-backward passes per optimizer step (1 unless listed)
+REGIMES = ("small", "large", "chain")
+PLAIN = "plain LoRA at r_max"  # the grid's r_max member, reported on its own (lr chosen by its own accuracy)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 SIZES = {
     # task (cipher kind, symbols, pairs per sequence, overridden entries), model, adapter, budgets
     "tiny": dict(chain=False, symbols=32, pairs=4, hidden=32, layers=1, heads=2, inter=64, r_max=4, steps=10, batch=8,
-                 pretrain_steps=50, override=8, lrs=[1e-2], seeds=2, eval_rows=64),  # smoke test only
+                 pretrain_steps=50, override=8, lrs=[1e-2], seeds=2, eval_rows=64,  # smoke test only
+                 chain=dict(chain=True, symbols=16, override=64)),
     "small": dict(chain=False, symbols=512, pairs=8, hidden=64, layers=2, heads=4, inter=256, r_max=8, steps=200, batch=32,
-                  pretrain_steps=3000, override=128, lrs=[3e-3, 1e-2, 3e-2], seeds=3, eval_rows=512),
+                  pretrain_steps=3000, override=128, lrs=[3e-3, 1e-2, 3e-2], seeds=3, eval_rows=512,
+                  chain=dict(chain=True, symbols=64, override=2048)),
     "medium": dict(chain=False, symbols=4096, pairs=16, hidden=256, layers=4, heads=8, inter=1024, r_max=32,
-                   steps=1000, batch=32, pretrain_steps=8000, override=1024, lrs=[1e-3, 3e-3, 1e-2], seeds=3, eval_rows=1024),
+                   steps=1000, batch=32, pretrain_steps=8000, override=1024, lrs=[1e-3, 3e-3, 1e-2], seeds=3, eval_rows=1024,
+                   chain=dict(chain=True, symbols=256, override=32768)),
     "large": dict(chain=False, symbols=16384, pairs=32, hidden=1024, layers=8, heads=16, inter=2816, r_max=64,
-                  steps=2000, batch=32, pretrain_steps=20000, override=4096, lrs=[3e-4, 1e-3, 3e-3], seeds=3, eval_rows=2048),
+                  steps=2000, batch=32, pretrain_steps=20000, override=4096, lrs=[3e-4, 1e-3, 3e-3], seeds=3, eval_rows=2048,
+                  chain=dict(chain=True, symbols=512, override=131072)),
 }
 
 
@@ -123,11 +149,17 @@ def base_task(size: dict, seed: int) -> Task:
     return Task(_random_table(size["symbols"], size["chain"], g), size["symbols"], size["pairs"], size["chain"])
 
 
+def regime_size(size: dict, regime: str) -> dict:
+    """The settings a regime runs with: the size's, with the ``chain`` regime's own task (and base) settings."""
+    return size | size["chain"] if regime == "chain" else size
+
+
 def regime_task(regime: str, size: dict, base_seed: int) -> Task:
-    """``large``: a fresh random cipher; ``small``: the base's cipher with ``size['override']`` entries changed."""
+    """``large``: a fresh random cipher; ``small`` and ``chain``: the base's cipher with ``size['override']``
+    entries changed (``size`` from :func:`regime_size`)."""
     t0 = base_task(size, base_seed)
     V = size["symbols"]
-    g = torch.Generator().manual_seed(20_000 + base_seed + (0 if regime == "small" else 1))
+    g = torch.Generator().manual_seed(20_000 + base_seed + {"small": 0, "large": 1, "chain": 2}[regime])
     if regime == "large":
         table = _random_table(V, size["chain"], g)
     else:  # change `override` entries of the base cipher, each to a different symbol
@@ -226,6 +258,18 @@ class Job:
     budget: str  # "steps" (equal steps) or "compute" (the grid's K× steps)
 
 
+def passes_of(method: str) -> int:
+    """Forward-backward passes per optimizer step of a training run (``paired``: one at r_max, one rowwise)."""
+    return PASSES.get(method, 1)
+
+
+def train_name(method: str, r_max: int) -> str:
+    """The training run a reported method reads: ``lora-truncated`` is the grid's r_max member evaluated at every
+    rank, ``matryoshka-trained`` the ``matryoshka`` runs under the other rule, ``grid`` its members."""
+    return {"matryoshka-trained": "matryoshka", "lora-truncated": f"grid@{r_max}", PLAIN: f"grid@{r_max}"}.get(
+        method, method)
+
+
 def adapter_kwargs(method: str, r_max: int, scaling: str) -> tuple[int, dict]:
     ranks = default_ranks(r_max)
     if method.startswith("grid@"):
@@ -240,6 +284,8 @@ def adapter_kwargs(method: str, r_max: int, scaling: str) -> tuple[int, dict]:
         return r_max, dict(mode="rowwise", rank_scale="rank", rank_weights="uniform")
     if method == "rowwise-half":  # half of the rows at r_max (the library's default rank_weights)
         return r_max, dict(mode="rowwise", rank_scale="rank", rank_weights="half_max")
+    if method == "paired":  # every step: the whole batch at r_max, then its rows dealt over the ranks below
+        return r_max, dict(mode="rowwise", rank_scale="rank", max_pass=True)
     if method == "dylora":
         return r_max, dict(mode="dylora", rank_scale="rank")
     if method == "lora-truncated":
@@ -249,9 +295,15 @@ def adapter_kwargs(method: str, r_max: int, scaling: str) -> tuple[int, dict]:
 
 def run_job(job: Job, args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
-    size = SIZES[args.size] | {k: v for k, v in (("r_max", args.r_max),) if v}
+    size = regime_size(SIZES[args.size] | {k: v for k, v in (("r_max", args.r_max),) if v}, job.regime)
     device, dtype = args.device, getattr(torch, args.dtype)
     task = regime_task(job.regime, size, args.base_seed)
+    if job.method == "paired":
+        try:
+            from lightning_matlora import paired_loss
+        except ImportError as e:
+            raise SystemExit("method 'paired' needs lightning_matlora.paired_loss (MatryoshkaLoRA max_pass=True); "
+                             "this checkout's library lacks it: update the library or drop 'paired' from --methods") from e
     base = build_base(size, device, dtype, Path(args.cache), args.base_seed)
     r, kw = adapter_kwargs(job.method, size["r_max"], args.scaling)
     torch.manual_seed(1000 * job.seed + 7)
@@ -271,7 +323,11 @@ def run_job(job: Job, args: argparse.Namespace) -> dict:
     for step in range(job.steps):
         begin_step(base, step)
         inputs, targets = task.sample(size["batch"], g)
-        loss = _loss(base, inputs.to(device), targets.to(device))
+        inputs, targets = inputs.to(device), targets.to(device)
+        if job.method == "paired":
+            loss = paired_loss(base, lambda: _loss(base, inputs, targets))
+        else:
+            loss = _loss(base, inputs, targets)
         if not torch.isfinite(loss):
             diverged = True
             break
@@ -281,9 +337,11 @@ def run_job(job: Job, args: argparse.Namespace) -> dict:
         opt.zero_grad(set_to_none=True)
     train_s = time.time() - t0
     rules = ["rank", "trained"] if job.method == "matryoshka" else [kw["rank_scale"]]
-    eval_ranks = [r] if job.method.startswith("grid@") else default_ranks(size["r_max"])
+    # the grid's r_max member is also plain LoRA at r_max served truncated (lora-truncated): every rank
+    eval_ranks = [r] if job.method.startswith("grid@") and r != size["r_max"] else default_ranks(size["r_max"])
     out = {"regime": job.regime, "method": job.method, "lr": job.lr, "seed": job.seed, "steps": job.steps,
-           "budget": job.budget, "train_s": train_s, "diverged": diverged, "curves": {}}
+           "passes": passes_of(job.method), "budget": job.budget, "train_s": train_s, "diverged": diverged,
+           "curves": {}}
     for rule in rules:
         set_rank_scale(base, rule)  # same trained weights, other inference rule
         curve = {}
@@ -305,185 +363,350 @@ def _run_job_star(a):
 
 
 # ------------------------------------------------------------------------------------------------------ study
+def _names(method: str, r_max: int) -> list[str]:
+    """The training runs behind a reported method."""
+    return [f"grid@{k}" for k in default_ranks(r_max)] if method == "grid" else [train_name(method, r_max)]
+
+
+def compute_steps(args: argparse.Namespace, name: str, K: int) -> int:
+    """Steps of a one-run method at equal compute: the grid's K·steps forward-backward passes, over its passes/step."""
+    return args.steps * K // passes_of(name)
+
+
+def _computed(args: argparse.Namespace, method: str, r_max: int) -> bool:
+    """Whether a reported method has equal-compute runs (its training run is one of --compute-methods')."""
+    return method != "grid" and train_name(method, r_max) in {train_name(m, r_max) for m in args.compute_methods}
+
+
 def sweep_jobs(args: argparse.Namespace, size: dict) -> list[Job]:
     """Phase 1: every training run of every method at every swept LR, on the first seed, at equal steps."""
-    jobs = []
+    todo: dict[tuple, Job] = {}
     for regime in args.regimes:
         for lr in args.lrs:
-            for m in ONE_RUN:
-                jobs.append(Job(regime, m, lr, 0, args.steps, "steps"))
-            for k in default_ranks(size["r_max"]):
-                jobs.append(Job(regime, f"grid@{k}", lr, 0, args.steps, "steps"))
-    return jobs
+            for m in args.methods:
+                for name in _names(m, size["r_max"]):
+                    todo[(regime, name, lr)] = Job(regime, name, lr, 0, args.steps, "steps")
+    return list(todo.values())
+
+
+def _lr_of(chosen: dict, regime: str, method: str, r_max: int):
+    """A method's chosen LR; the grid's is a dict rank → LR (each member tuned on its own)."""
+    if method == "grid":
+        return {k: chosen[(regime, f"grid@{k}")] for k in default_ranks(r_max)}
+    return chosen[(regime, method)]
 
 
 def seed_jobs(args: argparse.Namespace, size: dict, chosen: dict, K: int, compute: bool) -> list[Job]:
     """Phase 2: the remaining seeds at each method's chosen LR (equal steps), and every seed of the one-run
-    methods at the grid's K× step budget (equal compute). Runs shared by two reported methods are run once."""
+    methods at the grid's K·steps forward-backward passes (equal compute). Runs shared by two reported methods are
+    run once."""
     todo: dict[tuple, Job] = {}
+    r_max = size["r_max"]
     for regime in args.regimes:
-        for m in METHODS:
-            lr = chosen[(regime, m)]
-            train = _train_and_rule(m)[0]
-            names = [f"grid@{k}" for k in default_ranks(size["r_max"])] if m == "grid" else [train]
-            for name in names:
+        for m in _reported(args):
+            lr = _lr_of(chosen, regime, m, r_max)
+            for name in _names(m, r_max):
+                lr_n = lr[int(name.split("@")[1])] if m == "grid" else lr
                 for seed in range(1, args.seeds):
-                    todo[(regime, name, lr, seed, "steps")] = Job(regime, name, lr, seed, args.steps, "steps")
-                if compute and m != "grid" and train in args.compute_methods:
+                    todo[(regime, name, lr_n, seed, args.steps)] = Job(regime, name, lr_n, seed, args.steps, "steps")
+                if compute and _computed(args, m, r_max):
+                    n = compute_steps(args, name, K)
                     for seed in range(args.seeds):
-                        todo[(regime, name, lr, seed, "compute")] = Job(regime, name, lr, seed, args.steps * K,
-                                                                        "compute")
+                        todo[(regime, name, lr_n, seed, n)] = Job(regime, name, lr_n, seed, n, "compute")
     return list(todo.values())
 
 
-def method_curves(results: list[dict], regime: str, budget: str, method: str, lr: float, ranks: list[int],
-                  split: str) -> list[dict]:
-    """Per seed: {rank: (acc, loss)} of a reported method (maps the grid's K runs to one curve)."""
+def curve_jobs(args: argparse.Namespace, size: dict, chosen: dict) -> list[Job]:
+    """Phase 3 (``--curve-steps``): seed 0 at each method's chosen LR trained for each step budget; the grid's
+    members at r = 1 and r_max (the ranks the steps plot shows), each at its own LR."""
+    todo: dict[tuple, Job] = {}
+    r_max = size["r_max"]
+    ranks = default_ranks(r_max)
+    for regime in args.regimes:
+        for m in _reported(args):
+            if m == "grid":
+                runs = [(f"grid@{k}", chosen[(regime, f"grid@{k}")]) for k in sorted({ranks[0], r_max})]
+            else:
+                runs = [(train_name(m, r_max), chosen[(regime, m)])]
+            for name, lr in runs:
+                for n in args.curve_steps:
+                    todo[(regime, name, lr, n)] = Job(regime, name, lr, 0, n, "curve")
+    return list(todo.values())
+
+
+def _reported(args: argparse.Namespace) -> list[str]:
+    """Reported methods: --methods in table order, plus plain LoRA at r_max wherever the grid is run."""
+    return [m for m in METHODS if m in args.methods] + ([PLAIN] if "grid" in args.methods else [])
+
+
+def _rule(method: str) -> str:
+    return "trained" if method in ("matryoshka-trained", "lora-truncated", PLAIN) or method.startswith("grid@") \
+        else "rank"
+
+
+def method_curves(results: list[dict], regime: str, method: str, lr, steps: int, ranks: list[int], split: str,
+                  r_max: int) -> list[tuple[dict, float]]:
+    """Per seed (complete seeds only, in seed order): ({rank: (acc, loss)}, training seconds) of a reported method
+    trained ``steps`` steps at ``lr`` (the grid: a dict rank → LR; its K runs make one curve, their seconds add)."""
     by_seed: dict[int, dict] = {}
+    secs: dict[int, dict] = {}
+    want = [r_max] if method == PLAIN else ranks
     for res in results:
-        if res["regime"] != regime or res["budget"] != budget or res["lr"] != lr:
+        if res["regime"] != regime or res["steps"] != steps:
             continue
         if method == "grid":
             if not res["method"].startswith("grid@"):
                 continue
             k = int(res["method"].split("@")[1])
+            if k not in lr or res["lr"] != lr[k]:
+                continue
             c = res["curves"]["trained"][k]
             by_seed.setdefault(res["seed"], {})[k] = (c[f"{split}_acc"], c[f"{split}_loss"])
+            secs.setdefault(res["seed"], {})[k] = res["train_s"]
             continue
-        train_m, rule = _train_and_rule(method)
-        if res["method"] != train_m:
+        if res["method"] != train_name(method, r_max) or res["lr"] != lr:
             continue
-        curve = res["curves"][rule]
-        by_seed[res["seed"]] = {k: (curve[k][f"{split}_acc"], curve[k][f"{split}_loss"]) for k in ranks}
-    return [v for _, v in sorted(by_seed.items()) if len(v) == len(ranks)]
-
-
-def _train_and_rule(method: str) -> tuple[str, str]:
-    if method == "matryoshka-trained":
-        return "matryoshka", "trained"
-    if method == "lora-truncated":
-        return "lora-truncated", "trained"
-    return method, "rank"
+        curve = res["curves"][_rule(method)]
+        by_seed[res["seed"]] = {k: (curve[k][f"{split}_acc"], curve[k][f"{split}_loss"]) for k in want}
+        secs[res["seed"]] = {0: res["train_s"]}
+    return [(v, sum(secs[s].values())) for s, v in sorted(by_seed.items()) if len(v) == len(want)]
 
 
 def choose_lrs(results, args, ranks) -> dict:
+    """Per regime: each method's LR by mean validation AURAC (log2, accuracy); each grid member's (and so plain
+    LoRA at r_max's) by validation accuracy at its own rank, as a user tuning that one LoRA would."""
     chosen = {}
+    r_max = ranks[-1]
+
+    def best(score_of, regime, method, lr_of=lambda lr: lr, want=ranks):
+        top = None
+        for lr in args.lrs:
+            curves = method_curves(results, regime, method, lr_of(lr), args.steps, want, "val", r_max)
+            if curves:
+                score = statistics.mean(score_of(c) for c, _ in curves)
+                if top is None or score > top[0]:
+                    top = (score, lr)
+        if top is None:
+            raise RuntimeError(f"no finished runs of {method!r} in regime {regime!r}")
+        return top[1]
+
     for regime in args.regimes:
-        for m in METHODS:
-            best = None
-            for lr in args.lrs:
-                curves = method_curves(results, regime, "steps", m, lr, ranks, "val")
-                if not curves:
-                    continue
-                score = statistics.mean(aurac(ranks, [c[k][0] for k in ranks]) for c in curves)
-                if best is None or score > best[0]:
-                    best = (score, lr)
-            chosen[(regime, m)] = best[1]
+        for m in _reported(args):
+            if m == "grid":
+                for k in ranks:
+                    chosen[(regime, f"grid@{k}")] = best(lambda c, k=k: c[k][0], regime, "grid",
+                                                         lambda lr, k=k: {k: lr}, [k])
+            elif m == PLAIN:
+                chosen[(regime, m)] = best(lambda c: c[r_max][0], regime, m)
+            else:
+                chosen[(regime, m)] = best(lambda c: aurac(ranks, [c[k][0] for k in ranks]), regime, m)
     return chosen
 
 
 def summarise(results, args, size, chosen, K) -> dict:
     ranks = default_ranks(size["r_max"])
+    r_max = size["r_max"]
     summary = {}
     for regime in args.regimes:
         for budget in ("steps", "compute"):
-            for m in METHODS:
-                if budget == "compute" and m == "grid":
+            for m in _reported(args):
+                if budget == "compute" and not _computed(args, m, r_max):
                     continue
-                train_m = _train_and_rule(m)[0]
-                lr = chosen[(regime, m)]
-                curves = method_curves(results, regime, budget, m, lr, ranks, "test")
+                lr = _lr_of(chosen, regime, m, r_max)
+                name = _names(m, r_max)[0]
+                steps = args.steps if budget == "steps" else compute_steps(args, name, K)
+                curves = method_curves(results, regime, m, lr, steps, ranks, "test", r_max)
                 if not curves:
                     continue
-                acc = {k: [100 * c[k][0] for c in curves] for k in ranks}
-                loss = {k: [c[k][1] for c in curves] for k in ranks}
-                au2 = [aurac(ranks, [100 * c[k][0] for k in ranks], "log2") for c in curves]
-                aul = [aurac(ranks, [100 * c[k][0] for k in ranks], "linear") for c in curves]
-                secs = [r["train_s"] for r in results if r["regime"] == regime and r["budget"] == budget
-                        and r["lr"] == lr and (r["method"].startswith("grid@") if m == "grid" else r["method"] == train_m)]
+                want = [r_max] if m == PLAIN else ranks
+                acc = {k: [100 * c[k][0] for c, _ in curves] for k in want}
+                loss = {k: [c[k][1] for c, _ in curves] for k in want}
+                au2 = [aurac(ranks, [100 * c[k][0] for k in ranks], "log2") for c, _ in curves] if m != PLAIN else []
+                aul = [aurac(ranks, [100 * c[k][0] for k in ranks], "linear") for c, _ in curves] if m != PLAIN else []
                 runs = K if m == "grid" else 1
-                steps = args.steps * (K if budget == "compute" else 1)
+                lrs = lr.values() if m == "grid" else [lr]
                 summary[(regime, budget, m)] = dict(
                     lr=lr, n=len(curves),
                     acc_mean={k: statistics.mean(v) for k, v in acc.items()},
                     acc_sd={k: (statistics.stdev(v) if len(v) > 1 else 0.0) for k, v in acc.items()},
                     loss_mean={k: statistics.mean(v) for k, v in loss.items()},
-                    aurac_log2=(statistics.mean(au2), statistics.stdev(au2) if len(au2) > 1 else 0.0),
-                    aurac_lin=(statistics.mean(aul), statistics.stdev(aul) if len(aul) > 1 else 0.0),
-                    runs=runs, steps_total=steps * runs,
-                    train_s=sum(secs) / max(1, len(curves)),
-                    diverged=sum(r["diverged"] for r in results if r["regime"] == regime and r["budget"] == budget
-                                 and r["lr"] == lr and r["method"] == train_m))
+                    aurac_log2=_mean_sd(au2), aurac_lin=_mean_sd(aul),
+                    runs=runs, steps=steps, passes_per_step=passes_of(name), passes=runs * steps * passes_of(name),
+                    train_s=statistics.mean(s for _, s in curves),
+                    diverged=sum(r["diverged"] for r in results if r["regime"] == regime and r["steps"] == steps
+                                 and r["lr"] in lrs and r["method"] in _names(m, r_max)))
     return summary
+
+
+def _mean_sd(v: list[float]) -> tuple[float, float] | None:
+    if not v:
+        return None
+    return statistics.mean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
+
+
+def summarise_curves(results, args, size, chosen) -> dict:
+    """{(regime, line): [(steps, passes, acc at r=1 %, acc at r_max %)]} from the seed-0 runs at each budget of
+    --curve-steps; the line ``grid members`` reads r = 1 from the grid's r = 1 member and r_max from its r_max one."""
+    ranks = default_ranks(size["r_max"])
+    r_max, r_1 = size["r_max"], ranks[0]
+    seed0 = [r for r in results if r["seed"] == 0]
+    out = {}
+    for regime in args.regimes:
+        for m in _reported(args):
+            if m == PLAIN:
+                continue
+            pts = []
+            for n in args.curve_steps:
+                if m == "grid":
+                    lo = method_curves(seed0, regime, m, {r_1: chosen[(regime, f"grid@{r_1}")]}, n, [r_1], "test", r_max)
+                    hi = method_curves(seed0, regime, PLAIN, chosen[(regime, f"grid@{r_max}")], n, ranks, "test", r_max)
+                    if lo and hi:
+                        pts.append((n, n, 100 * lo[0][0][r_1][0], 100 * hi[0][0][r_max][0]))
+                    continue
+                c = method_curves(seed0, regime, m, chosen[(regime, m)], n, ranks, "test", r_max)
+                if c:
+                    pts.append((n, n * passes_of(train_name(m, r_max)), 100 * c[0][0][r_1][0], 100 * c[0][0][r_max][0]))
+            if pts:
+                out[(regime, "grid members" if m == "grid" else m)] = pts
+    return out
 
 
 def base_scores(args, size) -> dict:
     out = {}
-    base = build_base(size, args.device, getattr(torch, args.dtype), Path(args.cache), args.base_seed)
     for regime in args.regimes:
-        task = regime_task(regime, size, args.base_seed)
-        out[regime] = evaluate(base, task, size["eval_rows"], args.device, seed=2_000_003)
-    t0 = base_task(size, args.base_seed)
-    out["pretrain"] = evaluate(base, t0, size["eval_rows"], args.device, seed=2_000_003)
+        rsize = regime_size(size, regime)
+        base = build_base(rsize, args.device, getattr(torch, args.dtype), Path(args.cache), args.base_seed)
+        task = regime_task(regime, rsize, args.base_seed)
+        out[regime] = evaluate(base, task, rsize["eval_rows"], args.device, seed=2_000_003)
+        out[f"pretrain-{regime}"] = evaluate(base, base_task(rsize, args.base_seed), rsize["eval_rows"], args.device,
+                                             seed=2_000_003)
     return out
 
 
 # ------------------------------------------------------------------------------------------------------ report
-def write_report(summary, args, size, K, chosen, base, wall, path: Path, plot: Path, cmd: str, machine: str) -> None:
+def _label(m: str) -> str:
+    return {"lora-truncated": "lora-truncated (plain LoRA at r_max, served truncated)",
+            PLAIN: f"**{PLAIN}** (the grid's r_max member)"}.get(m, m)
+
+
+def _lr_text(lr) -> str:
+    return " ".join(f"{k}:{v:g}" for k, v in lr.items()) if isinstance(lr, dict) else f"{lr:g}"
+
+
+def _row(s: dict, label: str, ranks: list[int]) -> str:
+    cells = " | ".join(f"{s['acc_mean'][k]:.1f} ± {s['acc_sd'][k]:.1f}" if k in s["acc_mean"] else "—" for k in ranks)
+    au = " | ".join(f"{a[0]:.1f} ± {a[1]:.1f}" if a else "—" for a in (s["aurac_log2"], s["aurac_lin"]))
+    div = f" ({s['diverged']} diverged)" if s["diverged"] else ""
+    return (f"| {label}{div} | {_lr_text(s['lr'])} | {cells} | {au} | {s['runs']} × {s['steps']} | "
+            f"{s['passes']} | {s['train_s']:.0f} |")
+
+
+HEADLINE = ("grid", PLAIN, "paired", "rowwise-half", "rowwise")
+
+
+def write_report(summary, curves, args, size, K, base, wall, path: Path, plot: Path, steps_plot: Path | None,
+                 cmd: str, machine: str) -> None:
     ranks = default_ranks(size["r_max"])
+    r_max = size["r_max"]
+    hdr = ("| method | LR | " + " | ".join(f"r={k}" for k in ranks)
+           + " | AURAC log2 | AURAC lin | runs × steps | fwd-bwd passes | train s |")
+    sep = "|" + "---|" * (len(ranks) + 7)
     L = []
     L.append(f"Command: `{cmd}`  ")
     L.append(f"Machine: {machine}; wall time {wall / 60:.1f} min.  ")
     L.append(f"Size `{args.size}`: Llama hidden {size['hidden']}, {size['layers']} layers, intermediate "
-             f"{size['inter']}, vocabulary {size['symbols'] + 1}; adapters on {', '.join(TARGETS)}; r_max "
-             f"{size['r_max']}, ranks {ranks} (K = {K}); scaling `{args.scaling}`; batch {size['batch']} sequences of "
-             f"{size['pairs']} cipher pairs; {args.steps} steps per run (equal steps) or {args.steps * K} (equal "
-             f"compute); AdamW, linear warm-up/decay; {args.seeds} seeds; LR sweep {args.lrs}, chosen per method by "
-             f"mean validation AURAC (log2, accuracy) at equal steps and reused at equal compute; scores on a "
-             f"separate test set.  ")
-    L.append(f"Base accuracy: its own cipher {100 * base['pretrain'][0]:.1f}%; "
-             + "; ".join(f"{r} regime task {100 * base[r][0]:.1f}% (loss {base[r][1]:.3f})" for r in args.regimes)
-             + ".")
+             f"{size['inter']}; adapters on {', '.join(TARGETS)}; r_max {r_max}, ranks {ranks} (K = {K}); scaling "
+             f"`{args.scaling}`; {args.steps} steps per run at equal steps; at equal compute each one-run method gets "
+             f"the grid's {K} × {args.steps} = {K * args.steps} forward-backward passes (steps = passes / passes per "
+             f"step: `paired` takes 2 per step, so it gets {K * args.steps // 2} steps); AdamW, linear warm-up/decay; "
+             f"{args.seeds} seeds; LR sweep {args.lrs}, chosen per method by mean validation AURAC (log2, accuracy) "
+             f"at equal steps and reused at equal compute, for each grid member (and so for {PLAIN}) by its "
+             f"validation accuracy at its own rank; scores on a separate test set.  ")
+    for regime in args.regimes:
+        rs = regime_size(size, regime)
+        L.append(f"Regime `{regime}`: {'chained ' if rs['chain'] else ''}cipher over {rs['symbols']} symbols, "
+                 f"{rs['pairs']} pairs per sequence, batch {rs['batch']}"
+                 + (f", {rs['override']} entries of the base's cipher changed" if regime != "large" else
+                    ", a fresh cipher")
+                 + f"; base accuracy on its own cipher {100 * base[f'pretrain-{regime}'][0]:.1f}%, on the task "
+                 f"{100 * base[regime][0]:.1f}% (loss {base[regime][1]:.3f}).  ")
+    L.append("")
+    L.append(f"`{PLAIN}` is plain LoRA trained at r_max alone (the grid's r_max member, its LR chosen by its own "
+             f"r_max validation accuracy); `lora-truncated` is the same runs (LR chosen by AURAC) served at every "
+             f"rank by truncation. `fwd-bwd passes` is the compute: runs × steps × passes per step.")
+    L.append("")
+    L.append("## Headline: grid vs plain LoRA at r_max vs the nested methods")
+    L.append("")
+    L.append("Test token accuracy, % (mean ± sd over seeds).")
+    L.append("")
+    L.append(hdr.replace("| method |", "| regime | budget | method |"))
+    L.append("|---|---|" + sep[1:])
+    for regime in args.regimes:
+        for budget in ("steps", "compute"):
+            for m in HEADLINE:
+                s = summary.get((regime, budget, m))
+                if s is not None and not (budget == "compute" and m in ("grid", PLAIN)):
+                    L.append(f"| {regime} | {'equal steps' if budget == 'steps' else 'equal compute'} "
+                             + _row(s, _label(m), ranks))
     L.append("")
     for regime in args.regimes:
         for budget in ("steps", "compute"):
-            title = "equal steps" if budget == "steps" else f"equal compute (one-run methods at {K}× steps)"
+            title = ("equal steps" if budget == "steps" else
+                     f"equal compute (one-run methods at the grid's {K * args.steps} forward-backward passes)")
             L.append(f"### Regime `{regime}`, {title}")
             L.append("")
             L.append("Test token accuracy, % (mean ± sd over seeds) per rank; AURAC on the log2 and linear axes.")
             L.append("")
-            hdr = "| method | LR | " + " | ".join(f"r={k}" for k in ranks) + " | AURAC log2 | AURAC lin | runs × steps | train s |"
             L.append(hdr)
-            L.append("|" + "---|" * (len(ranks) + 6))
-            for m in METHODS:
+            L.append(sep)
+            for m in _reported(args):
                 s = summary.get((regime, budget, m))
-                if s is None and budget == "compute" and m == "grid":
-                    s = summary.get((regime, "steps", "grid"))
-                    label = "grid (equal steps = its budget)"
-                else:
-                    label = m
-                if s is None:
-                    continue
-                cells = " | ".join(f"{s['acc_mean'][k]:.1f} ± {s['acc_sd'][k]:.1f}" for k in ranks)
-                div = f" ({s['diverged']} diverged)" if s["diverged"] else ""
-                L.append(f"| {label}{div} | {s['lr']:g} | {cells} | {s['aurac_log2'][0]:.1f} ± {s['aurac_log2'][1]:.1f} "
-                         f"| {s['aurac_lin'][0]:.1f} ± {s['aurac_lin'][1]:.1f} | {s['runs']} × "
-                         f"{s['steps_total'] // s['runs']} | {s['train_s']:.0f} |")
+                label = _label(m)
+                if s is None and budget == "compute" and m in ("grid", PLAIN):
+                    s = summary.get((regime, "steps", m))
+                    label += " (equal steps; the grid's K runs are the budget)"
+                if s is not None:
+                    L.append(_row(s, label, ranks))
             L.append("")
             L.append("Test loss (mean over seeds) per rank:")
             L.append("")
             L.append("| method | " + " | ".join(f"r={k}" for k in ranks) + " |")
             L.append("|" + "---|" * (len(ranks) + 1))
-            for m in METHODS:
+            for m in _reported(args):
                 s = summary.get((regime, budget, m))
-                if s is None:
-                    continue
-                L.append(f"| {m} | " + " | ".join(f"{s['loss_mean'][k]:.3f}" for k in ranks) + " |")
+                if s is not None:
+                    L.append(f"| {_label(m)} | " + " | ".join(f"{s['loss_mean'][k]:.3f}" if k in s["loss_mean"]
+                                                             else "—" for k in ranks) + " |")
             L.append("")
     L.append(f"![rank curves]({plot.name})")
     L.append("")
+    if steps_plot is not None and curves:
+        L.append("## Accuracy against training compute")
+        L.append("")
+        L.append(f"Seed 0, each method at its chosen LR, trained for each of {args.curve_steps} steps; x = "
+                 f"forward-backward passes (steps × passes per step); the line `grid members` is the grid's r = "
+                 f"{ranks[0]} member at r = {ranks[0]} and its r = {r_max} member ({PLAIN}) at r_max, each trained "
+                 f"alone. Test token accuracy, % at r = {ranks[0]} / r = {r_max}:")
+        L.append("")
+        for regime in args.regimes:
+            lines = [(ln, pts) for (rg, ln), pts in curves.items() if rg == regime]
+            if not lines:
+                continue
+            L.append(f"Regime `{regime}`:")
+            L.append("")
+            L.append("| method | " + " | ".join(f"{n} steps" for n in args.curve_steps) + " |")
+            L.append("|" + "---|" * (len(args.curve_steps) + 1))
+            for ln, pts in lines:
+                by = {p[0]: p for p in pts}
+                L.append(f"| {ln} | " + " | ".join(f"{by[n][2]:.1f} / {by[n][3]:.1f} ({by[n][1]} passes)"
+                                                   if n in by else "—" for n in args.curve_steps) + " |")
+            L.append("")
+        L.append(f"![accuracy at r = {ranks[0]} and r_max against forward-backward passes]({steps_plot.name})")
+        L.append("")
     path.write_text("\n".join(L) + "\n")
     _plot(summary, args, size, K, plot)
+    if steps_plot is not None and curves:
+        _plot_steps(curves, args, size, steps_plot)
 
 
 def _plot(summary, args, size, K, plot: Path) -> None:
@@ -497,39 +720,76 @@ def _plot(summary, args, size, K, plot: Path) -> None:
     for i, regime in enumerate(args.regimes):
         for j, budget in enumerate(("steps", "compute")):
             ax = axes[i][j]
-            for m in METHODS:
-                s = summary.get((regime, budget, m)) or (summary.get((regime, "steps", m)) if m == "grid" else None)
+            for m in _reported(args):
+                s = summary.get((regime, budget, m)) or (summary.get((regime, "steps", m)) if m in ("grid", PLAIN)
+                                                         else None)
                 if s is None:
                     continue
-                mean = [s["acc_mean"][k] for k in ranks]
-                sd = [s["acc_sd"][k] for k in ranks]
-                ax.errorbar(ranks, mean, yerr=sd, marker="o", capsize=3, label=m,
-                            linestyle="--" if m == "grid" else "-")
+                ks = [k for k in ranks if k in s["acc_mean"]]
+                ax.errorbar(ks, [s["acc_mean"][k] for k in ks], yerr=[s["acc_sd"][k] for k in ks], marker="o",
+                            capsize=3, label=m, linestyle="--" if m == "grid" else "-",
+                            markersize=10 if m == PLAIN else 6, fillstyle="none" if m == PLAIN else "full")
             ax.set_xscale("log", base=2)
             ax.set_xticks(ranks)
             ax.set_xticklabels([str(r) for r in ranks])
             ax.set_xlabel("rank k")
             ax.set_ylabel("test token accuracy, %")
-            ax.set_title(f"{regime} update, " + ("equal steps" if budget == "steps" else f"equal compute ({K}× steps)"))
+            ax.set_title(f"{regime} regime, " + ("equal steps" if budget == "steps" else
+                                                 f"equal compute ({K * args.steps} passes)"))
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(plot, dpi=110)
+    plt.close(fig)
+
+
+def _plot_steps(curves: dict, args, size, plot: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ranks = default_ranks(size["r_max"])
+    fig, axes = plt.subplots(len(args.regimes), 2, figsize=(12, 4.5 * len(args.regimes)), squeeze=False)
+    for i, regime in enumerate(args.regimes):
+        for j, (col, k) in enumerate(((3, size["r_max"]), (2, ranks[0]))):
+            ax = axes[i][j]
+            for (rg, ln), pts in curves.items():
+                if rg != regime:
+                    continue
+                ax.plot([p[1] for p in pts], [p[col] for p in pts], marker="o", label=ln,
+                        linestyle="--" if ln == "grid members" else "-")
+            ax.set_xscale("log")
+            ax.set_xlabel("forward-backward passes (steps × passes per step)")
+            ax.set_ylabel(f"test token accuracy at r = {k}, %")
+            ax.set_title(f"{regime} regime, r = {k}" + (" (r_max)" if k == size["r_max"] else ""))
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(plot, dpi=110)
+    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------------------ main
 def parse(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=sorted(SIZES), default="small")
-    ap.add_argument("--regimes", nargs="+", default=["small", "large"], choices=["small", "large"])
+    ap.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+                    help="reported methods to run (default: all); plain LoRA at r_max is reported with the grid")
     ap.add_argument("--r-max", type=int, default=None, help="override the size's r_max")
     ap.add_argument("--steps", type=int, default=None, help="steps per run at equal steps (default: the size's)")
     ap.add_argument("--seeds", type=int, default=None)
     ap.add_argument("--lrs", type=float, nargs="+", default=None)
     ap.add_argument("--scaling", default="sqrt", choices=["none", "rank", "sqrt"])
     ap.add_argument("--no-compute", action="store_true", help="skip the equal-compute runs")
-    ap.add_argument("--compute-methods", nargs="+", default=["matryoshka", "rowwise", "rowwise-half", "dylora"],
-                    choices=list(ONE_RUN), help="one-run methods also trained at the grid's K× step budget")
+    ap.add_argument("--compute-methods", nargs="+", default=["matryoshka", "rowwise", "rowwise-half", "paired", "dylora"],
+                    choices=list(ONE_RUN), help="one-run methods also trained at the grid's K·steps forward-backward "
+                    "passes (those not in --methods are skipped)")
+    ap.add_argument("--curve-steps", type=int, nargs="+", default=None, metavar="N",
+                    help="also train seed 0 of every method (and the grid's r = 1 and r_max members) at its chosen LR "
+                    "for each of these step budgets, and plot accuracy at r = 1 and r_max against forward-backward "
+                    "passes (e.g. 50 100 200 400 800)")
     ap.add_argument("--runs", default=None, help="JSONL of finished runs, appended as they finish and reused on "
                     "restart (default: --out with suffix _runs.jsonl)")
     ap.add_argument("--device", default="cpu")
@@ -539,7 +799,7 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--base-seed", type=int, default=0)
     ap.add_argument("--cache", default=str(ROOT / "benchmarks" / ".cache"))
     ap.add_argument("--out", default=str(ROOT / "docs" / "accuracy_study.md"),
-                    help="generated report (tables); the plot and raw JSON go next to it")
+                    help="generated report (tables); the plots and raw JSON go next to it")
     ap.add_argument("--json", default=None, help="raw results (default: next to --out)")
     ap.add_argument("--machine", default=None, help="machine description written into the report")
     args = ap.parse_args(argv)
@@ -547,6 +807,8 @@ def parse(argv=None) -> argparse.Namespace:
     args.steps = args.steps or size["steps"]
     args.seeds = args.seeds or size["seeds"]
     args.lrs = args.lrs or size["lrs"]
+    args.methods = [m for m in METHODS if m in args.methods]
+    args.compute_methods = [m for m in args.compute_methods if m in args.methods]
     args.runs = args.runs or str(Path(args.out).with_name(Path(args.out).stem + "_runs.jsonl"))
     return args
 
@@ -558,7 +820,7 @@ def main(argv=None) -> None:
     cmd = "python benchmarks/accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv)
     machine = args.machine or _machine(args)
     t0 = time.time()
-    base = base_scores(args, size)  # pretrains and caches the base once, before the workers start
+    base = base_scores(args, size)  # pretrains and caches each base once, before the workers start
     print(f"[base] {base}", flush=True)
     ranks = default_ranks(size["r_max"])
     K = len(ranks)
@@ -567,22 +829,27 @@ def main(argv=None) -> None:
     print("[lr] chosen: " + ", ".join(f"{k[0]}/{k[1]}={v:g}" for k, v in chosen.items()), flush=True)
     results += _run_all(seed_jobs(args, size, chosen, K, not args.no_compute), args,
                         "other seeds (equal steps) and equal compute")
+    if args.curve_steps:
+        results += _run_all(curve_jobs(args, size, chosen), args, "seed 0 at each budget of --curve-steps")
     wall = time.time() - t0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     js = Path(args.json) if args.json else out.with_name(out.stem + "_accuracy.json")
     js.write_text(json.dumps({"args": vars(args), "size": size, "base": base, "results": results}, indent=1))
     summary = summarise(results, args, size, chosen, K)
+    curves = summarise_curves(results, args, size, chosen) if args.curve_steps else {}
     plot = out.with_name(out.stem + "_curves.png")
-    report = out
-    write_report(summary, args, size, K, chosen, base, wall, report, plot, cmd, machine)
-    print(report.read_text())
-    print(f"[done] {wall / 60:.1f} min; report {report}, plot {plot}, raw {js}")
+    steps_plot = out.with_name(out.stem + "_steps.png") if args.curve_steps else None
+    write_report(summary, curves, args, size, K, base, wall, out, plot, steps_plot, cmd, machine)
+    print(out.read_text())
+    print(f"[done] {wall / 60:.1f} min; report {out}, plots {plot}" + (f", {steps_plot}" if steps_plot else "")
+          + f", raw {js}")
 
 
 def _key(d) -> tuple:
+    """A run's identity (its budget label is not part of it: a run serves every phase that needs it)."""
     g = d.__getitem__ if isinstance(d, dict) else lambda k: getattr(d, k)
-    return (g("regime"), g("method"), float(g("lr")), g("seed"), g("steps"), g("budget"))
+    return (g("regime"), g("method"), float(g("lr")), g("seed"), g("steps"))
 
 
 def _run_all(jobs: list[Job], args, what: str) -> list[dict]:

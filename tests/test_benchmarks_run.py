@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -31,9 +32,19 @@ def test_speed_benchmark_runs_and_reports_every_target(tmp_path):
 @pytest.mark.slow
 def test_accuracy_study_runs_at_tiny_size(tmp_path):
     out = tmp_path / "study.md"
-    _run(["benchmarks/accuracy.py", "--size", "tiny", "--out", str(out)])
+    _run(["benchmarks/accuracy.py", "--size", "tiny", "--out", str(out), "--regimes", "small", "chain",
+          "--methods", "grid", "lora-truncated", "rowwise-half", "paired", "--curve-steps", "5"])
     text = out.read_text()
-    assert "grid" in text and "rowwise" in text and "AURAC" in text
+    assert "grid" in text and "rowwise-half" in text and "AURAC" in text and "Regime `chain`" in text
+    # paired takes two forward-backward passes per step: 10 steps are 20 passes, and at equal compute it gets the
+    # grid's 3 × 10 = 30 passes in 15 steps
+    assert "| paired | 0.01 |" in text and "| 1 × 10 | 20 |" in text and "| 1 × 15 | 30 |" in text
+    assert "plain LoRA at r_max" in text
+    assert "Accuracy against training compute" in text and (tmp_path / "study_steps.png").stat().st_size > 0
+    runs = [json.loads(ln) for ln in (tmp_path / "study_runs.jsonl").read_text().splitlines()]
+    assert {r["passes"] for r in runs if r["method"] == "paired"} == {2}
+    assert {r["steps"] for r in runs if r["method"] == "paired"} == {5, 10, 15}
+    assert all(r["passes"] == 1 for r in runs if r["method"] != "paired")
 
 
 @pytest.mark.slow
