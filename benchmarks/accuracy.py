@@ -89,16 +89,16 @@ SIZES = {
     # task (cipher kind, symbols, pairs per sequence, overridden entries), model, adapter, budgets
     "tiny": dict(chain=False, symbols=32, pairs=4, hidden=32, layers=1, heads=2, inter=64, r_max=4, steps=10, batch=8,
                  pretrain_steps=50, override=8, lrs=[1e-2], seeds=2, eval_rows=64,  # smoke test only
-                 chain=dict(chain=True, symbols=16, override=64)),
+                 chain_task=dict(chain=True, symbols=16, override=64)),
     "small": dict(chain=False, symbols=512, pairs=8, hidden=64, layers=2, heads=4, inter=256, r_max=8, steps=200, batch=32,
                   pretrain_steps=3000, override=128, lrs=[3e-3, 1e-2, 3e-2], seeds=3, eval_rows=512,
-                  chain=dict(chain=True, symbols=64, override=2048)),
+                  chain_task=dict(chain=True, symbols=64, override=2048)),
     "medium": dict(chain=False, symbols=4096, pairs=16, hidden=256, layers=4, heads=8, inter=1024, r_max=32,
                    steps=1000, batch=32, pretrain_steps=8000, override=1024, lrs=[1e-3, 3e-3, 1e-2], seeds=3, eval_rows=1024,
-                   chain=dict(chain=True, symbols=256, override=32768)),
+                   chain_task=dict(chain=True, symbols=256, override=32768)),
     "large": dict(chain=False, symbols=16384, pairs=32, hidden=1024, layers=8, heads=16, inter=2816, r_max=64,
                   steps=2000, batch=32, pretrain_steps=20000, override=4096, lrs=[3e-4, 1e-3, 3e-3], seeds=3, eval_rows=2048,
-                  chain=dict(chain=True, symbols=512, override=131072)),
+                  chain_task=dict(chain=True, symbols=512, override=131072)),
 }
 
 
@@ -151,7 +151,7 @@ def base_task(size: dict, seed: int) -> Task:
 
 def regime_size(size: dict, regime: str) -> dict:
     """The settings a regime runs with: the size's, with the ``chain`` regime's own task (and base) settings."""
-    return size | size["chain"] if regime == "chain" else size
+    return size | size["chain_task"] if regime == "chain" else size
 
 
 def regime_task(regime: str, size: dict, base_seed: int) -> Task:
@@ -605,7 +605,7 @@ HEADLINE = ("grid", PLAIN, "paired", "rowwise-half", "rowwise")
 
 
 def write_report(summary, curves, args, size, K, base, wall, path: Path, plot: Path, steps_plot: Path | None,
-                 cmd: str, machine: str) -> None:
+                 cmd: str, machine: str, n_runs: int, train_s: float) -> None:
     ranks = default_ranks(size["r_max"])
     r_max = size["r_max"]
     hdr = ("| method | LR | " + " | ".join(f"r={k}" for k in ranks)
@@ -613,7 +613,8 @@ def write_report(summary, curves, args, size, K, base, wall, path: Path, plot: P
     sep = "|" + "---|" * (len(ranks) + 7)
     L = []
     L.append(f"Command: `{cmd}`  ")
-    L.append(f"Machine: {machine}; wall time {wall / 60:.1f} min.  ")
+    L.append(f"Machine: {machine}; wall time of the last invocation {wall / 60:.1f} min (runs reused from the runs "
+             f"file not counted); training time summed over the {n_runs} runs: {train_s / 60:.1f} min.  ")
     L.append(f"Size `{args.size}`: Llama hidden {size['hidden']}, {size['layers']} layers, intermediate "
              f"{size['inter']}; adapters on {', '.join(TARGETS)}; r_max {r_max}, ranks {ranks} (K = {K}); scaling "
              f"`{args.scaling}`; {args.steps} steps per run at equal steps; at equal compute each one-run method gets "
@@ -840,7 +841,9 @@ def main(argv=None) -> None:
     curves = summarise_curves(results, args, size, chosen) if args.curve_steps else {}
     plot = out.with_name(out.stem + "_curves.png")
     steps_plot = out.with_name(out.stem + "_steps.png") if args.curve_steps else None
-    write_report(summary, curves, args, size, K, base, wall, out, plot, steps_plot, cmd, machine)
+    unique = {_key(r): r for r in results}
+    write_report(summary, curves, args, size, K, base, wall, out, plot, steps_plot, cmd, machine, len(unique),
+                 sum(r["train_s"] for r in unique.values()))
     print(out.read_text())
     print(f"[done] {wall / 60:.1f} min; report {out}, plots {plot}" + (f", {steps_plot}" if steps_plot else "")
           + f", raw {js}")
