@@ -2,6 +2,7 @@
 
     python benchmarks/encode_study.py METHOD --lr 1e-2 --seed 0 [--epochs 6] [--out docs/encode_study_runs.jsonl]
     python benchmarks/encode_study.py summary [--out docs/encode_study_runs.jsonl]   # the markdown table
+    python benchmarks/encode_study.py plot [--out docs/encode_study_runs.jsonl] [--png docs/encode_study_steps.png]
 
 The recipe's setting (bundled base and Encode data, batch 32, max_length 64, AdamW with 5 % linear warm-up then
 linear decay, weight decay 0, 6 epochs = 678 optimizer steps) in a plain training loop on one CPU thread. After
@@ -131,7 +132,68 @@ def summary(path: str) -> str:
     return "\n".join(out)
 
 
+def passes_per_step(method: str) -> int:
+    """Forward-backward passes of the whole batch per optimizer step (``dual`` and ``distill`` run two)."""
+    return 2 if method.split(":")[0] in ("dual", "distill") else 1
+
+
+def plot(path: str, png: str, lr: float = 1e-2) -> str:
+    """Exact match at r = 1 and at r_max against training compute (whole-batch forward-backward passes, in
+    epochs of the 3600 training examples), one line per method, from the seed-0 runs at ``lr`` in ``path``; grid
+    members ``lora:1`` (r = 1 panel) and ``lora:16`` (r_max panel) are plain LoRA trained at that rank alone."""
+    import collections
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts: dict[str, list[tuple[float, float, float]]] = collections.defaultdict(list)
+    for line in Path(path).read_text().splitlines():
+        d = json.loads(line)
+        if d["seed"] != 0 or d["lr"] != lr or d["scaling"] != "sqrt" or d.get("weights"):
+            continue
+        name = d["method"] + ("" if d["method"].startswith("lora") or d["method"] in ("dual", "distill:1")
+                              else f" ({d.get('rank_weights', 'uniform')})")
+        c = d["curve"]
+        top = str(max(int(k) for k in c))
+        pts[name].append((d["epochs"] * passes_per_step(d["method"]), c.get("1", {}).get("exact_match"),
+                          c[top]["exact_match"]))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    shown = []
+    for name, p in sorted(pts.items()):
+        p.sort()
+        if len(p) < 2:
+            continue
+        shown.append(name)
+        for ax, i, skip in ((axes[0], 1, name == "lora:16"), (axes[1], 2, name.startswith("lora:") and name != "lora:16")):
+            if skip:
+                continue
+            xs, ys = [q[0] for q in p if q[i] is not None], [q[i] for q in p if q[i] is not None]
+            ax.plot(xs, ys, marker="o", label=name)
+    for ax, title in zip(axes, ("exact match at r = 1", "exact match at r_max = 16")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("training compute (whole-batch forward-backward passes, in epochs)")
+        ax.set_ylabel("exact match %")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Encode task, seed 0, lr {lr:g}: accuracy against training compute")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    return f"wrote {png} ({', '.join(shown)})"
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["plot"]:
+        ap = argparse.ArgumentParser()
+        ap.add_argument("plot")
+        ap.add_argument("--out", default="docs/encode_study_runs.jsonl")
+        ap.add_argument("--png", default="docs/encode_study_steps.png")
+        ap.add_argument("--lr", type=float, default=1e-2)
+        a = ap.parse_args()
+        print(plot(a.out, a.png, a.lr))
+        return
     if sys.argv[1:2] == ["summary"]:
         ap = argparse.ArgumentParser()
         ap.add_argument("summary")
@@ -269,7 +331,8 @@ def main() -> None:
         result[k] = {"exact_match": round(em, 2), "token_acc": round(acc, 2)}
     ks = sorted(result)
     rec = {"method": args.method, "scaling": args.scaling, "weights": args.weights, "rank_weights": args.rank_weights, "lr": args.lr,
-           "lr2": args.lr2, "one_schedule": args.one_schedule, "seed": args.seed, "epochs": args.epochs, "steps": total, "r_max": r_max,
+           "lr2": args.lr2, "one_schedule": args.one_schedule, "seed": args.seed, "epochs": args.epochs, "steps": total,
+           "passes": total * passes_per_step(args.method), "r_max": r_max,
            "curve": {str(k): result[k] for k in ks},
            "aurac_log2_em": round(log2_aurac(ks, [result[k]["exact_match"] for k in ks]), 2),
            "aurac_log2_tok": round(log2_aurac(ks, [result[k]["token_acc"] for k in ks]), 2),
