@@ -3,7 +3,6 @@ with the rows dealt over the train ranks below r_max; the step optimises (L_max 
 
 from __future__ import annotations
 
-import collections
 import math
 import warnings
 
