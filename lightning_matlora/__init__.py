@@ -29,7 +29,7 @@ from .adapter_load import load_adapter
 from .adapter_save import save_adapter
 from .callback import MatryoshkaLoRA, prepare_for_sharding
 from .config import MatLoRAConfig
-from .control import at_rank, begin_step, get_rank, merge, set_rank, set_rank_scale, unmerge
+from .control import at_rank, begin_step, get_rank, merge, paired_loss, set_rank, set_rank_scale, unmerge
 from .curve import RankCurve, aurac, describe_rank_choice, plot_rank_curves, select_rank
 from .distributed import full_adapter_state_dict
 from .export import export_peft, merge_to_base
@@ -47,6 +47,7 @@ __all__ = [
     "MatryoshkaLoRA", "MatLoRAConfig", "MatryoshkaLinear", "adapted_layers", "prepare_for_sharding",
     # run at a rank
     "set_rank", "get_rank", "at_rank", "set_rank_scale", "merge", "unmerge", "begin_step",
+    "paired_loss",
     # the method's quantities
     "build_p", "default_ranks", "scale_of_rank",
     # rank curves

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -52,10 +53,19 @@ class MatryoshkaLoRA(pl.Callback):
             follows the project's accuracy study (docs/results.md), where the paper's P served with its own rule
             stayed at the base model's level; ``mode="matryoshka"`` reproduces the paper.
         rank_weights: ``"rowwise"`` only: how a batch's rows are shared among the train ranks. ``"half_max"``
-            (default): half of the rows at r_max, the other half spread evenly over the other train ranks;
-            ``"uniform"``: the same share for every train rank; or one positive integer per train rank (rank i
-            gets a share ∝ its integer). On the recipe's task (docs/results.md) ``"half_max"`` raised r_max in
-            every paired run against ``"uniform"`` (toward a plain LoRA of the same steps), at some cost below r_max.
+            (the default without ``max_pass``): half of the rows at r_max, the other half spread evenly over the
+            other train ranks; ``"uniform"``: the same share for every train rank; or one positive integer per
+            train rank (rank i gets a share ∝ its integer). On the recipe's task (docs/results.md) ``"half_max"``
+            raised r_max in every paired run against ``"uniform"`` (toward a plain LoRA of the same steps), at some
+            cost below r_max. With ``max_pass=True`` it describes the low pass: ``"uniform"`` (the default there)
+            or one positive integer per train rank below r_max (``"half_max"`` is refused).
+        max_pass: ``"rowwise"`` only: run every training step twice on the same batch and optimise
+            ``(L_max + L_low) / 2``: L_max with every row at r_max, L_low with the rows dealt over the train ranks
+            below r_max (the "sandwich rule" of slimmable networks; see docs/method.md). About 2× the compute and
+            activation memory of a step. The callback wraps the module's ``training_step``: its ``self.log`` calls
+            are kept from the max pass only (the low pass's are dropped), and the low pass's loss is logged as
+            ``train/loss_low_ranks``; the step returns the mean. Needs automatic optimization; in a hand-written
+            loop (or with manual optimization) use :func:`~lightning_matlora.paired_loss`.
         rank_scale: inference rule at rank k: ``"rank"`` (the paper's, s(k) on the prefix) or ``"trained"``
             (the prefix p_1…p_k of the training diagonal; warns for ``"rowwise"``/``"dylora"``, which train
             ``"rank"``).
@@ -106,13 +116,15 @@ class MatryoshkaLoRA(pl.Callback):
                  p: Sequence[float] | None = None, eval_ranks: Sequence[int] | None = None,
                  adapter_dtype: str | torch.dtype | None = None, seed: int = 0, verbose: bool = True,
                  save_adapter: bool | str = True, save_best: bool | str | None = None, save_best_mode: str = "auto",
-                 rank_eval: str | None = "auto", rank_weights: str | Sequence[int] = "half_max") -> None:
+                 rank_eval: str | None = "auto", rank_weights: str | Sequence[int] | None = None,
+                 max_pass: bool = False) -> None:
         super().__init__()
         self.config = MatLoRAConfig(
             r_max=r_max, ranks=list(ranks) if ranks is not None else None, target_modules=target_modules,
             exclude_modules=exclude_modules, modules_to_save=list(modules_to_save) if modules_to_save else None,
             scaling=scaling, alpha=alpha, dropout=dropout, mode=mode,
-            rank_weights=rank_weights if isinstance(rank_weights, str) else list(rank_weights), rank_scale=rank_scale,
+            rank_weights=rank_weights if rank_weights is None or isinstance(rank_weights, str) else list(rank_weights),
+            max_pass=max_pass, rank_scale=rank_scale,
             p=list(p) if p is not None else None, eval_ranks=list(eval_ranks) if eval_ranks is not None else None,
             adapter_dtype=adapter_dtype, seed=seed)
         self.controller = RankController(self.config)
@@ -191,6 +203,15 @@ class MatryoshkaLoRA(pl.Callback):
                 self._finish(pl_module)
         if self.rank_eval is not None:  # the module's RankCurveMetrics: checked before the first step
             self.rank_eval.bind(pl_module)
+        if self.config.max_pass and stage == "fit":
+            if not pl_module.automatic_optimization:
+                raise ValueError("max_pass=True runs the module's training_step twice per step under Lightning's "
+                                 "automatic optimization, but this module sets automatic_optimization=False: compute "
+                                 "the loss with lightning_matlora.paired_loss(self, lambda: ...) before "
+                                 "self.manual_backward(loss) in your training_step, and construct the callback with "
+                                 "max_pass=False (paired_loss then needs an adapter with max_pass=True: apply "
+                                 "MatryoshkaLoRA(..., max_pass=True) yourself), or use automatic optimization.")
+            _wrap_training_step(pl_module)
         _wrap_hook(pl_module, "on_load_checkpoint", before=lambda ckpt: self._check_checkpoint(pl_module, ckpt))
         # checkpoints hold only the adapter, so loading them must not demand the frozen base's keys
         pl_module.strict_loading = False
@@ -327,7 +348,9 @@ class MatryoshkaLoRA(pl.Callback):
             if a != b:
                 raise ValueError(f"The checkpoint's adapter was built with {field}={saved.get(field)!r} but this "
                                  f"MatryoshkaLoRA has {field}={mine[field]!r}: resume with the same {field}.")
-        changed = [f for f in ("ranks", "scaling", "alpha", "mode", "p") if _norm(saved.get(f)) != _norm(mine[f])]
+        defaults = {"max_pass": False}  # fields added later: a checkpoint without one was trained with the default
+        changed = [f for f in ("ranks", "scaling", "alpha", "mode", "p", "max_pass")
+                   if _norm(saved.get(f, defaults.get(f))) != _norm(mine[f])]
         if changed:
             warnings.warn(f"Resuming with a different training objective than the checkpoint's ({', '.join(changed)} "
                           f"changed): the adapter continues training under the new settings.", stacklevel=2)
@@ -387,6 +410,77 @@ def _wrap_hook(pl_module: nn.Module, name: str, before: Callable | None = None, 
 
     object.__setattr__(pl_module, name, hook)
     wrapped.add(name)
+
+
+def _wrap_training_step(pl_module: pl.LightningModule) -> None:
+    """Make the module's ``training_step`` (this instance only, idempotent) a ``max_pass`` step: the user's step runs
+    in the max pass, then again on the same batch in the low pass with its ``self.log``/``self.log_dict`` calls
+    dropped, and returns the combination of both (see :func:`_combine_passes`). Lightning's DDP/FSDP/DeepSpeed
+    wrappers call the module's ``training_step`` attribute, so they run this one."""
+    wrapped: set[str] = pl_module.__dict__.setdefault(_WRAPPED, set())
+    if "training_step" in wrapped:
+        return
+    original = pl_module.training_step
+
+    @functools.wraps(original)
+    def training_step(*args: Any, **kwargs: Any) -> Any:
+        ctrl = controller_of(pl_module)
+        if not ctrl.config.max_pass:  # another callback's adapter on the same module
+            return original(*args, **kwargs)
+        with ctrl.in_pass("max"):
+            high = original(*args, **kwargs)
+        with ctrl.in_pass("low"), _logging_dropped(pl_module):
+            low = original(*args, **kwargs)
+        return _combine_passes(pl_module, high, low)
+
+    object.__setattr__(pl_module, "training_step", training_step)
+    wrapped.add("training_step")
+
+
+@contextlib.contextmanager
+def _logging_dropped(pl_module: pl.LightningModule) -> Iterator[None]:
+    """Inside the block, ``pl_module.log`` and ``pl_module.log_dict`` do nothing (instance attributes shadowing the
+    methods, removed after)."""
+    names = ("log", "log_dict")
+    saved = {n: pl_module.__dict__[n] for n in names if n in pl_module.__dict__}
+    for n in names:
+        object.__setattr__(pl_module, n, _no_log)
+    try:
+        yield
+    finally:
+        for n in names:
+            if n in saved:
+                object.__setattr__(pl_module, n, saved[n])
+            else:
+                pl_module.__dict__.pop(n, None)
+
+
+def _no_log(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def _step_loss(out: Any, which: str) -> torch.Tensor:
+    loss = out.get("loss") if isinstance(out, dict) else out
+    if not isinstance(loss, torch.Tensor):
+        got = "a dict without a loss tensor under 'loss'" if isinstance(out, dict) else type(out).__name__
+        raise TypeError(f"max_pass=True combines the losses of the two passes of training_step, but its {which} pass "
+                        f"returned {got}: return the loss tensor, a dict with the loss under 'loss', or None to skip "
+                        f"the step.")
+    return loss
+
+
+def _combine_passes(pl_module: pl.LightningModule, high: Any, low: Any) -> Any:
+    """The value of a ``max_pass`` step from the max pass's output ``high`` and the low pass's ``low``: a tensor →
+    the mean; a dict → ``high`` with ``"loss"`` replaced by the mean; ``None`` from either pass → ``None`` (the step
+    is skipped). Logs the low pass's loss as ``train/loss_low_ranks``."""
+    if high is None or low is None:
+        return None
+    high_loss, low_loss = _step_loss(high, "max"), _step_loss(low, "low")
+    pl_module.log("train/loss_low_ranks", low_loss.detach())
+    mean = (high_loss + low_loss) / 2
+    if isinstance(high, dict):
+        return {**high, "loss": mean}
+    return mean
 
 
 def _drop_frozen_from_optimizers(trainer: pl.Trainer) -> None:

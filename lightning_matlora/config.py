@@ -76,21 +76,48 @@ def check_rule_for_mode(mode: str, rank_scale: str) -> None:
                       UserWarning, stacklevel=3)
 
 
-def _rank_weights(spec: Any, ranks: list[int], mode: str) -> str | list[int]:
-    """Validate ``rank_weights``: a rule name, or one positive integer per train rank (``"rowwise"`` only)."""
+def _rank_weights(spec: Any, ranks: list[int], mode: str, max_pass: bool = False) -> str | list[int]:
+    """Validate ``rank_weights``: a rule name, or one positive integer per train rank (``"rowwise"`` only).
+
+    With ``max_pass`` the weights describe the low pass: the train ranks below r_max (``ranks``), and
+    ``"half_max"`` is refused (the max pass already trains r_max on every row)."""
     if isinstance(spec, str):
         if spec not in RANK_WEIGHT_RULES:
             raise ValueError(f"Unknown rank_weights {spec!r}: use {RANK_WEIGHT_RULES} or a list of positive integers, "
                              f"one per train rank ({ranks}).")
+        if max_pass and spec == "half_max":
+            raise ValueError("rank_weights='half_max' puts half of a batch's rows at r_max, but with max_pass=True "
+                             "the max pass already trains every row at r_max and rank_weights describes the low pass "
+                             f"(the train ranks below r_max, {ranks}): use 'uniform' (the default with max_pass) or "
+                             "one positive integer per train rank below r_max.")
         return spec
     items = list(spec)
+    what = "train rank below r_max" if max_pass else "train rank"
     if len(items) != len(ranks) or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in items):
-        raise ValueError(f"rank_weights must be 'half_max', 'uniform' or one positive integer per train rank "
-                         f"({len(ranks)} for ranks={ranks}), got {spec!r}.")
+        raise ValueError(f"rank_weights must be {'' if max_pass else repr('half_max') + ', '}'uniform' or one "
+                         f"positive integer per {what} ({len(ranks)} for {ranks}), got {spec!r}.")
     if mode != "rowwise":
         raise ValueError(f"rank_weights (how rowwise shares a batch's rows among the train ranks) only applies to "
                          f"mode='rowwise', not mode={mode!r}: drop rank_weights or switch mode.")
     return items
+
+
+def _check_max_pass(max_pass: Any, mode: str, ranks: list[int], r_max: int) -> list[int]:
+    """Validate ``max_pass``; return the train ranks of the low pass (those below r_max)."""
+    if not isinstance(max_pass, bool):
+        raise ValueError(f"max_pass must be True or False, got {max_pass!r}.")
+    low = [r for r in ranks if r < r_max]
+    if not max_pass:
+        return low
+    if mode != "rowwise":
+        raise ValueError(f"max_pass=True (each step: the whole batch at r_max, then its rows dealt over the lower "
+                         f"train ranks) is a form of mode='rowwise', not mode={mode!r}: use mode='rowwise', or drop "
+                         f"max_pass.")
+    if not low:
+        raise ValueError(f"max_pass=True needs at least one train rank below r_max={r_max} for its low pass, but "
+                         f"ranks={ranks}: add lower train ranks (or drop `ranks` for the default powers of two), or "
+                         f"drop max_pass.")
+    return low
 
 
 @dataclasses.dataclass
@@ -119,7 +146,8 @@ class MatLoRAConfig:
     eval_ranks: list[int] | None = None
     adapter_dtype: str | None = None
     seed: int = 0
-    rank_weights: str | list[int] = "half_max"
+    rank_weights: str | list[int] | None = None
+    max_pass: bool = False
 
     def __post_init__(self) -> None:
         check_r_max(self.r_max)
@@ -143,7 +171,11 @@ class MatLoRAConfig:
             if self.mode == "lora" and self.ranks != [self.r_max]:
                 raise ValueError(f"mode='lora' trains plain LoRA at r_max (S = {{{self.r_max}}}) but ranks="
                                  f"{self.ranks} was given: drop `ranks`, or use mode='matryoshka' for nested ranks.")
-        self.rank_weights = _rank_weights(self.rank_weights, self.ranks, self.mode)
+        low = _check_max_pass(self.max_pass, self.mode, self.ranks, self.r_max)
+        if self.rank_weights is None:  # resolved here, so that to_dict/from_dict keep the rule
+            self.rank_weights = "uniform" if self.max_pass else "half_max"
+        self.rank_weights = _rank_weights(self.rank_weights, low if self.max_pass else self.ranks, self.mode,
+                                          self.max_pass)
         if self.eval_ranks is None:
             self.eval_ranks = default_ranks(self.r_max) if self.mode == "lora" else list(self.ranks)
         else:
@@ -171,15 +203,22 @@ class MatLoRAConfig:
     def row_cycle(self) -> list[int]:
         """The cycle of train ranks that ``"rowwise"`` deals over a batch's rows: train rank i repeated
         ``rank_weights[i]`` times (``"half_max"``: every rank once, then r_max n−2 more times, so that r_max gets
-        half of the rows; ``"uniform"``: every rank once)."""
-        n = len(self.ranks)
+        half of the rows; ``"uniform"``: every rank once). With ``max_pass`` this is the cycle of the low pass:
+        the train ranks below r_max only (the max pass runs every row at r_max)."""
+        ranks = self.low_ranks if self.max_pass else list(self.ranks)
+        n = len(ranks)
         if self.rank_weights == "uniform" or n == 1:
             weights = [1] * n
         elif self.rank_weights == "half_max":
             weights = [1] * (n - 1) + [n - 1]
         else:
             weights = list(self.rank_weights)
-        return [r for r, w in zip(self.ranks, weights) for _ in range(w)]
+        return [r for r, w in zip(ranks, weights) for _ in range(w)]
+
+    @property
+    def low_ranks(self) -> list[int]:
+        """The train ranks below r_max (the ranks of ``max_pass``'s low pass)."""
+        return [r for r in self.ranks if r < self.r_max]
 
     @property
     def train_diagonal(self) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Rank control on a whole adapted model: ``set_rank``, ``at_rank``, ``merge``, ``unmerge``, ``begin_step``.
+"""Rank control on a whole adapted model: ``set_rank``, ``at_rank``, ``merge``, ``unmerge``, ``begin_step``,
+``paired_loss``.
 
 Each function finds the model's :class:`~lightning_matlora.rank.RankController` (attached to the model when the
 adapter was injected) with :func:`controller_of` and acts through it; none of them searches the module tree.
@@ -8,8 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
+import torch
 from torch import nn
 
 from .inject import adapted_layers
@@ -194,3 +196,47 @@ def begin_step(model: nn.Module, step: int, micro_step: int = 0, process_index: 
     if (ctrl.process_index, ctrl.num_processes) != (process_index, num_processes):
         ctrl.set_process(process_index, num_processes)
     ctrl.begin_step(step, micro_step)
+
+
+def paired_loss(model: nn.Module, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """The loss of one ``max_pass`` training step: ``(L_max + L_low) / 2``.
+
+    Runs ``compute()`` twice on the same batch: first in the max pass (every row of the batch at r_max, the
+    ``"rank"`` rule: s(r_max)·x·A·B), then in the low pass (the rows dealt cyclically over the train ranks below
+    r_max, as ``"rowwise"`` deals them), and returns the mean of the two losses; call ``backward()`` on it. For
+    hand-written loops (the :class:`~lightning_matlora.MatryoshkaLoRA` callback does this for a LightningModule's
+    ``training_step``)::
+
+        loss = paired_loss(model, lambda: model(**batch).loss)
+        loss.backward()
+
+    It costs two forwards and two backwards' worth of compute and keeps both passes' activations until the
+    backward. Needs an adapter built with ``max_pass=True`` (``mode="rowwise"``) and the training setting
+    (``set_rank(model, None)``). The pass state is restored even if ``compute`` raises.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from lightning_matlora import MatryoshkaLoRA
+    >>> model = nn.Sequential(nn.Linear(8, 8))
+    >>> _ = MatryoshkaLoRA(r_max=4, max_pass=True, verbose=False).apply(model)
+    >>> x, target = torch.randn(6, 8), torch.randn(6, 8)
+    >>> loss = paired_loss(model, lambda: ((model(x) - target) ** 2).mean())
+    >>> loss.backward()
+    >>> model[0].lora_B.grad is not None
+    True
+    """
+    ctrl = controller_of(model)
+    if not ctrl.config.max_pass:
+        raise ValueError("paired_loss runs the max pass and the low pass of an adapter trained with max_pass=True, "
+                         "but this model's adapter has max_pass=False: build it with MatryoshkaLoRA(..., "
+                         "mode='rowwise', max_pass=True), or compute the loss directly (one pass) without "
+                         "paired_loss.")
+    ctrl.check_unmerged("training")
+    if ctrl.setting is not None:
+        raise ValueError(f"paired_loss trains the training forward, but the model is set to rank {ctrl.setting!r}: "
+                         f"call set_rank(model, None) first.")
+    with ctrl.in_pass("max"):
+        high = compute()
+    with ctrl.in_pass("low"):
+        low = compute()
+    return (high + low) / 2

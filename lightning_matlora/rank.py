@@ -10,7 +10,9 @@ searching its module tree.
 Rank settings (see :func:`lightning_matlora.set_rank`):
 
 - ``None``: the training forward of the configured ``mode`` (P for ``"matryoshka"``/``"lora"``, the step's
-  sampled rank for ``"dylora"``, one train rank per row for ``"rowwise"``).
+  sampled rank for ``"dylora"``, one train rank per row for ``"rowwise"``). With ``max_pass`` the training forward
+  also depends on the active *pass* (:meth:`RankController.in_pass`): ``"max"`` runs every row at r_max (the
+  ``"rank"`` rule at r_max), ``"low"`` deals the train ranks below r_max over the rows.
 - an ``int`` k in 1…r_max: inference at rank k under the configured ``rank_scale`` rule.
 - a 1-D integer tensor: one rank per row of the batch (rows are the first dimension of the layer input).
 
@@ -19,6 +21,7 @@ Coefficients are computed in float64 and cast once per (device, dtype) by :meth:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 from collections.abc import Iterator
@@ -36,6 +39,9 @@ CONTROLLER_ATTR = "_matlora_controller"
 _DRAWN_MODES = ("dylora", "rowwise")  # modes whose training forward depends on a per-step draw
 
 RankSetting = Union[None, int, torch.Tensor]
+
+#: the passes of a ``max_pass`` training step (``None``: no pass active)
+PASSES = ("max", "low")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +82,8 @@ class RankController:
         self._setting: RankSetting = None
         self._step_rank: int | None = None  # dylora: the rank sampled for the current optimizer step
         self._row_offset = 0  # rowwise: where the cyclic rank assignment starts in the current step
+        self._pass: str | None = None  # max_pass: the pass of the current training forward ("max", "low", None)
+        self._warned_no_pass = False
         # rowwise under data parallelism: row i of process g is row i·world + g of the global batch (the
         # interleaving of torch's DistributedSampler), so the train ranks are spread over the global batch
         self.process_index, self.num_processes = 0, 1
@@ -123,6 +131,27 @@ class RankController:
                                  f"(the adapter was allocated with r_max={self.r_max}).")
         self._setting = rank
         self._cache.clear()
+
+    @property
+    def active_pass(self) -> str | None:
+        """The pass of a ``max_pass`` training step that training forwards run now: ``"max"`` (every row at r_max),
+        ``"low"`` (the rows dealt over the train ranks below r_max) or ``None`` (outside a paired step)."""
+        return self._pass
+
+    @contextlib.contextmanager
+    def in_pass(self, name: str | None) -> Iterator[None]:
+        """Run the block's training forwards in pass ``name`` (``"max"``, ``"low"`` or ``None``) and restore the
+        previous pass after, also on an exception. :func:`lightning_matlora.paired_loss` and the callback use it."""
+        if name is not None and name not in PASSES:
+            raise ValueError(f"Unknown pass {name!r}: use one of {PASSES} or None.")
+        previous = self._pass
+        self._pass = name
+        self._cache.clear()
+        try:
+            yield
+        finally:
+            self._pass = previous
+            self._cache.clear()
 
     def set_rule(self, rank_scale: str) -> None:
         """Change the inference rule at rank k (``"rank"`` or ``"trained"``) of these trained weights."""
@@ -178,9 +207,10 @@ class RankController:
 
     def _auto_draw(self, module: nn.Module, args: tuple) -> None:
         """Forward pre-hook of the adapted model: in a loop that never calls ``begin_step``, each training-mode
-        forward of the training setting draws step 0, 1, 2, … (the draws ``begin_step(model, step)`` makes)."""
+        forward of the training setting draws step 0, 1, 2, … (the draws ``begin_step(model, step)`` makes). The max
+        pass of a ``max_pass`` step draws nothing (it needs no draw), so a paired step advances the draws once."""
         if self._explicit_steps or self._setting is not None or not module.training \
-                or self.config.mode not in _DRAWN_MODES:
+                or self.config.mode not in _DRAWN_MODES or self._pass == "max":
             return
         self._draw(self._auto_step, 0)
         self._auto_step += 1
@@ -232,7 +262,8 @@ class RankController:
         """The rank of each of ``rows`` rows in a ``"rowwise"`` training step: the config's ``row_cycle`` (each train
         rank repeated by its ``rank_weights`` entry) dealt cyclically over the global batch from this step's offset
         (row i of process g is global row i·world + g), so rank r gets its weight's share of the global batch's
-        rows (exactly, when the global batch is a multiple of the cycle's length)."""
+        rows (exactly, when the global batch is a multiple of the cycle's length). With ``max_pass`` these are the
+        ranks of the low pass (the max pass runs every row at r_max)."""
         ranks = torch.tensor(self._cycle, dtype=torch.long)
         index = (self._row_offset + torch.arange(rows) * self.num_processes + self.process_index) % len(ranks)
         return ranks[index]
@@ -246,8 +277,10 @@ class RankController:
         plan = self._cache.get(key)
         if plan is None:
             if training and self._setting is None and self.config.mode in _DRAWN_MODES \
-                    and not self._explicit_steps and self._auto_step == 0:
+                    and not self._explicit_steps and self._auto_step == 0 and self._pass != "max":
                 self._warn_undrawn()
+            if training and self._setting is None and self.config.max_pass and self._pass is None:
+                self._warn_no_pass()
             k, coef = self._plan_cpu(rows)
             plan = RankPlan(k=k, coef=coef.to(device=device, dtype=dtype))
             self._cache[key] = plan
@@ -268,11 +301,23 @@ class RankController:
             b = self._step_rank if self._step_rank is not None else self.r_max
             return b, self.rank_coefficients(b, rule="rank")  # DyLoRA trains rank b as the paper serves it
         if mode == "rowwise":
+            if self._pass == "max":  # max_pass: every row at r_max, exactly the "rank" rule at r_max
+                return self.r_max, self.rank_coefficients(self.r_max, rule="rank")
             cycle = self._cycle  # the cyclic assignment uses the largest rank once rows ≥ len(cycle)
             k = max(cycle[self._rowwise_index(i)] for i in range(min(rows, len(cycle))))
             coef = self.row_coefficients(self.rowwise_ranks(rows), rule="rank", k=k)
             return k, coef
         return self.r_max, self.p.clone()
+
+    def _warn_no_pass(self) -> None:
+        if self._warned_no_pass:
+            return
+        self._warned_no_pass = True
+        warnings.warn("max_pass=True trains each step twice (the whole batch at r_max, then its rows dealt over the "
+                      "lower train ranks), but this training forward runs outside a paired step, so it trains only "
+                      "the low pass. Compute the loss with lightning_matlora.paired_loss(model, lambda: ...) in a "
+                      "hand-written loop; the MatryoshkaLoRA callback does this in a Trainer.", UserWarning,
+                      stacklevel=5)
 
     def _warn_undrawn(self) -> None:
         if self._warned_undrawn:

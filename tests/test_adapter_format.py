@@ -91,7 +91,7 @@ WRONG = {  # a value of the wrong type for every field (bools are not numbers, s
     "config.modules_to_save": "lm_head", "config.scaling": 1, "config.alpha": True, "config.dropout": None,
     "config.mode": None, "config.rank_scale": False, "config.p": "none", "config.eval_ranks": [1.0, 2.0],
     "config.adapter_dtype": 32, "config.seed": "0",
-    "config.rank_weights": [1.5],
+    "config.rank_weights": [1.5], "config.max_pass": 1,
     f"adapted_layers.{LAYER}.in_features": "32", f"adapted_layers.{LAYER}.out_features": 32.0,
     f"adapted_layers.{LAYER}.conv1d": "false",
     "rank_curves[0].metric": 1, "rank_curves[0].higher_is_better": "true", "rank_curves[0].ranks": ["1"],
@@ -125,7 +125,7 @@ def _needles(path):
     return (_field_name(path),)
 
 
-@pytest.mark.parametrize("field", sorted(set(WRONG) - {"config.rank_weights"}))
+@pytest.mark.parametrize("field", sorted(set(WRONG) - {"config.rank_weights", "config.max_pass"}))
 def test_every_field_deleted_is_refused_naming_it(saved, tmp_path, capsys, field):
     [(path, get, key)] = [(p, g, k) for p, g, k in _paths(_doc(saved)) if _field_name(p) == field]
     bad = corrupt(saved, tmp_path, doc_edit=lambda d: get(d).pop(key))
@@ -139,6 +139,13 @@ def test_a_config_without_rank_weights_reads_with_the_default(saved, tmp_path):
     assert _doc(saved)["config"]["rank_weights"] == "half_max"
     older = corrupt(saved, tmp_path, doc_edit=lambda d: d["config"].pop("rank_weights"))
     assert read_adapter(older).config.rank_weights == "half_max"
+
+
+def test_a_config_without_max_pass_reads_as_false(saved, tmp_path):
+    """max_pass (training only) came after format version 2: a file written without it reads with False."""
+    assert _doc(saved)["config"]["max_pass"] is False
+    older = corrupt(saved, tmp_path, doc_edit=lambda d: d["config"].pop("max_pass"))
+    assert read_adapter(older).config.max_pass is False
 
 
 @pytest.mark.parametrize("field", sorted(WRONG))
