@@ -91,7 +91,7 @@ SIZES = {
                  pretrain_steps=50, override=8, lrs=[1e-2], seeds=2, eval_rows=64,  # smoke test only
                  chain_task=dict(chain=True, symbols=16, override=64)),
     "small": dict(chain=False, symbols=512, pairs=8, hidden=64, layers=2, heads=4, inter=256, r_max=8, steps=200, batch=32,
-                  pretrain_steps=3000, override=128, lrs=[3e-3, 1e-2, 3e-2], seeds=3, eval_rows=512,
+                  pretrain_steps=3000, override=128, lrs=[1e-3, 3e-3, 1e-2, 3e-2, 1e-1], seeds=3, eval_rows=512,
                   chain_task=dict(chain=True, symbols=64, override=2048)),
     "medium": dict(chain=False, symbols=4096, pairs=16, hidden=256, layers=4, heads=8, inter=1024, r_max=32,
                    steps=1000, batch=32, pretrain_steps=8000, override=1024, lrs=[1e-3, 3e-3, 1e-2], seeds=3, eval_rows=1024,
