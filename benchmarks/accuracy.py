@@ -39,7 +39,8 @@ methods (all through this library's layers, modes, ``set_rank``, ``begin_step`` 
 Every method gets a learning-rate sweep at equal steps; the rate with the best mean validation AURAC (log2 axis,
 accuracy) over seeds is reported on the test set (each grid member, and so plain LoRA at r_max, by its validation
 accuracy at its own rank).  Compute is counted in forward-backward passes (steps × passes per step): the one-run
-methods are run again with the grid's K × steps passes ("equal compute"; ``paired`` gets half as many steps).
+methods are run again with the grid's K × steps passes ("equal compute"; ``paired`` gets half as many steps),
+each with its own LR sweep at that budget (``--compute-lr sweep``, the default).
 ``--curve-steps`` trains seed 0 of every method (and the grid's r = 1 and r_max members) at its chosen rate for
 each given step budget and plots accuracy at r = 1 and r_max against passes.  Results: a runs JSONL (reused on
 restart), a Markdown report and PNG plots.
@@ -397,10 +398,23 @@ def _lr_of(chosen: dict, regime: str, method: str, r_max: int):
     return chosen[(regime, method)]
 
 
-def seed_jobs(args: argparse.Namespace, size: dict, chosen: dict, K: int, compute: bool) -> list[Job]:
+def compute_sweep_jobs(args: argparse.Namespace, size: dict, K: int) -> list[Job]:
+    """Phase 2a (``--compute-lr sweep``): the one-run methods' LR sweep at equal compute, on the first seed."""
+    todo: dict[tuple, Job] = {}
+    for regime in args.regimes:
+        for m in _reported(args):
+            if _computed(args, m, size["r_max"]):
+                name = train_name(m, size["r_max"])
+                for lr in args.lrs:
+                    todo[(regime, name, lr)] = Job(regime, name, lr, 0, compute_steps(args, name, K), "compute")
+    return list(todo.values())
+
+
+def seed_jobs(args: argparse.Namespace, size: dict, chosen: dict, K: int, compute: bool,
+              chosen_compute: dict | None = None) -> list[Job]:
     """Phase 2: the remaining seeds at each method's chosen LR (equal steps), and every seed of the one-run
-    methods at the grid's K·steps forward-backward passes (equal compute). Runs shared by two reported methods are
-    run once."""
+    methods at the grid's K·steps forward-backward passes (equal compute; at ``chosen_compute``'s LR where given).
+    Runs shared by two reported methods are run once."""
     todo: dict[tuple, Job] = {}
     r_max = size["r_max"]
     for regime in args.regimes:
@@ -412,8 +426,9 @@ def seed_jobs(args: argparse.Namespace, size: dict, chosen: dict, K: int, comput
                     todo[(regime, name, lr_n, seed, args.steps)] = Job(regime, name, lr_n, seed, args.steps, "steps")
                 if compute and _computed(args, m, r_max):
                     n = compute_steps(args, name, K)
+                    lr_c = (chosen_compute or {}).get((regime, m), lr_n)
                     for seed in range(args.seeds):
-                        todo[(regime, name, lr_n, seed, n)] = Job(regime, name, lr_n, seed, n, "compute")
+                        todo[(regime, name, lr_c, seed, n)] = Job(regime, name, lr_c, seed, n, "compute")
     return list(todo.values())
 
 
@@ -473,6 +488,29 @@ def method_curves(results: list[dict], regime: str, method: str, lr, steps: int,
     return [(v, sum(secs[s].values())) for s, v in sorted(by_seed.items()) if len(v) == len(want)]
 
 
+def choose_compute_lrs(results, args, ranks, K) -> dict:
+    """Per regime: each one-run method's LR at equal compute, by mean validation AURAC (log2, accuracy) of its
+    sweep at that budget (plain LoRA at r_max: validation accuracy at r_max)."""
+    chosen = {}
+    r_max = ranks[-1]
+    for regime in args.regimes:
+        for m in _reported(args):
+            if not _computed(args, m, r_max):
+                continue
+            top = None
+            for lr in args.lrs:
+                n = compute_steps(args, train_name(m, r_max), K)
+                curves = method_curves(results, regime, m, lr, n, ranks, "val", r_max)
+                if curves:
+                    score = statistics.mean(c[r_max][0] if m == PLAIN else aurac(ranks, [c[k][0] for k in ranks])
+                                            for c, _ in curves)
+                    if top is None or score > top[0]:
+                        top = (score, lr)
+            if top is not None:
+                chosen[(regime, m)] = top[1]
+    return chosen
+
+
 def choose_lrs(results, args, ranks) -> dict:
     """Per regime: each method's LR by mean validation AURAC (log2, accuracy); each grid member's (and so plain
     LoRA at r_max's) by validation accuracy at its own rank, as a user tuning that one LoRA would."""
@@ -504,7 +542,7 @@ def choose_lrs(results, args, ranks) -> dict:
     return chosen
 
 
-def summarise(results, args, size, chosen, K) -> dict:
+def summarise(results, args, size, chosen, K, chosen_compute: dict | None = None) -> dict:
     ranks = default_ranks(size["r_max"])
     r_max = size["r_max"]
     summary = {}
@@ -514,6 +552,8 @@ def summarise(results, args, size, chosen, K) -> dict:
                 if budget == "compute" and not _computed(args, m, r_max):
                     continue
                 lr = _lr_of(chosen, regime, m, r_max)
+                if budget == "compute" and chosen_compute and (regime, m) in chosen_compute:
+                    lr = chosen_compute[(regime, m)]
                 name = _names(m, r_max)[0]
                 steps = args.steps if budget == "steps" else compute_steps(args, name, K)
                 curves = method_curves(results, regime, m, lr, steps, ranks, "test", r_max)
@@ -534,8 +574,8 @@ def summarise(results, args, size, chosen, K) -> dict:
                     aurac_log2=_mean_sd(au2), aurac_lin=_mean_sd(aul),
                     runs=runs, steps=steps, passes_per_step=passes_of(name), passes=runs * steps * passes_of(name),
                     train_s=statistics.mean(s for _, s in curves),
-                    diverged=sum(r["diverged"] for r in results if r["regime"] == regime and r["steps"] == steps
-                                 and r["lr"] in lrs and r["method"] in _names(m, r_max)))
+                    diverged=len({_key(r) for r in results if r["diverged"] and r["regime"] == regime
+                                  and r["steps"] == steps and r["lr"] in lrs and r["method"] in _names(m, r_max)}))
     return summary
 
 
@@ -621,9 +661,11 @@ def write_report(summary, curves, args, size, K, base, wall, path: Path, plot: P
              f"`{args.scaling}`; {args.steps} steps per run at equal steps; at equal compute each one-run method gets "
              f"the grid's {K} × {args.steps} = {K * args.steps} forward-backward passes (steps = passes / passes per "
              f"step: `paired` takes 2 per step, so it gets {K * args.steps // 2} steps); AdamW, linear warm-up/decay; "
-             f"{args.seeds} seeds; LR sweep {args.lrs}, chosen per method by mean validation AURAC (log2, accuracy) "
-             f"at equal steps and reused at equal compute, for each grid member (and so for {PLAIN}) by its "
-             f"validation accuracy at its own rank; scores on a separate test set.  ")
+             f"{args.seeds} seeds; LR sweep {args.lrs} on seed 0, chosen per method by mean validation AURAC (log2, "
+             f"accuracy) at equal steps and "
+             + ("again by its own sweep at equal compute" if args.compute_lr == "sweep" else "reused at equal compute")
+             + f", for each grid member (and so for {PLAIN}) by its validation accuracy at its own rank; the "
+             f"steps plot uses the equal-steps LR; scores on a separate test set.  ")
     for regime in args.regimes:
         rs = regime_size(size, regime)
         L.append(f"Regime `{regime}`: {'chained ' if rs['chain'] else ''}cipher over {rs['symbols']} symbols, "
@@ -647,7 +689,7 @@ def write_report(summary, curves, args, size, K, base, wall, path: Path, plot: P
         for budget in ("steps", "compute"):
             for m in HEADLINE:
                 s = summary.get((regime, budget, m))
-                if s is not None and not (budget == "compute" and m in ("grid", PLAIN)):
+                if s is not None:
                     L.append(f"| {regime} | {'equal steps' if budget == 'steps' else 'equal compute'} "
                              + _row(s, _label(m), ranks))
     L.append("")
@@ -785,9 +827,13 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--lrs", type=float, nargs="+", default=None)
     ap.add_argument("--scaling", default="sqrt", choices=["none", "rank", "sqrt"])
     ap.add_argument("--no-compute", action="store_true", help="skip the equal-compute runs")
-    ap.add_argument("--compute-methods", nargs="+", default=["matryoshka", "rowwise", "rowwise-half", "paired", "dylora"],
+    ap.add_argument("--compute-methods", nargs="+",
+                    default=["matryoshka", "rowwise", "rowwise-half", "paired", "dylora", "lora-truncated"],
                     choices=list(ONE_RUN), help="one-run methods also trained at the grid's K·steps forward-backward "
                     "passes (those not in --methods are skipped)")
+    ap.add_argument("--compute-lr", choices=["sweep", "steps"], default="sweep",
+                    help="LR of the equal-compute runs: 'sweep' chooses it again from their own sweep of --lrs "
+                    "(seed 0, validation AURAC); 'steps' reuses the LR chosen at equal steps")
     ap.add_argument("--curve-steps", type=int, nargs="+", default=None, metavar="N",
                     help="also train seed 0 of every method (and the grid's r = 1 and r_max members) at its chosen LR "
                     "for each of these step budgets, and plot accuracy at r = 1 and r_max against forward-backward "
@@ -829,7 +875,14 @@ def main(argv=None) -> None:
     results = _run_all(sweep_jobs(args, size), args, "LR sweep, seed 0, equal steps")
     chosen = choose_lrs(results, args, ranks)
     print("[lr] chosen: " + ", ".join(f"{k[0]}/{k[1]}={v:g}" for k, v in chosen.items()), flush=True)
-    results += _run_all(seed_jobs(args, size, chosen, K, not args.no_compute), args,
+    chosen_compute = None
+    if not args.no_compute and args.compute_lr == "sweep":
+        sweep_c = _run_all(compute_sweep_jobs(args, size, K), args, "LR sweep, seed 0, equal compute")
+        chosen_compute = choose_compute_lrs(sweep_c, args, ranks, K)
+        results += sweep_c
+        print("[lr] chosen at equal compute: " + ", ".join(f"{k[0]}/{k[1]}={v:g}" for k, v in chosen_compute.items()),
+              flush=True)
+    results += _run_all(seed_jobs(args, size, chosen, K, not args.no_compute, chosen_compute), args,
                         "other seeds (equal steps) and equal compute")
     if args.curve_steps:
         results += _run_all(curve_jobs(args, size, chosen), args, "seed 0 at each budget of --curve-steps")
@@ -838,7 +891,7 @@ def main(argv=None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     js = Path(args.json) if args.json else out.with_name(out.stem + "_accuracy.json")
     js.write_text(json.dumps({"args": vars(args), "size": size, "base": base, "results": results}, indent=1))
-    summary = summarise(results, args, size, chosen, K)
+    summary = summarise(results, args, size, chosen, K, chosen_compute)
     curves = summarise_curves(results, args, size, chosen) if args.curve_steps else {}
     plot = out.with_name(out.stem + "_curves.png")
     steps_plot = out.with_name(out.stem + "_steps.png") if args.curve_steps else None
