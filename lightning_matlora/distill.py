@@ -186,8 +186,12 @@ def attach_distiller(root: nn.Module, controller: "RankController") -> Distiller
 def distill_step(controller: "RankController") -> Iterator[Distiller | None]:
     """Open a paired step on ``controller``'s :class:`Distiller` (yields None when the adapter does not distill)."""
     distiller: Distiller | None = getattr(controller, DISTILLER_ATTR, None)
-    if distiller is None or not controller.config.distill > 0:
+    if not controller.config.distill > 0:
         yield None
         return
+    if distiller is None:
+        raise RuntimeError(f"distill={controller.config.distill!r} but no distillation hook is registered: the adapter's "
+                           f"layers were not injected by MatryoshkaLoRA(...).apply(model), the callback or "
+                           f"load_adapter(), which register it; adapt the model with one of those.")
     with distiller.step():
         yield distiller

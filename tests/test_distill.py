@@ -359,3 +359,13 @@ def test_the_summary_shows_distill_and_resuming_with_another_distill_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cb_auto._check_config(old)  # a checkpoint from before distill trained without it
+
+
+def test_layers_built_by_hand_without_the_hook_refuse_to_distill():
+    from lightning_matlora import MatryoshkaLinear
+    from lightning_matlora.rank import RankController
+
+    cfg = MatLoRAConfig(r_max=4, max_pass=True, distill=1.0)
+    model = nn.Sequential(MatryoshkaLinear(nn.Linear(4, 4), RankController(cfg)))
+    with pytest.raises(RuntimeError, match="no distillation hook is registered"):
+        paired_loss(model, lambda: model(torch.ones(3, 4)).sum())
