@@ -123,8 +123,8 @@ def _check_max_pass(max_pass: Any, mode: str, ranks: list[int], r_max: int) -> l
 def _check_distill(distill: Any, distill_module: Any, max_pass: bool) -> float:
     """Validate ``distill`` (the weight of the self-distillation term) and ``distill_module``; return the weight."""
     if isinstance(distill, bool) or not isinstance(distill, (int, float)) or not math.isfinite(distill) or distill < 0:
-        raise ValueError(f"distill must be a finite number ≥ 0 (the weight of the KL term of a max_pass step; 0 turns "
-                         f"it off), got {distill!r}.")
+        raise ValueError(f"distill must be a finite number ≥ 0 (the weight of the KL term of a max_pass step; 0 "
+                         f"turns it off), got {distill!r}.")
     if distill_module is not None and (not isinstance(distill_module, str) or not distill_module):
         raise ValueError(f"distill_module must be None (the output embedding of a transformers model inside the "
                          f"adapted module) or the non-empty name of the submodule whose output is the logits, got "

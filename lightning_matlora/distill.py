@@ -190,8 +190,8 @@ def distill_step(controller: "RankController") -> Iterator[Distiller | None]:
         yield None
         return
     if distiller is None:
-        raise RuntimeError(f"distill={controller.config.distill!r} but no distillation hook is registered: the adapter's "
-                           f"layers were not injected by MatryoshkaLoRA(...).apply(model), the callback or "
+        raise RuntimeError(f"distill={controller.config.distill!r} but no distillation hook is registered: the "
+                           f"adapter's layers were not injected by MatryoshkaLoRA(...).apply(model), the callback or "
                            f"load_adapter(), which register it; adapt the model with one of those.")
     with distiller.step():
         yield distiller

@@ -63,8 +63,8 @@ def _ce(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def _reference_grads(model: Tiny, x: torch.Tensor, y: torch.Tensor, low_rows: list[int], w: float,
                      detach_teacher: bool = True) -> dict:
     """d/d(factors) of (L_max + L_low + w·KL)/2 from a dense float64 computation written from the spec: per row i,
-    each layer computes h·Wᵀ + b + s(k_i)·(h·A[:k_i]ᵀ)·B[:, :k_i]ᵀ with s(k) = 1/√k (k_i = r_max in the max pass,
-    the dealt rank in the low pass); L = mean cross-entropy over every position; KL = mean over positions of
+    each layer computes h·Wᵀ + b + s(k_i)·(h·A[:k_i]ᵀ)·B[:, :k_i]ᵀ with s(k) = 1/√k (k_i = r_max in the max
+    pass, the dealt rank in the low pass); L = mean cross-entropy over every position; KL = mean over positions of
     Σ_c p_c·(log p_c − log q_c), p = softmax(z_max) (detached), q = softmax(z_low)."""
     layers = adapted_layers(model)
     assert sorted(layers) == ["body", "head"]
