@@ -369,3 +369,24 @@ def test_layers_built_by_hand_without_the_hook_refuse_to_distill():
     model = nn.Sequential(MatryoshkaLinear(nn.Linear(4, 4), RankController(cfg)))
     with pytest.raises(RuntimeError, match="no distillation hook is registered"):
         paired_loss(model, lambda: model(torch.ones(3, 4)).sum())
+
+
+def test_the_kl_keeps_two_logits_sized_tensors_for_the_backward():
+    """docs/method.md's memory cost: beyond the max_pass step, the KL's backward keeps the low pass's log-softmax
+    and p_max (the teacher itself is released in the low pass)."""
+    x, y = _data()
+    saved_bytes = []
+    for w in (0.0, 1.0):
+        model = _tiny()
+        _adapt(model, distill=w)
+        begin_step(model, 0)
+        sizes = []
+
+        def pack(t):
+            sizes.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            paired_loss(model, lambda: _ce(model(x), y))
+        saved_bytes.append(sum(sizes))
+    assert saved_bytes[1] - saved_bytes[0] == 2 * ROWS * T * C * 8  # float64 logits
