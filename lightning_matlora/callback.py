@@ -71,8 +71,8 @@ class MatryoshkaLoRA(pl.Callback):
             ``(L_max + L_low + w·KL) / 2`` with KL(p_max ‖ p_low) between the softmaxes (temperature 1, last dim)
             of the distilled module's output in the max pass (detached: the teacher gets no gradient) and in the
             low pass, averaged over every position of that output (see docs/method.md). Logged as
-            ``train/distill_kl``. Keeps one more copy of the output (the logits, float32 or wider) per step.
-            0 (the default) turns it off.
+            ``train/distill_kl``. Keeps one more copy of the output (the logits, float32 or wider) from the max
+            pass to the low pass, and the KL's backward two more until the backward. 0 (the default) turns it off.
         distill_module: the module whose output (a logits tensor, classes on the last dim) is distilled: ``None``
             (the output embedding of a transformers model inside the adapted module, e.g. ``lm_head``) or the
             name of a submodule relative to the adapted module. Checked when the adapter is applied.
