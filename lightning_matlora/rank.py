@@ -96,6 +96,8 @@ class RankController:
         # the adapted model
         self.layers: dict[str, nn.Module] = {}  # name → MatryoshkaLinear
         self.saved_modules: dict[str, nn.Module] = {}
+        # distill > 0: the lightning_matlora.distill.Distiller hooked on the distilled module (set at injection)
+        self.distiller = None
 
     # ----------------------------------------------------------------------------------------------- settings
     @property
