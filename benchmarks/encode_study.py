@@ -23,7 +23,9 @@ METHOD:
   dual               every step: the whole batch at r_max plus the whole batch again with the lower train
                      ranks spread over its rows (2 forwards per step)
   distill:T          as ``dual``, the low-rank rows also matched (KL, temperature 1, weight T) to the detached
-                     r_max logits of the same rows
+                     r_max logits of the same rows, on the answer tokens (the positions the loss is taken on)
+  distillall:T       as ``distill:T`` on every position of the output (prompt and padding included: what a hook on
+                     the output layer sees without knowing the labels), KL averaged over positions
 """
 
 from __future__ import annotations
@@ -134,7 +136,7 @@ def summary(path: str) -> str:
 
 def passes_per_step(method: str) -> int:
     """Forward-backward passes of the whole batch per optimizer step (``dual`` and ``distill`` run two)."""
-    return 2 if method.split(":")[0] in ("dual", "distill") else 1
+    return 2 if method.split(":")[0] in ("dual", "distill", "distillall") else 1
 
 
 def plot(path: str, png: str, lr: float = 1e-2) -> str:
@@ -153,7 +155,7 @@ def plot(path: str, png: str, lr: float = 1e-2) -> str:
         d = json.loads(line)
         if d["seed"] != 0 or d["lr"] != lr or d["scaling"] != "sqrt" or d.get("weights"):
             continue
-        name = d["method"] + ("" if d["method"].startswith("lora") or d["method"] in ("dual", "distill:1")
+        name = d["method"] + ("" if d["method"].startswith("lora") or d["method"].split(":")[0] in ("dual", "distill", "distillall")
                               else f" ({d.get('rank_weights', 'uniform')})")
         c = d["curve"]
         top = str(max(int(k) for k in c))
@@ -274,7 +276,7 @@ def main() -> None:
                 else:
                     set_rank(model, row_ranks(ranks, weights, rows, off))
                 loss = model(**b).loss
-            elif method in ("dual", "distill"):
+            elif method in ("dual", "distill", "distillall"):
                 set_rank(model, r_max)
                 out_hi = model(**b)
                 set_rank(model, row_ranks(low, [1.0] * len(low), rows, off))
@@ -284,6 +286,10 @@ def main() -> None:
                     m = (b["labels"][:, 1:] != -100)
                     t = F.log_softmax(out_hi.logits[:, :-1].detach(), -1)[m]
                     s = F.log_softmax(out_lo.logits[:, :-1], -1)[m]
+                    loss = loss + float(arg) * F.kl_div(s, t, log_target=True, reduction="batchmean")
+                elif method == "distillall":
+                    t = F.log_softmax(out_hi.logits.detach(), -1).flatten(0, -2)
+                    s = F.log_softmax(out_lo.logits, -1).flatten(0, -2)
                     loss = loss + float(arg) * F.kl_div(s, t, log_target=True, reduction="batchmean")
             else:
                 raise SystemExit(f"unknown method {args.method}")

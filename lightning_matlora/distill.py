@@ -191,7 +191,9 @@ def distill_step(controller: "RankController") -> Iterator[Distiller | None]:
         return
     if distiller is None:
         raise RuntimeError(f"distill={controller.config.distill!r} but no distillation hook is registered: the "
-                           f"adapter's layers were not injected by MatryoshkaLoRA(...).apply(model), the callback or "
-                           f"load_adapter(), which register it; adapt the model with one of those.")
+                           f"adapter's layers were not injected by MatryoshkaLoRA(...).apply(model) or the callback, which "
+                           f"register it, or load_adapter() found no distill_module={controller.config.distill_module!r} "
+                           f"in the model it loaded into (a serving model needs none); to train on, resume the run's "
+                           f"checkpoint with the callback.")
     with distiller.step():
         yield distiller

@@ -390,3 +390,27 @@ def test_the_kl_keeps_two_logits_sized_tensors_for_the_backward():
             paired_loss(model, lambda: _ce(model(x), y))
         saved_bytes.append(sum(sizes))
     assert saved_bytes[1] - saved_bytes[0] == 2 * ROWS * T * C * 8  # float64 logits
+
+
+def test_an_adapter_trained_with_distill_loads_for_serving_into_a_model_without_its_distilled_module(tmp_path):
+    class WithOut(Tiny):  # a training-time wrapper module on the logits, distilled by name
+        def __init__(self) -> None:
+            super().__init__()
+            self.out = nn.Identity()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(super().forward(x))
+
+    torch.manual_seed(0)
+    model = WithOut().to(torch.float64)
+    _adapt(model, distill=0.5, distill_module="out")
+    path = save_adapter(model, tmp_path / "a")
+    fresh = load_adapter(_tiny(), path)  # the serving model has no "out": serving needs no distillation hook
+    ctrl = controller_of(fresh)
+    assert ctrl.config.distill == 0.5 and ctrl.distiller is None
+    x, _ = _data()
+    with at_rank(model, 4), at_rank(fresh, 4):
+        torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+    fresh.train()
+    with pytest.raises(RuntimeError, match="resume the run's checkpoint"):
+        paired_loss(fresh, lambda: fresh(x).sum())
