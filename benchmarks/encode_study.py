@@ -24,6 +24,9 @@ METHOD:
                      ranks spread over its rows (2 forwards per step)
   distill:T          as ``dual``, the low-rank rows also matched (KL, temperature 1, weight T) to the detached
                      r_max logits of the same rows, on the answer tokens (the positions the loss is taken on)
+  paired:T           the library's paired passes: ``MatryoshkaLoRA(max_pass=True, distill=T)`` and
+                     ``paired_loss`` ((L_max + L_low + T·KL)/2, KL over every position of the logits); ``paired:0``
+                     is ``dual`` through the library
   distillall:T       as ``distill:T`` on every position of the output (prompt and padding included: what a hook on
                      the output layer sees without knowing the labels), KL averaged over positions
 """
@@ -45,7 +48,7 @@ RECIPES = HERE.parent / "recipes"
 sys.path.insert(0, str(RECIPES))
 sys.path.insert(1, str(HERE.parent))
 
-from lightning_matlora import MatryoshkaLoRA, at_rank, begin_step, set_rank  # noqa: E402
+from lightning_matlora import MatryoshkaLoRA, at_rank, begin_step, paired_loss, set_rank  # noqa: E402
 from lightning_matlora.control import controller_of  # noqa: E402
 from lightning_matlora.inject import adapted_layers  # noqa: E402
 from lightning_matlora.scaling import scale_of_rank  # noqa: E402
@@ -136,7 +139,7 @@ def summary(path: str) -> str:
 
 def passes_per_step(method: str) -> int:
     """Forward-backward passes of the whole batch per optimizer step (``dual`` and ``distill`` run two)."""
-    return 2 if method.split(":")[0] in ("dual", "distill", "distillall") else 1
+    return 2 if method.split(":")[0] in ("dual", "distill", "distillall", "paired") else 1
 
 
 def plot(path: str, png: str, lr: float = 1e-2) -> str:
@@ -155,7 +158,7 @@ def plot(path: str, png: str, lr: float = 1e-2) -> str:
         d = json.loads(line)
         if d["seed"] != 0 or d["lr"] != lr or d["scaling"] != "sqrt" or d.get("weights"):
             continue
-        name = d["method"] + ("" if d["method"].startswith("lora") or d["method"].split(":")[0] in ("dual", "distill", "distillall")
+        name = d["method"] + ("" if d["method"].startswith("lora") or d["method"].split(":")[0] in ("dual", "distill", "distillall", "paired")
                               else f" ({d.get('rank_weights', 'uniform')})")
         c = d["curve"]
         top = str(max(int(k) for k in c))
@@ -238,8 +241,11 @@ def main() -> None:
     torch.manual_seed(args.seed)
     rw = args.rank_weights if args.rank_weights in ("uniform", "half_max") else \
         [int(w) for w in args.rank_weights.split(",")]
+    extra = {} if mode == "lora" else {"rank_weights": rw}
+    if method == "paired":
+        extra = {"max_pass": True, "distill": float(arg)}
     cb = MatryoshkaLoRA(r_max=r_max, mode=mode, scaling=args.scaling, verbose=False, save_adapter=False,
-                        rank_eval=None, seed=args.seed, **({} if mode == "lora" else {"rank_weights": rw}))
+                        rank_eval=None, seed=args.seed, **extra)
     cb.apply(model)
     ranks = list(cb.config.ranks)
     weights = [float(w) for w in (arg if method == "weighted" else (args.weights or "")).split(",") if w] \
@@ -276,6 +282,9 @@ def main() -> None:
                 else:
                     set_rank(model, row_ranks(ranks, weights, rows, off))
                 loss = model(**b).loss
+            elif method == "paired":
+                begin_step(model, step)
+                loss = paired_loss(model, lambda: model(**b).loss)
             elif method in ("dual", "distill", "distillall"):
                 set_rank(model, r_max)
                 out_hi = model(**b)
