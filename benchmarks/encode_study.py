@@ -163,7 +163,7 @@ def method_name(d: dict) -> str:
     return d["method"] + ("" if plain else f" ({d.get('rank_weights', 'uniform')})")
 
 
-def plot(path: str, png: str) -> str:
+def plot(path: str, png: str, lr: float | None = None) -> str:
     """Exact match at r = 1 and at r_max against training compute (whole-batch forward-backward passes, in
     epochs of the 3600 training examples), one line per method at its chosen learning rate (:func:`chosen_lrs`),
     from the seed-0 runs in ``path``; the grid members ``lora:1`` (r = 1 panel) and ``lora:16`` (r_max panel) are
@@ -177,6 +177,8 @@ def plot(path: str, png: str) -> str:
 
     records = [json.loads(line) for line in Path(path).read_text().splitlines()]
     lrs = chosen_lrs(records)
+    if lr is not None:  # one rate for every method
+        lrs = {name: lr for name in lrs}
     pts: dict[str, list[tuple[float, float, float]]] = collections.defaultdict(list)
     for d in records:
         name = method_name(d)
@@ -206,13 +208,13 @@ def plot(path: str, png: str) -> str:
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("Encode task, seed 0, each method at its chosen lr: accuracy against training compute")
+    fig.suptitle("Encode task, seed 0: accuracy against training compute")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     return f"wrote {png} ({', '.join(shown)})"
 
 
-def table(path: str, epochs: float = 6) -> str:
+def table(path: str, epochs: float = 6, lr: float | None = None) -> str:
     """The study's main table: every method at its chosen learning rate (:func:`chosen_lrs`), exact match per rank
     as mean ± sd over the seeds run there, for runs of ``epochs`` epochs; the grid row takes each member ``lora:K``
     at its own rank and chosen rate (AURAC from the per-seed curves of seeds every member has)."""
@@ -221,6 +223,8 @@ def table(path: str, epochs: float = 6) -> str:
 
     records = [json.loads(line) for line in Path(path).read_text().splitlines()]
     lrs = chosen_lrs(records, epochs)
+    if lr is not None:  # one rate for every method
+        lrs = {name: lr for name in lrs}
     runs: dict[str, dict[int, dict]] = collections.defaultdict(dict)
     for d in records:
         name = method_name(d)
@@ -259,16 +263,18 @@ def main() -> None:
         ap.add_argument("table")
         ap.add_argument("--out", default="docs/encode_study_runs.jsonl")
         ap.add_argument("--epochs", type=float, default=6)
+        ap.add_argument("--lr", type=float, default=None, help="one rate for every method (default: each its own)")
         a = ap.parse_args()
-        print(table(a.out, a.epochs))
+        print(table(a.out, a.epochs, a.lr))
         return
     if sys.argv[1:2] == ["plot"]:
         ap = argparse.ArgumentParser()
         ap.add_argument("plot")
         ap.add_argument("--out", default="docs/encode_study_runs.jsonl")
         ap.add_argument("--png", default="docs/encode_study_steps.png")
+        ap.add_argument("--lr", type=float, default=None, help="one rate for every method (default: each its own)")
         a = ap.parse_args()
-        print(plot(a.out, a.png))
+        print(plot(a.out, a.png, a.lr))
         return
     if sys.argv[1:2] == ["summary"]:
         ap = argparse.ArgumentParser()
