@@ -2,6 +2,7 @@
 
     python benchmarks/encode_study.py METHOD --lr 1e-2 --seed 0 [--epochs 6] [--out docs/encode_study_runs.jsonl]
     python benchmarks/encode_study.py summary [--out docs/encode_study_runs.jsonl]   # the markdown table
+    python benchmarks/encode_study.py table [--out docs/encode_study_runs.jsonl]  # each method at its chosen lr
     python benchmarks/encode_study.py plot [--out docs/encode_study_runs.jsonl] [--png docs/encode_study_steps.png]
 
 The recipe's setting (bundled base and Encode data, batch 32, max_length 64, AdamW with 5 % linear warm-up then
@@ -23,7 +24,12 @@ METHOD:
   dual               every step: the whole batch at r_max plus the whole batch again with the lower train
                      ranks spread over its rows (2 forwards per step)
   distill:T          as ``dual``, the low-rank rows also matched (KL, temperature 1, weight T) to the detached
-                     r_max logits of the same rows
+                     r_max logits of the same rows, on the answer tokens (the positions the loss is taken on)
+  paired:T           the library's paired passes: ``MatryoshkaLoRA(max_pass=True, distill=T)`` and
+                     ``paired_loss`` ((L_max + L_low + T·KL)/2, KL over every position of the logits); ``paired:0``
+                     is ``dual`` through the library
+  distillall:T       as ``distill:T`` on every position of the output (prompt and padding included: what a hook on
+                     the output layer sees without knowing the labels), KL averaged over positions
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ RECIPES = HERE.parent / "recipes"
 sys.path.insert(0, str(RECIPES))
 sys.path.insert(1, str(HERE.parent))
 
-from lightning_matlora import MatryoshkaLoRA, at_rank, begin_step, set_rank  # noqa: E402
+from lightning_matlora import MatryoshkaLoRA, at_rank, begin_step, paired_loss, set_rank  # noqa: E402
 from lightning_matlora.control import controller_of  # noqa: E402
 from lightning_matlora.inject import adapted_layers  # noqa: E402
 from lightning_matlora.scaling import scale_of_rank  # noqa: E402
@@ -134,13 +140,34 @@ def summary(path: str) -> str:
 
 def passes_per_step(method: str) -> int:
     """Forward-backward passes of the whole batch per optimizer step (``dual`` and ``distill`` run two)."""
-    return 2 if method.split(":")[0] in ("dual", "distill") else 1
+    return 2 if method.split(":")[0] in ("dual", "distill", "distillall", "paired") else 1
 
 
-def plot(path: str, png: str, lr: float = 1e-2) -> str:
+def chosen_lrs(records: list[dict], epochs: float = 6) -> dict[str, float]:
+    """Each method's learning rate: the one whose seed-0 run of ``epochs`` epochs scored best (log2 AURAC of exact
+    match; a grid member ``lora:K`` by its exact match at its own rank K)."""
+    best: dict[str, tuple[float, float]] = {}
+    for d in records:
+        if d["seed"] != 0 or d["epochs"] != epochs or d["scaling"] != "sqrt" or d.get("weights"):
+            continue
+        name = method_name(d)
+        score = d["curve"][str(d["r_max"])]["exact_match"] if d["method"].startswith("lora:") else d["aurac_log2_em"]
+        if name not in best or score > best[name][0]:
+            best[name] = (score, d["lr"])
+    return {name: lr for name, (_, lr) in best.items()}
+
+
+def method_name(d: dict) -> str:
+    """The method of a run record with its row rule when it has one (``rowwise (half_max)``)."""
+    plain = d["method"].startswith("lora") or d["method"].split(":")[0] in ("dual", "distill", "distillall", "paired")
+    return d["method"] + ("" if plain else f" ({d.get('rank_weights', 'uniform')})")
+
+
+def plot(path: str, png: str, lr: float | None = None) -> str:
     """Exact match at r = 1 and at r_max against training compute (whole-batch forward-backward passes, in
-    epochs of the 3600 training examples), one line per method, from the seed-0 runs at ``lr`` in ``path``; grid
-    members ``lora:1`` (r = 1 panel) and ``lora:16`` (r_max panel) are plain LoRA trained at that rank alone."""
+    epochs of the 3600 training examples), one line per method at its chosen learning rate (:func:`chosen_lrs`),
+    from the seed-0 runs in ``path``; the grid members ``lora:1`` (r = 1 panel) and ``lora:16`` (r_max panel) are
+    plain LoRA trained at that rank alone."""
     import collections
 
     import matplotlib
@@ -148,17 +175,19 @@ def plot(path: str, png: str, lr: float = 1e-2) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    records = [json.loads(line) for line in Path(path).read_text().splitlines()]
+    lrs = chosen_lrs(records)
+    if lr is not None:  # one rate for every method
+        lrs = {name: lr for name in lrs}
     pts: dict[str, list[tuple[float, float, float]]] = collections.defaultdict(list)
-    for line in Path(path).read_text().splitlines():
-        d = json.loads(line)
-        if d["seed"] != 0 or d["lr"] != lr or d["scaling"] != "sqrt" or d.get("weights"):
+    for d in records:
+        name = method_name(d)
+        if d["seed"] != 0 or d["scaling"] != "sqrt" or d.get("weights") or d["lr"] != lrs.get(name):
             continue
-        name = d["method"] + ("" if d["method"].startswith("lora") or d["method"] in ("dual", "distill:1")
-                              else f" ({d.get('rank_weights', 'uniform')})")
         c = d["curve"]
         top = str(max(int(k) for k in c))
-        pts[name].append((d["epochs"] * passes_per_step(d["method"]), c.get("1", {}).get("exact_match"),
-                          c[top]["exact_match"]))
+        pts[f"{name}, lr {d['lr']:g}"].append((d["epochs"] * passes_per_step(d["method"]),
+                                               c.get("1", {}).get("exact_match"), c[top]["exact_match"]))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     shown = []
     for name, p in sorted(pts.items()):
@@ -166,7 +195,8 @@ def plot(path: str, png: str, lr: float = 1e-2) -> str:
         if len(p) < 2:
             continue
         shown.append(name)
-        for ax, i, skip in ((axes[0], 1, name == "lora:16"), (axes[1], 2, name.startswith("lora:") and name != "lora:16")):
+        for ax, i, skip in ((axes[0], 1, name.startswith("lora:16,")),
+                            (axes[1], 2, name.startswith("lora:") and not name.startswith("lora:16,"))):
             if skip:
                 continue
             xs, ys = [q[0] for q in p if q[i] is not None], [q[i] for q in p if q[i] is not None]
@@ -178,19 +208,71 @@ def plot(path: str, png: str, lr: float = 1e-2) -> str:
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"Encode task, seed 0, lr {lr:g}: accuracy against training compute")
+    fig.suptitle("Encode task, seed 0: accuracy against training compute")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     return f"wrote {png} ({', '.join(shown)})"
 
 
+def table(path: str, epochs: float = 6, lr: float | None = None) -> str:
+    """The study's main table: every method at its chosen learning rate (:func:`chosen_lrs`), exact match per rank
+    as mean ± sd over the seeds run there, for runs of ``epochs`` epochs; the grid row takes each member ``lora:K``
+    at its own rank and chosen rate (AURAC from the per-seed curves of seeds every member has)."""
+    import collections
+    import statistics
+
+    records = [json.loads(line) for line in Path(path).read_text().splitlines()]
+    lrs = chosen_lrs(records, epochs)
+    if lr is not None:  # one rate for every method
+        lrs = {name: lr for name in lrs}
+    runs: dict[str, dict[int, dict]] = collections.defaultdict(dict)
+    for d in records:
+        name = method_name(d)
+        if d["epochs"] == epochs and d["scaling"] == "sqrt" and not d.get("weights") and d["lr"] == lrs.get(name):
+            runs[name][d["seed"]] = d
+
+    def ms(vals: list[float]) -> str:
+        return f"{statistics.mean(vals):.1f}" + (f" ± {statistics.stdev(vals):.1f}" if len(vals) > 1 else "")
+
+    rows = []
+    members = {int(n.split(":")[1]): n for n in runs if n.startswith("lora:")}
+    if members:
+        seeds = sorted(set.intersection(*(set(runs[n]) for n in members.values())))
+        curves = {s: {k: runs[members[k]][s]["curve"][str(k)]["exact_match"] for k in sorted(members)} for s in seeds}
+        cells = [ms([runs[members[k]][s]["curve"][str(k)]["exact_match"] for s in runs[members[k]]])
+                 for k in EVAL_RANKS if k in members]
+        au = [log2_aurac(sorted(members), [curves[s][k] for k in sorted(members)]) for s in seeds]
+        lr_text = ", ".join(f"{lrs[members[k]]:g}" for k in sorted(members))
+        rows.append(f"| grid: plain LoRA trained at each rank alone, each at its own rank | {lr_text} | "
+                    f"{len(seeds)} | {len(members)} × 1 | " + " | ".join(cells) + f" | {ms(au) if au else '–'} |")
+    for name in sorted(runs):
+        ds = list(runs[name].values())
+        cells = [ms([d["curve"][str(k)]["exact_match"] for d in ds]) if str(k) in ds[0]["curve"] else "" for k in EVAL_RANKS]
+        if name.startswith("lora:") and name != f"lora:{max(EVAL_RANKS)}":
+            continue
+        rows.append(f"| {name} | {lrs[name]:g} | {len(ds)} | {passes_per_step(ds[0]['method'])} | " + " | ".join(cells) +
+                    f" | {ms([d['aurac_log2_em'] for d in ds])} |")
+    head = ["| training | lr | seeds | passes per step | " + " | ".join(f"r={k}" for k in EVAL_RANKS) + " | AURAC log2 |",
+            "|---" * (len(EVAL_RANKS) + 5) + "|"]
+    return "\n".join(head + rows)
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["table"]:
+        ap = argparse.ArgumentParser()
+        ap.add_argument("table")
+        ap.add_argument("--out", default="docs/encode_study_runs.jsonl")
+        ap.add_argument("--epochs", type=float, default=6)
+        ap.add_argument("--lr", type=float, default=None, help="one rate for every method (default: each its own)")
+        a = ap.parse_args()
+        print(table(a.out, a.epochs, a.lr))
+        return
     if sys.argv[1:2] == ["plot"]:
         ap = argparse.ArgumentParser()
         ap.add_argument("plot")
         ap.add_argument("--out", default="docs/encode_study_runs.jsonl")
         ap.add_argument("--png", default="docs/encode_study_steps.png")
-        ap.add_argument("--lr", type=float, default=1e-2)
+        ap.add_argument("--lr", type=float, default=None, help="one rate for every method (default: each its own)")
         a = ap.parse_args()
         print(plot(a.out, a.png, a.lr))
         return
@@ -236,8 +318,11 @@ def main() -> None:
     torch.manual_seed(args.seed)
     rw = args.rank_weights if args.rank_weights in ("uniform", "half_max") else \
         [int(w) for w in args.rank_weights.split(",")]
+    extra = {} if mode == "lora" else {"rank_weights": rw}
+    if method == "paired":
+        extra = {"max_pass": True, "distill": float(arg)}
     cb = MatryoshkaLoRA(r_max=r_max, mode=mode, scaling=args.scaling, verbose=False, save_adapter=False,
-                        rank_eval=None, seed=args.seed, **({} if mode == "lora" else {"rank_weights": rw}))
+                        rank_eval=None, seed=args.seed, **extra)
     cb.apply(model)
     ranks = list(cb.config.ranks)
     weights = [float(w) for w in (arg if method == "weighted" else (args.weights or "")).split(",") if w] \
@@ -274,7 +359,10 @@ def main() -> None:
                 else:
                     set_rank(model, row_ranks(ranks, weights, rows, off))
                 loss = model(**b).loss
-            elif method in ("dual", "distill"):
+            elif method == "paired":
+                begin_step(model, step)
+                loss = paired_loss(model, lambda: model(**b).loss)
+            elif method in ("dual", "distill", "distillall"):
                 set_rank(model, r_max)
                 out_hi = model(**b)
                 set_rank(model, row_ranks(low, [1.0] * len(low), rows, off))
@@ -284,6 +372,10 @@ def main() -> None:
                     m = (b["labels"][:, 1:] != -100)
                     t = F.log_softmax(out_hi.logits[:, :-1].detach(), -1)[m]
                     s = F.log_softmax(out_lo.logits[:, :-1], -1)[m]
+                    loss = loss + float(arg) * F.kl_div(s, t, log_target=True, reduction="batchmean")
+                elif method == "distillall":
+                    t = F.log_softmax(out_hi.logits.detach(), -1).flatten(0, -2)
+                    s = F.log_softmax(out_lo.logits, -1).flatten(0, -2)
                     loss = loss + float(arg) * F.kl_div(s, t, log_target=True, reduction="batchmean")
             else:
                 raise SystemExit(f"unknown method {args.method}")

@@ -213,11 +213,11 @@ CONFIG_FIELDS: dict[str, _Type] = {
     "r_max": POS_INT, "ranks": _list(INT), "target_modules": _TARGETS, "exclude_modules": _null(_TARGETS),
     "modules_to_save": _null(_list(STR)), "scaling": STR, "alpha": NUM, "dropout": NUM, "mode": STR,
     "rank_scale": STR, "p": _null(_list(NUM)), "eval_ranks": _list(INT), "adapter_dtype": _null(STR), "seed": INT,
-    "rank_weights": _either(STR, _list(INT)), "max_pass": BOOL,
+    "rank_weights": _either(STR, _list(INT)), "max_pass": BOOL, "distill": NUM, "distill_module": _null(STR),
 }
 #: config fields that only steer training and were added after format version 2 first shipped: a file without
 #: one reads with the field's default (every other config field is required).
-OPTIONAL_CONFIG_FIELDS = ("rank_weights", "max_pass")
+OPTIONAL_CONFIG_FIELDS = ("rank_weights", "max_pass", "distill", "distill_module")
 _V1_CURVE_FIELDS = {"metric": STR, "ranks": _list(INT), "scores": _list(_null(NUM))}
 
 

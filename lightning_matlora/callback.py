@@ -17,6 +17,7 @@ from .adapter_checkpoint import AdapterCheckpoint, callback_checkpoint, trainer_
 from .config import MatLoRAConfig, TargetSpec
 from .curve import RankCurve
 from .evaluation import RankCurveValidation, check_rank_eval
+from .distill import distill_step
 from .distributed import check_not_sharded, clean_name, is_deepspeed, prepare_strategy
 from .control import controller_of
 from .quantized import check_strategy_for_quantized
@@ -66,6 +67,15 @@ class MatryoshkaLoRA(pl.Callback):
             are kept from the max pass only (the low pass's are dropped), and the low pass's loss is logged as
             ``train/loss_low_ranks``; the step returns the mean. Needs automatic optimization; in a hand-written
             loop (or with manual optimization) use :func:`~lightning_matlora.paired_loss`.
+        distill: ``max_pass`` only: weight w ≥ 0 of self-distillation: the step optimises
+            ``(L_max + L_low + w·KL) / 2`` with KL(p_max ‖ p_low) between the softmaxes (temperature 1, last dim)
+            of the distilled module's output in the max pass (detached: the teacher gets no gradient) and in the
+            low pass, averaged over every position of that output (see docs/method.md). Logged as
+            ``train/distill_kl``. Keeps one more copy of the output (the logits, float32 or wider) from the max
+            pass to the low pass, and the KL's backward two more until the backward. 0 (the default) turns it off.
+        distill_module: the module whose output (a logits tensor, classes on the last dim) is distilled: ``None``
+            (the output embedding of a transformers model inside the adapted module, e.g. ``lm_head``) or the
+            name of a submodule relative to the adapted module. Checked when the adapter is applied.
         rank_scale: inference rule at rank k: ``"rank"`` (the paper's, s(k) on the prefix) or ``"trained"``
             (the prefix p_1…p_k of the training diagonal; warns for ``"rowwise"``/``"dylora"``, which train
             ``"rank"``).
@@ -117,14 +127,14 @@ class MatryoshkaLoRA(pl.Callback):
                  adapter_dtype: str | torch.dtype | None = None, seed: int = 0, verbose: bool = True,
                  save_adapter: bool | str = True, save_best: bool | str | None = None, save_best_mode: str = "auto",
                  rank_eval: str | None = "auto", rank_weights: str | Sequence[int] | None = None,
-                 max_pass: bool = False) -> None:
+                 max_pass: bool = False, distill: float = 0.0, distill_module: str | None = None) -> None:
         super().__init__()
         self.config = MatLoRAConfig(
             r_max=r_max, ranks=list(ranks) if ranks is not None else None, target_modules=target_modules,
             exclude_modules=exclude_modules, modules_to_save=list(modules_to_save) if modules_to_save else None,
             scaling=scaling, alpha=alpha, dropout=dropout, mode=mode,
             rank_weights=rank_weights if rank_weights is None or isinstance(rank_weights, str) else list(rank_weights),
-            max_pass=max_pass, rank_scale=rank_scale,
+            max_pass=max_pass, distill=distill, distill_module=distill_module, rank_scale=rank_scale,
             p=list(p) if p is not None else None, eval_ranks=list(eval_ranks) if eval_ranks is not None else None,
             adapter_dtype=adapter_dtype, seed=seed)
         self.controller = RankController(self.config)
@@ -348,8 +358,9 @@ class MatryoshkaLoRA(pl.Callback):
             if a != b:
                 raise ValueError(f"The checkpoint's adapter was built with {field}={saved.get(field)!r} but this "
                                  f"MatryoshkaLoRA has {field}={mine[field]!r}: resume with the same {field}.")
-        defaults = {"max_pass": False}  # fields added later: a checkpoint without one was trained with the default
-        changed = [f for f in ("ranks", "scaling", "alpha", "mode", "p", "max_pass")
+        # fields added later: a checkpoint without one was trained with the default
+        defaults = {"max_pass": False, "distill": 0.0, "distill_module": None}
+        changed = [f for f in ("ranks", "scaling", "alpha", "mode", "p", "max_pass", "distill", "distill_module")
                    if _norm(saved.get(f, defaults.get(f))) != _norm(mine[f])]
         if changed:
             warnings.warn(f"Resuming with a different training objective than the checkpoint's ({', '.join(changed)} "
@@ -427,11 +438,13 @@ def _wrap_training_step(pl_module: pl.LightningModule) -> None:
         ctrl = controller_of(pl_module)
         if not ctrl.config.max_pass:  # another callback's adapter on the same module
             return original(*args, **kwargs)
-        with ctrl.in_pass("max"):
-            high = original(*args, **kwargs)
-        with ctrl.in_pass("low"), _logging_dropped(pl_module):
-            low = original(*args, **kwargs)
-        return _combine_passes(pl_module, high, low)
+        with distill_step(ctrl) as distiller:
+            with ctrl.in_pass("max"):
+                high = original(*args, **kwargs)
+            with ctrl.in_pass("low"), _logging_dropped(pl_module):
+                low = original(*args, **kwargs)
+            kl = distiller.kl() if distiller is not None and high is not None and low is not None else None
+        return _combine_passes(pl_module, high, low, kl, ctrl.config.distill)
 
     object.__setattr__(pl_module, "training_step", training_step)
     wrapped.add("training_step")
@@ -469,15 +482,21 @@ def _step_loss(out: Any, which: str) -> torch.Tensor:
     return loss
 
 
-def _combine_passes(pl_module: pl.LightningModule, high: Any, low: Any) -> Any:
+def _combine_passes(pl_module: pl.LightningModule, high: Any, low: Any, kl: torch.Tensor | None = None,
+                    weight: float = 0.0) -> Any:
     """The value of a ``max_pass`` step from the max pass's output ``high`` and the low pass's ``low``: a tensor →
-    the mean; a dict → ``high`` with ``"loss"`` replaced by the mean; ``None`` from either pass → ``None`` (the step
-    is skipped). Logs the low pass's loss as ``train/loss_low_ranks``."""
+    the mean ``(L_max + L_low) / 2`` (plus ``weight·kl / 2`` with a distillation term ``kl``); a dict → ``high`` with
+    ``"loss"`` replaced by that value; ``None`` from either pass → ``None`` (the step is skipped). Logs the low
+    pass's loss as ``train/loss_low_ranks`` and ``kl`` as ``train/distill_kl``."""
     if high is None or low is None:
         return None
     high_loss, low_loss = _step_loss(high, "max"), _step_loss(low, "low")
     pl_module.log("train/loss_low_ranks", low_loss.detach())
-    mean = (high_loss + low_loss) / 2
+    total = high_loss + low_loss
+    if kl is not None:
+        pl_module.log("train/distill_kl", kl.detach())
+        total = total + weight * kl
+    mean = total / 2
     if isinstance(high, dict):
         return {**high, "loss": mean}
     return mean

@@ -120,6 +120,22 @@ def _check_max_pass(max_pass: Any, mode: str, ranks: list[int], r_max: int) -> l
     return low
 
 
+def _check_distill(distill: Any, distill_module: Any, max_pass: bool) -> float:
+    """Validate ``distill`` (the weight of the self-distillation term) and ``distill_module``; return the weight."""
+    if isinstance(distill, bool) or not isinstance(distill, (int, float)) or not math.isfinite(distill) or distill < 0:
+        raise ValueError(f"distill must be a finite number ≥ 0 (the weight of the KL term of a max_pass step; 0 "
+                         f"turns it off), got {distill!r}.")
+    if distill_module is not None and (not isinstance(distill_module, str) or not distill_module):
+        raise ValueError(f"distill_module must be None (the output embedding of a transformers model inside the "
+                         f"adapted module) or the non-empty name of the submodule whose output is the logits, got "
+                         f"{distill_module!r}.")
+    if distill > 0 and not max_pass:
+        raise ValueError(f"distill={distill!r} matches the low pass's output to the max pass's, which needs "
+                         f"max_pass=True: use MatryoshkaLoRA(..., mode='rowwise', max_pass=True, distill={distill!r}), "
+                         f"or set distill=0.")
+    return float(distill)
+
+
 @dataclasses.dataclass
 class MatLoRAConfig:
     """Settings of a MatryoshkaLoRA adapter, validated at construction. See :class:`lightning_matlora.MatryoshkaLoRA`
@@ -148,6 +164,8 @@ class MatLoRAConfig:
     seed: int = 0
     rank_weights: str | list[int] | None = None
     max_pass: bool = False
+    distill: float = 0.0
+    distill_module: str | None = None
 
     def __post_init__(self) -> None:
         check_r_max(self.r_max)
@@ -172,6 +190,7 @@ class MatLoRAConfig:
                 raise ValueError(f"mode='lora' trains plain LoRA at r_max (S = {{{self.r_max}}}) but ranks="
                                  f"{self.ranks} was given: drop `ranks`, or use mode='matryoshka' for nested ranks.")
         low = _check_max_pass(self.max_pass, self.mode, self.ranks, self.r_max)
+        self.distill = _check_distill(self.distill, self.distill_module, self.max_pass)
         if self.rank_weights is None:  # resolved here, so that to_dict/from_dict keep the rule
             self.rank_weights = "uniform" if self.max_pass else "half_max"
         self.rank_weights = _rank_weights(self.rank_weights, low if self.max_pass else self.ranks, self.mode,

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from .distill import distill_step
 from .inject import adapted_layers
 from .quantized import merge_warning
 from .rank import CONTROLLER_ATTR, RankController, RankSetting
@@ -199,11 +200,15 @@ def begin_step(model: nn.Module, step: int, micro_step: int = 0, process_index: 
 
 
 def paired_loss(model: nn.Module, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """The loss of one ``max_pass`` training step: ``(L_max + L_low) / 2``.
+    """The loss of one ``max_pass`` training step: ``(L_max + L_low) / 2``, or ``(L_max + L_low + distill·KL) / 2``
+    with ``distill`` > 0.
 
     Runs ``compute()`` twice on the same batch: first in the max pass (every row of the batch at r_max, the
     ``"rank"`` rule: s(r_max)·x·A·B), then in the low pass (the rows dealt cyclically over the train ranks below
-    r_max, as ``"rowwise"`` deals them), and returns the mean of the two losses; call ``backward()`` on it. For
+    r_max, as ``"rowwise"`` deals them), and returns the mean of the two losses; call ``backward()`` on it. With
+    ``distill`` > 0 the adapter's hook on the distilled module (the logits) adds ``distill`` times KL(p_max ‖ p_low),
+    p_max from the max pass's detached output, averaged over the output's positions (see
+    :mod:`lightning_matlora.distill`); ``compute`` must run the same forward in both passes. For
     hand-written loops (the :class:`~lightning_matlora.MatryoshkaLoRA` callback does this for a LightningModule's
     ``training_step``)::
 
@@ -235,8 +240,11 @@ def paired_loss(model: nn.Module, compute: Callable[[], torch.Tensor]) -> torch.
     if ctrl.setting is not None:
         raise ValueError(f"paired_loss trains the training forward, but the model is set to rank {ctrl.setting!r}: "
                          f"call set_rank(model, None) first.")
-    with ctrl.in_pass("max"):
-        high = compute()
-    with ctrl.in_pass("low"):
-        low = compute()
-    return (high + low) / 2
+    with distill_step(ctrl) as distiller:
+        with ctrl.in_pass("max"):
+            high = compute()
+        with ctrl.in_pass("low"):
+            low = compute()
+        if distiller is None:
+            return (high + low) / 2
+        return (high + low + ctrl.config.distill * distiller.kl()) / 2

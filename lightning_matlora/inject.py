@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from .config import DTYPES, MatLoRAConfig
+from .distill import attach_distiller, find_distill_module
 from .layer import MatryoshkaLinear, is_supported
 from .rank import CONTROLLER_ATTR, RankController
 
@@ -122,14 +123,17 @@ def init_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def inject(model: nn.Module, config: MatLoRAConfig, controller: RankController) -> list[str]:
+def inject(model: nn.Module, config: MatLoRAConfig, controller: RankController, distill_required: bool = True) -> list[str]:
     """Replace every selected layer of ``model`` by a ``MatryoshkaLinear`` sharing ``controller`` and attach the
     controller to ``model`` (it then knows every adapted layer and ``modules_to_save`` module of ``model``).
 
     The factors of layer ``name`` are initialised from :func:`init_seed` (``config.seed``, ``name``). Warns once,
-    naming them, about layers narrower than ``r_max``. Returns the names of the newly adapted layers (may be empty:
-    the caller decides whether that is an error). Raises if ``model`` already holds adapters of a different
-    controller.
+    naming them, about layers narrower than ``r_max``. With ``config.distill`` > 0 it registers the distillation hook
+    on the distilled module (:func:`~lightning_matlora.distill.attach_distiller`; raises, naming ``distill_module``,
+    if there is none). Returns the names of the newly adapted layers (may be empty: the caller decides whether that
+    is an error). Raises if ``model`` already holds adapters of a different controller. ``distill_required=False``
+    (loading an adapter for serving): a missing distilled module leaves the hook off instead of raising, since
+    distillation only matters to training.
     """
     existing = adapted_layers(model)
     foreign = [n for n, m in existing.items() if m.controller is not controller]
@@ -139,6 +143,14 @@ def inject(model: nn.Module, config: MatLoRAConfig, controller: RankController) 
                            f"load_adapter() instead of applying a second one.")
     dtype = DTYPES[config.adapter_dtype] if config.adapter_dtype else None
     names = find_targets(model, config)
+    distill = config.distill > 0 and (names or existing)
+    if distill and not distill_required:
+        try:
+            find_distill_module(model, config.distill_module)
+        except ValueError:
+            distill = False
+    elif distill:  # before the model changes
+        find_distill_module(model, config.distill_module)
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -150,6 +162,8 @@ def inject(model: nn.Module, config: MatLoRAConfig, controller: RankController) 
     _warn_narrow(config.r_max, {n: layers[n] for n in names})
     saved = {n: model.get_submodule(n) for n in _saved_prefixes(model, config)}
     controller.attach(model, layers, saved)
+    if layers and distill:
+        attach_distiller(model, controller)
     return names
 
 

@@ -96,6 +96,8 @@ class RankController:
         # the adapted model
         self.layers: dict[str, nn.Module] = {}  # name → MatryoshkaLinear
         self.saved_modules: dict[str, nn.Module] = {}
+        # distill > 0: the lightning_matlora.distill.Distiller hooked on the distilled module (set at injection)
+        self.distiller = None
 
     # ----------------------------------------------------------------------------------------------- settings
     @property
@@ -200,7 +202,10 @@ class RankController:
             self._step_rank = self.config.ranks[idx]
         elif mode == "rowwise":
             g = torch.Generator().manual_seed((self.config.seed * 1_000_003 + int(step)) * 1009 + int(micro_step))
-            self._row_offset = int(torch.randint(len(self._cycle), (1,), generator=g))
+            # over the cycle of a forward outside any pass (the longest), whatever pass is active now, so the
+            # draws do not depend on where they are made (the low pass reads the offset modulo its shorter cycle)
+            n = len(self.config.row_cycle) * (2 if self.config.max_pass else 1)
+            self._row_offset = int(torch.randint(n, (1,), generator=g))
         else:
             return
         self._cache.clear()
@@ -252,8 +257,14 @@ class RankController:
 
     @property
     def _cycle(self) -> list[int]:
-        """rowwise: the ranks dealt cyclically over a batch's rows (the config's ``row_cycle``)."""
-        return self.config.row_cycle
+        """rowwise: the ranks dealt cyclically over a batch's rows (the config's ``row_cycle``). A ``max_pass``
+        adapter's training forward outside a paired step (a loop that does not use ``paired_loss``) deals the low
+        cycle followed by as many rows at r_max, the one-pass counterpart of the paired step: half of the rows
+        at r_max, so that no rank is left untrained."""
+        cycle = self.config.row_cycle
+        if self.config.max_pass and self._pass is None:
+            return cycle + [self.r_max] * len(cycle)
+        return cycle
 
     def _rowwise_index(self, i: int) -> int:
         return (self._row_offset + i * self.num_processes + self.process_index) % len(self._cycle)
@@ -314,8 +325,9 @@ class RankController:
             return
         self._warned_no_pass = True
         warnings.warn("max_pass=True trains each step twice (the whole batch at r_max, then its rows dealt over the "
-                      "lower train ranks), but this training forward runs outside a paired step, so it trains only "
-                      "the low pass. Compute the loss with lightning_matlora.paired_loss(model, lambda: ...) in a "
+                      "lower train ranks), but this training forward runs outside a paired step, so it trains the one-pass "
+                      "approximation instead (half of the rows at r_max, the others dealt over the lower train "
+                      "ranks). Compute the loss with lightning_matlora.paired_loss(model, lambda: ...) in a "
                       "hand-written loop; the MatryoshkaLoRA callback does this in a Trainer.", UserWarning,
                       stacklevel=5)
 

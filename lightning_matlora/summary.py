@@ -34,7 +34,9 @@ def format_summary(model: nn.Module, config: MatLoRAConfig, names: list[str]) ->
         f"  mode={config.mode}  scaling={config.scaling} (alpha={config.alpha:g})  rank_scale={config.rank_scale}"
         + ("  p=explicit" if config.p is not None else "")
         + (f"  rank_weights={config.rank_weights}" if config.mode == "rowwise" else "")
-        + ("  max_pass=True" if config.max_pass else ""),
+        + ("  max_pass=True" if config.max_pass else "")
+        + (f"  distill={config.distill:g} ({config.distill_module or 'output embedding'})" if config.distill > 0
+           else ""),
         f"  trainable parameters: {trainable:,} of {total:,} ({share:.2f}%)"
         + (f"  modules_to_save={config.modules_to_save}" if config.modules_to_save else ""),
     ]

@@ -91,7 +91,7 @@ WRONG = {  # a value of the wrong type for every field (bools are not numbers, s
     "config.modules_to_save": "lm_head", "config.scaling": 1, "config.alpha": True, "config.dropout": None,
     "config.mode": None, "config.rank_scale": False, "config.p": "none", "config.eval_ranks": [1.0, 2.0],
     "config.adapter_dtype": 32, "config.seed": "0",
-    "config.rank_weights": [1.5], "config.max_pass": 1,
+    "config.rank_weights": [1.5], "config.max_pass": 1, "config.distill": True, "config.distill_module": 3,
     f"adapted_layers.{LAYER}.in_features": "32", f"adapted_layers.{LAYER}.out_features": 32.0,
     f"adapted_layers.{LAYER}.conv1d": "false",
     "rank_curves[0].metric": 1, "rank_curves[0].higher_is_better": "true", "rank_curves[0].ranks": ["1"],
@@ -125,7 +125,8 @@ def _needles(path):
     return (_field_name(path),)
 
 
-@pytest.mark.parametrize("field", sorted(set(WRONG) - {"config.rank_weights", "config.max_pass"}))
+@pytest.mark.parametrize("field", sorted(set(WRONG) - {"config.rank_weights", "config.max_pass", "config.distill",
+                                                        "config.distill_module"}))
 def test_every_field_deleted_is_refused_naming_it(saved, tmp_path, capsys, field):
     [(path, get, key)] = [(p, g, k) for p, g, k in _paths(_doc(saved)) if _field_name(p) == field]
     bad = corrupt(saved, tmp_path, doc_edit=lambda d: get(d).pop(key))
@@ -146,6 +147,15 @@ def test_a_config_without_max_pass_reads_as_false(saved, tmp_path):
     assert _doc(saved)["config"]["max_pass"] is False
     older = corrupt(saved, tmp_path, doc_edit=lambda d: d["config"].pop("max_pass"))
     assert read_adapter(older).config.max_pass is False
+
+
+def test_a_config_without_distill_reads_as_off(saved, tmp_path):
+    """distill and distill_module (training only) came after format version 2: a file without them reads with
+    distill=0 and the automatic module."""
+    assert _doc(saved)["config"]["distill"] == 0.0 and _doc(saved)["config"]["distill_module"] is None
+    older = corrupt(saved, tmp_path, doc_edit=lambda d: [d["config"].pop(f) for f in ("distill", "distill_module")])
+    read = read_adapter(older).config
+    assert read.distill == 0.0 and read.distill_module is None
 
 
 @pytest.mark.parametrize("field", sorted(WRONG))

@@ -62,3 +62,15 @@ def test_quantized_benchmark_runs_every_variant():
                    "--warmup", "1"], timeout=600)
     for row in ("| float |", "| nf4 |", "| peft-qlora |", "nf4 / float", "PEFT QLoRA"):
         assert row in stdout
+
+
+@pytest.mark.slow
+def test_encode_study_runs_summarises_and_plots(tmp_path):
+    runs = tmp_path / "runs.jsonl"
+    for method in ("distillall:1", "lora:4"):
+        _run(["benchmarks/encode_study.py", method, "--epochs", "0.01", "--num-generate", "2", "--out", str(runs)])
+    table = _run(["benchmarks/encode_study.py", "summary", "--out", str(runs)])
+    assert "distillall:1" in table and "lora:4" in table
+    png = tmp_path / "steps.png"
+    _run(["benchmarks/encode_study.py", "plot", "--out", str(runs), "--png", str(png)])
+    assert png.stat().st_size > 0

@@ -188,7 +188,8 @@ def test_paired_loss_gradients_equal_the_dense_float64_reference(weights, cycle)
     begin_step(model, 5)
     offset = cb.controller._row_offset
     low_rows = _expected_low_rows(offset, cycle)
-    assert cb.controller.rowwise_ranks(ROWS).tolist() == low_rows
+    with cb.controller.in_pass("low"):
+        assert cb.controller.rowwise_ranks(ROWS).tolist() == low_rows
     ref = _reference_grads(_snapshot(model), x, t, low_rows)
     model.train()
     loss = paired_loss(model, lambda: _mse(model(x), t))
@@ -232,13 +233,19 @@ def test_automatic_draws_advance_once_per_paired_step():
             assert ctrl._row_offset == other._row_offset
 
 
-def test_a_training_forward_outside_a_paired_step_warns():
+def test_a_training_forward_outside_a_paired_step_warns_and_trains_half_of_the_rows_at_r_max():
     model = _two_layers()
     _adapt(model)
     x, _ = _data()
     begin_step(model, 0)
     with pytest.warns(UserWarning, match="outside a paired step"):
         model(x)
+    ctrl = controller_of(model)
+    low = ctrl.config.row_cycle
+    ranks = ctrl.rowwise_ranks(2 * len(low))  # one whole cycle: every low rank once, then r_max as often
+    assert sorted(ranks.tolist()) == sorted(low + [R] * len(low))
+    with ctrl.in_pass("low"):
+        assert R not in ctrl.rowwise_ranks(2 * len(low)).tolist()
 
 
 def test_paired_loss_needs_max_pass_and_the_training_setting_and_restores_the_pass():
