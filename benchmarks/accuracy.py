@@ -305,7 +305,8 @@ def run_job(job: Job, args: argparse.Namespace) -> dict:
             from lightning_matlora import paired_loss
         except ImportError as e:
             raise SystemExit("method 'paired' needs lightning_matlora.paired_loss (MatryoshkaLoRA max_pass=True); "
-                             "this checkout's library lacks it: update the library or drop 'paired' from --methods") from e
+                             "this checkout's library lacks it: update the library or drop 'paired' from "
+                             "--methods") from e
     base = build_base(size, device, dtype, Path(args.cache), args.base_seed)
     r, kw = adapter_kwargs(job.method, size["r_max"], args.scaling)
     torch.manual_seed(1000 * job.seed + 7)
@@ -599,7 +600,8 @@ def summarise_curves(results, args, size, chosen) -> dict:
             pts = []
             for n in args.curve_steps:
                 if m == "grid":
-                    lo = method_curves(seed0, regime, m, {r_1: chosen[(regime, f"grid@{r_1}")]}, n, [r_1], "test", r_max)
+                    lo = method_curves(seed0, regime, m, {r_1: chosen[(regime, f"grid@{r_1}")]}, n, [r_1], "test",
+                                       r_max)
                     hi = method_curves(seed0, regime, PLAIN, chosen[(regime, f"grid@{r_max}")], n, ranks, "test", r_max)
                     if lo and hi:
                         pts.append((n, n, 100 * lo[0][0][r_1][0], 100 * hi[0][0][r_max][0]))
@@ -635,7 +637,8 @@ def _lr_text(lr) -> str:
 
 
 def _row(s: dict, label: str, ranks: list[int]) -> str:
-    cells = " | ".join(f"{s['acc_mean'][k]:.1f} ± {s['acc_sd'][k]:.1f}" if k in s["acc_mean"] else "—" for k in ranks)
+    cells = " | ".join(f"{s['acc_mean'][k]:.1f} ± {s['acc_sd'][k]:.1f}" if k in s["acc_mean"] else "—"
+                       for k in ranks)
     au = " | ".join(f"{a[0]:.1f} ± {a[1]:.1f}" if a else "—" for a in (s["aurac_log2"], s["aurac_lin"]))
     div = f" ({s['diverged']} diverged)" if s["diverged"] else ""
     return (f"| {label}{div} | {_lr_text(s['lr'])} | {cells} | {au} | {s['runs']} × {s['steps']} | "
