@@ -218,6 +218,8 @@ CONFIG_FIELDS: dict[str, _Type] = {
 #: config fields that only steer training and were added after format version 2 first shipped: a file without
 #: one reads with the field's default (every other config field is required).
 OPTIONAL_CONFIG_FIELDS = ("rank_weights", "max_pass", "distill", "distill_module")
+#: what a file written before each optional field existed was trained with (not today's defaults, which differ)
+LEGACY_CONFIG_VALUES = {"rank_weights": "uniform", "max_pass": False, "distill": 0.0, "distill_module": None}
 _V1_CURVE_FIELDS = {"metric": STR, "ranks": _list(INT), "scores": _list(_null(NUM))}
 
 
@@ -256,6 +258,7 @@ def _parse_config(doc: dict[str, Any], where: Path, note: str) -> MatLoRAConfig:
     required = [f.name for f in dataclasses.fields(MatLoRAConfig)
                 if f.name not in OPTIONAL_CONFIG_FIELDS or (isinstance(doc, dict) and f.name in doc)]
     _check_fields(doc, CONFIG_FIELDS, where, "config", required, note)
+    doc = {**{f: LEGACY_CONFIG_VALUES[f] for f in OPTIONAL_CONFIG_FIELDS if f not in doc}, **doc}
     try:
         return MatLoRAConfig.from_dict(doc)
     except (ValueError, TypeError) as e:

@@ -65,8 +65,12 @@ class MatryoshkaLoRA(pl.Callback):
             below r_max (the "sandwich rule" of slimmable networks; see docs/method.md). About 2× the compute and
             activation memory of a step. The callback wraps the module's ``training_step``: its ``self.log`` calls
             are kept from the max pass only (the low pass's are dropped), and the low pass's loss is logged as
-            ``train/loss_low_ranks``; the step returns the mean. Needs automatic optimization; in a hand-written
-            loop (or with manual optimization) use :func:`~lightning_matlora.paired_loss`.
+            ``train/loss_low_ranks``; the step returns the mean. With manual optimization, or in a hand-written
+            loop, compute the loss with :func:`~lightning_matlora.paired_loss` (a training forward outside it
+            trains the one-pass approximation, half of the rows at r_max, and warns). ``None`` (default): True for
+            ``mode="rowwise"`` with no explicit ``rank_weights`` (an explicit ``rank_weights`` keeps its one-pass
+            rule), False otherwise. The default follows docs/results.md: on the recipe's task the paired step
+            beat every one-pass rule at every rank at equal steps.
         distill: ``max_pass`` only: weight w ≥ 0 of self-distillation: the step optimises
             ``(L_max + L_low + w·KL) / 2`` with KL(p_max ‖ p_low) between the softmaxes (temperature 1, last dim)
             of the distilled module's output in the max pass (detached: the teacher gets no gradient) and in the
@@ -127,7 +131,7 @@ class MatryoshkaLoRA(pl.Callback):
                  adapter_dtype: str | torch.dtype | None = None, seed: int = 0, verbose: bool = True,
                  save_adapter: bool | str = True, save_best: bool | str | None = None, save_best_mode: str = "auto",
                  rank_eval: str | None = "auto", rank_weights: str | Sequence[int] | None = None,
-                 max_pass: bool = False, distill: float = 0.0, distill_module: str | None = None) -> None:
+                 max_pass: bool | None = None, distill: float = 0.0, distill_module: str | None = None) -> None:
         super().__init__()
         self.config = MatLoRAConfig(
             r_max=r_max, ranks=list(ranks) if ranks is not None else None, target_modules=target_modules,
@@ -213,14 +217,9 @@ class MatryoshkaLoRA(pl.Callback):
                 self._finish(pl_module)
         if self.rank_eval is not None:  # the module's RankCurveMetrics: checked before the first step
             self.rank_eval.bind(pl_module)
-        if self.config.max_pass and stage == "fit":
-            if not pl_module.automatic_optimization:
-                raise ValueError("max_pass=True runs the module's training_step twice per step under Lightning's "
-                                 "automatic optimization, but this module sets automatic_optimization=False: compute "
-                                 "the loss with lightning_matlora.paired_loss(self, lambda: ...) before "
-                                 "self.manual_backward(loss) in your training_step, and construct the callback with "
-                                 "max_pass=False (paired_loss then needs an adapter with max_pass=True: apply "
-                                 "MatryoshkaLoRA(..., max_pass=True) yourself), or use automatic optimization.")
+        if self.config.max_pass and stage == "fit" and pl_module.automatic_optimization:
+            # manual optimization: the user's training_step calls paired_loss itself (a step that does not trains
+            # the one-pass approximation and warns, naming paired_loss)
             _wrap_training_step(pl_module)
         _wrap_hook(pl_module, "on_load_checkpoint", before=lambda ckpt: self._check_checkpoint(pl_module, ckpt))
         # checkpoints hold only the adapter, so loading them must not demand the frozen base's keys

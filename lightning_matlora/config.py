@@ -102,6 +102,13 @@ def _rank_weights(spec: Any, ranks: list[int], mode: str, max_pass: bool = False
     return items
 
 
+def default_max_pass(mode: str, ranks: list[int], r_max: int, rank_weights: Any) -> bool:
+    """``max_pass=None`` resolves to True for ``mode="rowwise"`` with train ranks below r_max and no explicit
+    ``rank_weights`` (the project's measured default, docs/results.md); an explicit ``rank_weights`` keeps the
+    one-pass rule it names, and every other mode trains one pass."""
+    return mode == "rowwise" and rank_weights is None and any(r < r_max for r in ranks)
+
+
 def _check_max_pass(max_pass: Any, mode: str, ranks: list[int], r_max: int) -> list[int]:
     """Validate ``max_pass``; return the train ranks of the low pass (those below r_max)."""
     if not isinstance(max_pass, bool):
@@ -163,7 +170,7 @@ class MatLoRAConfig:
     adapter_dtype: str | None = None
     seed: int = 0
     rank_weights: str | list[int] | None = None
-    max_pass: bool = False
+    max_pass: bool | None = None
     distill: float = 0.0
     distill_module: str | None = None
 
@@ -189,6 +196,8 @@ class MatLoRAConfig:
             if self.mode == "lora" and self.ranks != [self.r_max]:
                 raise ValueError(f"mode='lora' trains plain LoRA at r_max (S = {{{self.r_max}}}) but ranks="
                                  f"{self.ranks} was given: drop `ranks`, or use mode='matryoshka' for nested ranks.")
+        if self.max_pass is None:  # resolved here (stored), so that to_dict/from_dict keep the objective
+            self.max_pass = default_max_pass(self.mode, self.ranks, self.r_max, self.rank_weights)
         low = _check_max_pass(self.max_pass, self.mode, self.ranks, self.r_max)
         self.distill = _check_distill(self.distill, self.distill_module, self.max_pass)
         if self.rank_weights is None:  # resolved here, so that to_dict/from_dict keep the rule

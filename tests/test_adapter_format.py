@@ -136,17 +136,25 @@ def test_every_field_deleted_is_refused_naming_it(saved, tmp_path, capsys, field
 
 
 def test_a_config_without_rank_weights_reads_with_the_default(saved, tmp_path):
-    """rank_weights (training only) came after format version 2: a file written without it still reads."""
-    assert _doc(saved)["config"]["rank_weights"] == "half_max"
-    older = corrupt(saved, tmp_path, doc_edit=lambda d: d["config"].pop("rank_weights"))
-    assert read_adapter(older).config.rank_weights == "half_max"
+    """rank_weights (training only) came after format version 2: a file written without it (and so without
+    max_pass, which came later) reads with the rule it was trained with, uniform rows in one pass."""
+    assert _doc(saved)["config"]["rank_weights"] == "uniform" and _doc(saved)["config"]["max_pass"] is True
+    older = corrupt(saved, tmp_path, doc_edit=lambda d: [d["config"].pop(f) for f in ("rank_weights", "max_pass")])
+    read = read_adapter(older).config
+    assert read.rank_weights == "uniform" and read.max_pass is False
 
 
 def test_a_config_without_max_pass_reads_as_false(saved, tmp_path):
-    """max_pass (training only) came after format version 2: a file written without it reads with False."""
-    assert _doc(saved)["config"]["max_pass"] is False
-    older = corrupt(saved, tmp_path, doc_edit=lambda d: d["config"].pop("max_pass"))
-    assert read_adapter(older).config.max_pass is False
+    """max_pass (training only) came after format version 2: a file written without it reads with False (its
+    one-pass training), not with today's default."""
+    assert _doc(saved)["config"]["max_pass"] is True  # the default since max_pass came
+
+    def before_max_pass(d: dict) -> None:
+        d["config"].pop("max_pass")
+        d["config"]["rank_weights"] = "half_max"  # the default of that time
+
+    read = read_adapter(corrupt(saved, tmp_path, doc_edit=before_max_pass)).config
+    assert read.max_pass is False and read.rank_weights == "half_max"
 
 
 def test_a_config_without_distill_reads_as_off(saved, tmp_path):

@@ -107,7 +107,7 @@ def test_models_adapted_by_hand_are_found_by_a_scan_and_attached():
 def _loop(mode: str, steps: int, explicit: bool):
     """A hand-written training loop (no Trainer); returns the rank state of every step."""
     model = tiny_llama().train()
-    cb = MatryoshkaLoRA(r_max=8, mode=mode, target_modules=["q_proj"], seed=3, verbose=False)
+    cb = MatryoshkaLoRA(r_max=8, mode=mode, target_modules=["q_proj"], seed=3, verbose=False, max_pass=False)
     cb.apply(model)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     seen = []

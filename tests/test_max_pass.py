@@ -22,9 +22,16 @@ from lightning_matlora.summary import format_summary
 
 
 # --------------------------------------------------------------------------------------------------- config
-def test_max_pass_defaults_off_and_resolves_rank_weights():
-    assert MatLoRAConfig(r_max=8).max_pass is False
-    assert MatLoRAConfig(r_max=8).rank_weights == "half_max"  # unchanged without max_pass
+def test_max_pass_defaults_on_for_rowwise_and_resolves_rank_weights():
+    assert MatLoRAConfig(r_max=8).max_pass is True and MatLoRAConfig(r_max=8).rank_weights == "uniform"
+    # an explicit rank_weights keeps the one-pass rule it names; other modes and a lone train rank train one pass
+    assert MatLoRAConfig(r_max=8, rank_weights="half_max").max_pass is False
+    assert MatLoRAConfig(r_max=8, rank_weights="uniform").max_pass is False
+    assert MatLoRAConfig(r_max=8, max_pass=False).rank_weights == "half_max"
+    for kw in (dict(mode="lora"), dict(mode="matryoshka"), dict(mode="dylora"), dict(ranks=[8])):
+        assert MatLoRAConfig(r_max=8, **kw).max_pass is False
+    cfg = MatLoRAConfig(r_max=8)
+    assert MatLoRAConfig.from_dict(cfg.to_dict()) == cfg and cfg.to_dict()["max_pass"] is True
     cfg = MatLoRAConfig(r_max=8, max_pass=True)
     assert cfg.rank_weights == "uniform"  # the default of the low pass
     assert cfg.low_ranks == [1, 2, 4]
@@ -58,8 +65,8 @@ def test_max_pass_round_trips_and_old_configs_read_without_it():
     assert back == cfg and back.max_pass is True and back.row_cycle == [1, 2, 2, 4]
     uniform = MatLoRAConfig.from_dict(MatLoRAConfig(r_max=8, max_pass=True).to_dict())
     assert uniform.rank_weights == "uniform" and uniform.max_pass is True
-    old = MatLoRAConfig(r_max=8).to_dict()
-    del old["max_pass"], old["rank_weights"]  # written before either field existed
+    old = MatLoRAConfig(r_max=8, max_pass=False).to_dict()
+    del old["max_pass"]  # written before max_pass existed: its explicit rank_weights keeps the one-pass rule
     read = MatLoRAConfig.from_dict(old)
     assert read.max_pass is False and read.rank_weights == "half_max"
 
@@ -70,22 +77,24 @@ def test_the_summary_shows_max_pass_when_on():
     cb.apply(model)
     assert "max_pass=True" in format_summary(model, cb.config, cb.adapted)
     plain = nn.Sequential(nn.Linear(8, 8))
-    cb2 = MatryoshkaLoRA(r_max=4, verbose=False)
+    cb2 = MatryoshkaLoRA(r_max=4, max_pass=False, verbose=False)
     cb2.apply(plain)
     assert "max_pass" not in format_summary(plain, cb2.config, cb2.adapted)
 
 
 def test_resuming_with_another_max_pass_warns_and_an_old_checkpoint_counts_as_false():
     cb = MatryoshkaLoRA(r_max=8, max_pass=True, verbose=False)
-    saved = MatLoRAConfig(r_max=8).to_dict()
+    saved = MatLoRAConfig(r_max=8, max_pass=False).to_dict()
     with pytest.warns(UserWarning, match="max_pass"):
         cb._check_config(saved)
-    plain = MatryoshkaLoRA(r_max=8, verbose=False)
+    plain = MatryoshkaLoRA(r_max=8, max_pass=False, verbose=False)
     old = dict(saved)
     del old["max_pass"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         plain._check_config(old)  # a checkpoint from before max_pass trained with max_pass=False
+    with pytest.warns(UserWarning, match="max_pass"):  # today's default pairs the passes: the objective changes
+        MatryoshkaLoRA(r_max=8, verbose=False)._check_config(old)
 
 
 def test_adapter_save_and_load_keep_max_pass(tmp_path):
@@ -250,7 +259,7 @@ def test_a_training_forward_outside_a_paired_step_warns_and_trains_half_of_the_r
 
 def test_paired_loss_needs_max_pass_and_the_training_setting_and_restores_the_pass():
     plain = nn.Sequential(nn.Linear(4, 4))
-    MatryoshkaLoRA(r_max=4, verbose=False).apply(plain)
+    MatryoshkaLoRA(r_max=4, max_pass=False, verbose=False).apply(plain)
     with pytest.raises(ValueError, match=r"max_pass=False.*max_pass=True"):
         paired_loss(plain, lambda: plain(torch.ones(2, 4)).sum())
 
@@ -412,12 +421,36 @@ def test_a_trainer_fit_with_max_pass_on_a_transformers_model(returns):
     assert "training_step" in module.__dict__["_matlora_wrapped_hooks"]
 
 
-def test_manual_optimization_is_refused_at_setup_naming_paired_loss():
+def test_manual_optimization_computes_the_paired_loss_in_its_own_training_step():
+    """Lightning does not run a manual-optimization step twice: the step calls paired_loss itself and gets the
+    paired objective; a step that does not gets the one-pass approximation and a warning naming paired_loss."""
+    seen = {}
+
     class Manual(CausalLM):
-        def __init__(self, model):
+        def __init__(self, model, paired: bool):
             super().__init__(model)
             self.automatic_optimization = False
+            self.paired = paired
 
-    cb = MatryoshkaLoRA(r_max=4, target_modules=["q_proj"], max_pass=True, verbose=False, save_adapter=False)
-    with pytest.raises(ValueError, match="paired_loss"):
-        trainer([cb], max_steps=1).fit(Manual(tiny_llama()), token_loader(n=4))
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+            if self.paired:
+                loss = paired_loss(self, lambda: self.model(input_ids=batch, labels=batch).loss)
+                seen["steps"] = seen.get("steps", 0) + 1
+            else:
+                loss = self.model(input_ids=batch, labels=batch).loss
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+
+    for paired in (True, False):
+        cb = MatryoshkaLoRA(r_max=4, target_modules=["q_proj"], verbose=False, save_adapter=False, rank_eval=None)
+        assert cb.config.max_pass is True  # the default
+        module = Manual(tiny_llama().train(), paired)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer([cb], max_steps=2).fit(module, token_loader(n=8))
+        outside = [w for w in caught if "outside a paired step" in str(w.message)]
+        assert bool(outside) is (not paired)
+        assert "training_step" not in module.__dict__.get("_matlora_wrapped_hooks", set())
+    assert seen["steps"] == 2
