@@ -186,7 +186,9 @@ def plot(path: str, png: str, lr: float | None = None) -> str:
             continue
         c = d["curve"]
         top = str(max(int(k) for k in c))
-        pts[f"{name}, lr {d['lr']:g}"].append((d["epochs"] * passes_per_step(d["method"]),
+        label = {"dual": "paired passes (dual)", "lora:16": "plain LoRA at 16", "lora:1": "plain LoRA at 1",
+                 "rowwise (half_max)": "one pass, half_max"}.get(name, name)
+        pts[f"{label}, lr {d['lr']:g}"].append((d["epochs"] * passes_per_step(d["method"]),
                                                c.get("1", {}).get("exact_match"), c[top]["exact_match"]))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     shown = []
@@ -195,8 +197,9 @@ def plot(path: str, png: str, lr: float | None = None) -> str:
         if len(p) < 2:
             continue
         shown.append(name)
-        for ax, i, skip in ((axes[0], 1, name.startswith("lora:16,")),
-                            (axes[1], 2, name.startswith("lora:") and not name.startswith("lora:16,"))):
+        for ax, i, skip in ((axes[0], 1, name.startswith(("lora:16,", "plain LoRA at 16,"))),
+                            (axes[1], 2, name.startswith(("lora:", "plain LoRA at ")) and
+                             not name.startswith(("lora:16,", "plain LoRA at 16,")))):
             if skip:
                 continue
             xs, ys = [q[0] for q in p if q[i] is not None], [q[i] for q in p if q[i] is not None]
