@@ -260,30 +260,27 @@ def table(path: str, epochs: float = 6, lr: float | None = None) -> str:
     return "\n".join(head + rows)
 
 
-def main() -> None:
-    if sys.argv[1:2] == ["table"]:
-        ap = argparse.ArgumentParser()
-        ap.add_argument("table")
-        ap.add_argument("--out", default="docs/encode_study_runs.jsonl")
-        ap.add_argument("--epochs", type=float, default=6)
-        ap.add_argument("--lr", type=float, default=None, help="one rate for every method (default: each its own)")
-        a = ap.parse_args()
+def report(command: str) -> None:
+    """The reporting subcommands (``summary``, ``table``, ``plot``) over a runs file."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("command", choices=["summary", "table", "plot"])
+    ap.add_argument("--out", default="docs/encode_study_runs.jsonl")
+    ap.add_argument("--epochs", type=float, default=6, help="table: the runs of this many epochs")
+    ap.add_argument("--png", default="docs/encode_study_steps.png", help="plot: where to draw")
+    ap.add_argument("--lr", type=float, default=None, help="table, plot: one rate for every method (default: each "
+                    "method its best seed-0 rate)")
+    a = ap.parse_args()
+    if command == "summary":
+        print(summary(a.out))
+    elif command == "table":
         print(table(a.out, a.epochs, a.lr))
-        return
-    if sys.argv[1:2] == ["plot"]:
-        ap = argparse.ArgumentParser()
-        ap.add_argument("plot")
-        ap.add_argument("--out", default="docs/encode_study_runs.jsonl")
-        ap.add_argument("--png", default="docs/encode_study_steps.png")
-        ap.add_argument("--lr", type=float, default=None, help="one rate for every method (default: each its own)")
-        a = ap.parse_args()
+    else:
         print(plot(a.out, a.png, a.lr))
-        return
-    if sys.argv[1:2] == ["summary"]:
-        ap = argparse.ArgumentParser()
-        ap.add_argument("summary")
-        ap.add_argument("--out", default="docs/encode_study_runs.jsonl")
-        print(summary(ap.parse_args().out))
+
+
+def main() -> None:
+    if sys.argv[1:2] and sys.argv[1] in ("summary", "table", "plot"):
+        report(sys.argv[1])
         return
     ap = argparse.ArgumentParser()
     ap.add_argument("method")
