@@ -74,3 +74,13 @@ def test_encode_study_runs_summarises_and_plots(tmp_path):
     png = tmp_path / "steps.png"
     _run(["benchmarks/encode_study.py", "plot", "--out", str(runs), "--png", str(png)])
     assert png.stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_gradient_share_traces_a_paired_run(tmp_path):
+    out = tmp_path / "share.md"
+    _run(["benchmarks/gradient_share.py", "--epochs", "0.02", "--every", "1", "--out", str(out)])
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| 0 |") or line.startswith("| 1 |")]
+    assert len(rows) == 2
+    low_share = float(rows[1].split("|")[4])
+    assert low_share == 1.0  # the low pass (ranks 1, 2, 4, 8) never touches components 9-16
