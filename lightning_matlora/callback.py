@@ -17,9 +17,8 @@ from .adapter_checkpoint import AdapterCheckpoint, callback_checkpoint, trainer_
 from .config import MatLoRAConfig, TargetSpec
 from .curve import RankCurve
 from .evaluation import RankCurveValidation, check_rank_eval
-from .distill import distill_step
 from .distributed import check_not_sharded, clean_name, is_deepspeed, prepare_strategy
-from .control import controller_of
+from .control import controller_of, run_paired_passes
 from .quantized import check_strategy_for_quantized
 from .inject import adapted_layers, freeze_base, inject, linear_layer_names, no_match_message
 from .rank import RankController
@@ -437,12 +436,8 @@ def _wrap_training_step(pl_module: pl.LightningModule) -> None:
         ctrl = controller_of(pl_module)
         if not ctrl.config.max_pass:  # another callback's adapter on the same module
             return original(*args, **kwargs)
-        with distill_step(ctrl) as distiller:
-            with ctrl.in_pass("max"):
-                high = original(*args, **kwargs)
-            with ctrl.in_pass("low"), _logging_dropped(pl_module):
-                low = original(*args, **kwargs)
-            kl = distiller.kl() if distiller is not None and high is not None and low is not None else None
+        high, low, kl = run_paired_passes(ctrl, lambda: original(*args, **kwargs),
+                                          low_context=lambda: _logging_dropped(pl_module))
         return _combine_passes(pl_module, high, low, kl, ctrl.config.distill)
 
     object.__setattr__(pl_module, "training_step", training_step)

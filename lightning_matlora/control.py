@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Iterator
+from typing import Any, ContextManager
 
 import torch
 from torch import nn
@@ -240,11 +241,21 @@ def paired_loss(model: nn.Module, compute: Callable[[], torch.Tensor]) -> torch.
     if ctrl.setting is not None:
         raise ValueError(f"paired_loss trains the training forward, but the model is set to rank {ctrl.setting!r}: "
                          f"call set_rank(model, None) first.")
+    high, low, kl = run_paired_passes(ctrl, compute)
+    if kl is None:
+        return (high + low) / 2
+    return (high + low + ctrl.config.distill * kl) / 2
+
+
+def run_paired_passes(ctrl: RankController, compute: Callable[[], Any],
+                      low_context: Callable[[], ContextManager] = contextlib.nullcontext) -> tuple[Any, Any, Any]:
+    """The two passes of one ``max_pass`` step (the one home of their order): ``compute()`` in the max pass, then
+    inside ``low_context()`` in the low pass. Returns ``(high, low, kl)``: the two results and the distillation
+    term (a tensor), which is None when the adapter does not distill or a pass returned None."""
     with distill_step(ctrl) as distiller:
         with ctrl.in_pass("max"):
             high = compute()
-        with ctrl.in_pass("low"):
+        with ctrl.in_pass("low"), low_context():
             low = compute()
-        if distiller is None:
-            return (high + low) / 2
-        return (high + low + ctrl.config.distill * distiller.kl()) / 2
+        kl = distiller.kl() if distiller is not None and high is not None and low is not None else None
+    return high, low, kl
