@@ -58,7 +58,7 @@ EVAL_RANKS = [1, 2, 4, 8, 16]
 @torch.no_grad()
 def reorder_by_svd(model: torch.nn.Module) -> None:
     """The study's prototype of the library's SVD nesting (kept so that its ``svd:F`` figures reproduce; the library's
-    :func:`lightning_matlora.nesting.nest_by_svd` instead switches a ``sqrt`` adapter to ``scaling="none"`` so that
+    :func:`lightning_matlora.nest_by_svd` instead switches a ``sqrt`` adapter to ``scaling="none"`` so that
     every prefix is exactly the best approximation). Re-order every adapted layer so that prefix k (served under the
     ``rank`` rule) is s(k)/s(R) times the best
     rank-k approximation of the layer's rank-R update s(R)·B·A (exactly the best one when s is constant);
