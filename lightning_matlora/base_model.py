@@ -97,7 +97,8 @@ def record_of(adapter: SavedAdapter) -> BaseRecord:
         base_name=adapter.base_model_name_or_path, base_class=adapter.base_model_class, task_type=adapter.task_type)
 
 
-def _is_conv1d(module: nn.Module) -> bool:
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is (or wraps) a GPT-2 ``Conv1D``, whose weight is stored ``in × out``."""
     if isinstance(module, MatryoshkaLinear):
         return bool(module.is_conv1d)
     return Conv1D is not None and isinstance(module, Conv1D)
@@ -129,9 +130,9 @@ def check_fits(record: BaseRecord, model: nn.Module, *, adapted: bool = False) -
                 raise ValueError("The model is already adapted: load the adapter into a fresh base model.")
             in_f, out_f = module.in_features, module.out_features
         elif not is_supported(module):
-            raise ValueError(f"Layer {layer_name!r} of the model is a {type(module).__name__}, not a linear layer "
-                             f"(only LoRA on Linear and GPT-2 Conv1D layers is supported): the adapter was trained on "
-                             f"a different base ({record.made_for()}).")
+            raise ValueError(f"Layer {layer_name!r} of the model is a {type(module).__name__}; only LoRA on Linear "
+                             f"(and GPT-2 Conv1D) layers is supported, so the adapter was trained on a different base "
+                             f"({record.made_for()}).")
         else:
             in_f, out_f = layer_dims(module)
         if (in_f, out_f) != (want.in_features, want.out_features):
@@ -141,9 +142,9 @@ def check_fits(record: BaseRecord, model: nn.Module, *, adapted: bool = False) -
                              f"but the adapter's factors{factors} were trained for {want.in_features} → "
                              f"{want.out_features}: the adapter belongs to a different base model "
                              f"({record.made_for()}).")
-        if want.conv1d is not None and want.conv1d != _is_conv1d(module):
+        if want.conv1d is not None and want.conv1d != is_conv1d(module):
             kinds = ("a GPT-2 Conv1D", "an nn.Linear")
-            raise ValueError(f"Layer {layer_name!r} of the model is {kinds[not _is_conv1d(module)]} but the adapter was "
+            raise ValueError(f"Layer {layer_name!r} of the model is {kinds[not is_conv1d(module)]} but the adapter was "
                              f"trained on {kinds[not want.conv1d]} (its weight is stored transposed): the adapter "
                              f"belongs to a different base model ({record.made_for()}).")
     state = root.state_dict()

@@ -43,7 +43,7 @@ def _resolved(path: Path) -> Path:
 def refuse_protected(out: Path, protected: Mapping[str, str | os.PathLike | None], flag: str = "--out") -> None:
     """Refuse an output directory that is, or contains, one of ``protected`` (description → path; None entries
     and paths that do not exist locally are skipped), the working directory or the home directory. Writing
-    *inside* a protected adapter directory is refused too (it would add a foreign file to the adapter)."""
+    *inside* a protected directory that holds an adapter is refused too (it would add a foreign file to it)."""
     target = _resolved(out)
     named = {"the working directory": Path.cwd(), "the home directory": Path.home(), **protected}
     for what, p in named.items():
@@ -51,10 +51,9 @@ def refuse_protected(out: Path, protected: Mapping[str, str | os.PathLike | None
             continue
         q = _resolved(Path(p))
         if target == q or target in q.parents:
-            relation = "is" if target == q else "contains"
-            raise ValueError(f"Refusing to write to {out}: it {relation} {what} ({p}). Choose a new output directory "
+            raise ValueError(f"Refusing to write to {out}: it holds {what} ({p}). Choose a new output directory "
                              f"({flag}).")
-        if q in target.parents and "adapter" in what:
+        if q in target.parents and ((q / CONFIG_NAME).is_file() or (q / "adapter_config.json").is_file()):
             raise ValueError(f"Refusing to write to {out}: it is inside {what} ({p}), whose directory holds only the "
                              f"adapter's own files. Choose an output directory outside it ({flag}).")
 
