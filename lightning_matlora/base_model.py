@@ -70,7 +70,7 @@ class BaseRecord:
     >>> try:
     ...     check_fits(record, nn.ModuleDict({"fc": nn.Linear(8, 2)}))
     ... except ValueError as err:
-    ...     print(str(err)[:62])
+    ...     print(str(err).split(" but")[0])
     Shape mismatch at layer 'fc': the model's layer maps 8 → 2 features
     """
 
