@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .adapter_format import SavedAdapter, read_adapter
+from .adapter_load import uncovered_layers
 from .adapter_save import base_model_name, model_root, snapshot, transformers_types
 from .base_model import check_fits, load_base, locate_base, record_of
 from .control import controller_of
@@ -272,6 +273,11 @@ def merge_to_base(adapter: AdapterSource, out_dir: str | os.PathLike, rank: int,
     _, root = check_fits(record, base_model)
     if root is not base_model:
         raise ValueError("The adapter's layers are not relative to base: pass the transformers model itself.")
+    left = uncovered_layers(saved, base_model)
+    if left:
+        raise ValueError(f"{len(left)} layers of the base that the adapter's target_modules select have no adapter "
+                         f"({', '.join(repr(n) for n in left[:6])}{', …' if len(left) > 6 else ''}): the adapter was "
+                         f"trained on a smaller model ({record.made_for()}); merge it into the base it was trained on.")
     controller = RankController(saved.config)
     modules = dict(base_model.named_modules())
     state = base_model.state_dict()

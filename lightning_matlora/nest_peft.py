@@ -200,7 +200,8 @@ def nest_adapter(peft_adapter_dir: str | os.PathLike, base: nn.Module | str | os
     ('nested', 'model.layers.0.self_attn.q_proj')
     """
     out, src = Path(out_dir), Path(peft_adapter_dir)
-    check_output_dir(out, overwrite, {"the PEFT adapter": src}, adapter_only=True)
+    given_base = base if isinstance(base, (str, os.PathLike)) else None
+    check_output_dir(out, overwrite, {"the PEFT adapter": src, "the base model": given_base}, adapter_only=True)
     peft = read_peft_lora(src)
     record = peft_record(peft)
     R = peft.r_max

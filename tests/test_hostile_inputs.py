@@ -41,6 +41,7 @@ def ws(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ws")
     tiny_llama().save_pretrained(str(root / "llama"))
     tiny_gpt2().save_pretrained(str(root / "gpt2"))
+    tiny_llama(num_hidden_layers=3).save_pretrained(str(root / "llama3"))
     from transformers import GPT2Config, LlamaConfig
 
     # config.json only: building either model for real would take tens of GB (the 19 GB Llama of the issue);
@@ -175,6 +176,9 @@ CASES = {
     "merge_wider_llama_base": Case(
         lambda ws: ["merge", f"{ws}/ad", "--base", f"{ws}/huge_llama", "--rank", "2", "--out", f"{ws}/m"],
         ("Shape mismatch at layer 'model.layers.0.", "8192"), out="m"),
+    "merge_into_a_deeper_base": Case(  # merged silently before, with the third layer un-adapted
+        lambda ws: ["merge", f"{ws}/ad", "--base", f"{ws}/llama3", "--rank", "2", "--out", f"{ws}/m"],
+        ("'model.layers.2.", "trained on a smaller model"), out="m"),
     "export_for_a_gpt2_base": Case(
         lambda ws: ["export", f"{ws}/ad", "--rank", "2", "--base", f"{ws}/huge_gpt2", "--out", f"{ws}/e"],
         ("'gpt2' model", "LlamaForCausalLM"), out="e"),
