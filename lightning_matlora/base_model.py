@@ -27,16 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .adapter_format import SavedAdapter
 from .adapter_save import model_root
 from .layer import MatryoshkaLinear, is_supported, layer_dims
-
-try:  # transformers' GPT-2 style Conv1D
-    from transformers.pytorch_utils import Conv1D
-except Exception:  # pragma: no cover - transformers is a dependency
-    Conv1D = None
 
 #: PEFT ``task_type`` → the transformers auto class that loads a base for it (causal LM when unknown)
 AUTO_CLASSES = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_CLS": "AutoModelForSequenceClassification",
@@ -101,7 +98,7 @@ def is_conv1d(module: nn.Module) -> bool:
     """Whether ``module`` is (or wraps) a GPT-2 ``Conv1D``, whose weight is stored ``in × out``."""
     if isinstance(module, MatryoshkaLinear):
         return bool(module.is_conv1d)
-    return Conv1D is not None and isinstance(module, Conv1D)
+    return isinstance(module, Conv1D)
 
 
 def check_fits(record: BaseRecord, model: nn.Module, *, adapted: bool = False) -> tuple[str, nn.Module]:
@@ -194,8 +191,6 @@ def resolve_base(base: str | os.PathLike) -> str:
 def read_base_config(path: str) -> Any:
     """The transformers config of the resolved base ``path`` (its ``config.json``), read without loading any
     weight. Raises ``ValueError`` naming the file for a missing, unreadable or unknown config."""
-    from transformers import AutoConfig
-
     local = Path(path).is_dir()
     if local:
         cfg_file = Path(path) / "config.json"
@@ -209,7 +204,7 @@ def read_base_config(path: str) -> Any:
         except json.JSONDecodeError as e:
             raise ValueError(f"{cfg_file} is not valid JSON ({e}): the file is corrupted.") from None
     try:
-        return AutoConfig.from_pretrained(path)
+        return transformers.AutoConfig.from_pretrained(path)
     except (OSError, ValueError, KeyError) as e:
         where = f"{path}/config.json" if local else f"the base model {path!r}"
         raise ValueError(f"Cannot read {where}: {_one_line(e)}") from None
@@ -222,8 +217,6 @@ def _one_line(err: BaseException, limit: int = 300) -> str:
 def base_class(record: BaseRecord) -> Any:
     """The transformers class that loads the base: the adapter's recorded class when transformers has it, else the
     auto class of its task type (causal LM by default)."""
-    import transformers
-
     cls = getattr(transformers, record.base_class, None) if record.base_class else None
     if cls is not None and hasattr(cls, "from_pretrained") and hasattr(cls, "config_class"):
         return cls

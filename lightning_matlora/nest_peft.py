@@ -203,6 +203,7 @@ def nest_adapter(peft_adapter_dir: str | os.PathLike, base: nn.Module | str | os
     given_base = base if isinstance(base, (str, os.PathLike)) else None
     check_output_dir(out, overwrite, {"the PEFT adapter": src, "the base model": given_base}, adapter_only=True)
     peft = read_peft_lora(src)
+    common_scale(peft)  # a zero update is refused before any model is loaded
     record = peft_record(peft)
     R = peft.r_max
     if eval_ranks is not None and not list(eval_ranks):

@@ -27,6 +27,7 @@ from lightning_matlora import at_rank, export_peft, load_adapter, merge_to_base,
 from lightning_matlora.cli import main
 from lightning_matlora.nest_peft import nest_adapter
 from test_adapter_io import trained
+from test_nest_peft import make_peft
 
 peft = pytest.importorskip("peft")
 
@@ -50,14 +51,7 @@ def ws(tmp_path_factory) -> Path:
                 num_key_value_heads=8).save_pretrained(str(root / "huge_llama"))
     GPT2Config(n_embd=4096, n_layer=48, n_head=32).save_pretrained(str(root / "huge_gpt2"))
     save_adapter(trained(tiny_llama(), r_max=4), root / "ad")
-    lora = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM",
-                                                             target_modules=["q_proj", "v_proj"]))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, p in lora.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    lora.save_pretrained(str(root / "peft"))
+    make_peft(root, name="peft", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])  # random factors
     (root / "proj" / "src").mkdir(parents=True)
     (root / "proj" / "src" / "main.py").write_text("print('my work')\n")
     (root / "proj" / "README.md").write_text("my project\n")
