@@ -13,6 +13,8 @@ Work with a nested (MatryoshkaLoRA) adapter saved by save_adapter() or by the Ma
 (a directory with matlora_config.json and adapter_model.safetensors; by default the callback writes it to
 lightning_logs/version_N/matlora_adapter, or matlora_adapter/version_N without a logger, at the end of fit).
 Errors print one line naming the file and the problem and exit with status 2.
+--overwrite replaces only a directory that lightning_matlora wrote (an adapter, an export, a merged model);
+a base model is checked against the adapter before it is loaded.
 
   matlora info    ADAPTER                                 settings, layers and the measured rank curve
   matlora export  ADAPTER --rank K --out DIR              rank K as a standard PEFT LoRA adapter
@@ -51,7 +53,11 @@ def add_export(sub: Any) -> None:
     export.add_argument("--rank", required=True, metavar="K|all",
                         help="rank to export, 1 ≤ K ≤ r_max (need not be a train rank), or 'all' for every train rank")
     export.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist)")
-    export.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace DIR if it holds an export, merged model or adapter this library wrote")
+    export.add_argument("--base", metavar="MODEL", default=None,
+                        help="check the adapter against this base model (a local directory or hub name; its weights "
+                             "are not loaded) and record it as base_model_name_or_path")
     export.add_argument("--fold-scale", action="store_true",
                         help="fold the rank scale into lora_B (lora_alpha = r, no use_rslora) for servers that ignore "
                              "use_rslora")
@@ -66,7 +72,8 @@ def add_merge(sub: Any) -> None:
                        help="base model: a local directory or hub name (default: the base recorded in the adapter)")
     merge.add_argument("--rank", required=True, type=int, metavar="K", help="rank to merge, 1 ≤ K ≤ r_max")
     merge.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist)")
-    merge.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    merge.add_argument("--overwrite", action="store_true",
+                       help="replace DIR if it holds a merged model, export or adapter this library wrote")
 
 
 def format_info(path: str) -> str:
@@ -114,7 +121,8 @@ def run_info(args: argparse.Namespace) -> str:
 def run_export(args: argparse.Namespace) -> str:
     from .export import export_peft
 
-    out = export_peft(args.adapter, args.out, rank=args.rank, overwrite=args.overwrite, fold_scale=args.fold_scale)
+    out = export_peft(args.adapter, args.out, rank=args.rank, overwrite=args.overwrite, fold_scale=args.fold_scale,
+                      base=args.base)
     what = "one PEFT adapter per train rank" if args.rank.strip().lower() == "all" else f"rank {args.rank}"
     return f"Wrote {what} to {out}"
 
@@ -143,7 +151,7 @@ def add_nest(sub: Any) -> None:
                            "measure the mean loss at each rank, before and after nesting, and store it")
     nest.add_argument("--ranks", metavar="K,K,...", default=None,
                       help="ranks to measure (default: powers of two up to r_max, and r_max)")
-    nest.add_argument("--max-rows", type=int, default=256, metavar="N", help="rows of --data used (default 256)")
+    nest.add_argument("--max-rows", type=int, default=256, metavar="N", help="rows of --data used, N ≥ 1 (default 256)")
     nest.add_argument("--overwrite", action="store_true", help="replace DIR if it holds an adapter")
 
 
@@ -151,9 +159,9 @@ def run_nest(args: argparse.Namespace) -> str:
     from .nest_peft import nest_adapter
 
     ranks = None
-    if args.ranks:
+    if args.ranks is not None:  # an empty --ranks is refused by nest_adapter, not taken as the default
         try:
-            ranks = [int(r) for r in args.ranks.split(",")]
+            ranks = [int(r) for r in args.ranks.split(",")] if args.ranks.strip() else []
         except ValueError:
             raise ValueError(f"--ranks must be comma-separated integers such as 1,2,4,8, got {args.ranks!r}.") \
                 from None

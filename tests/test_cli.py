@@ -62,7 +62,8 @@ def test_export_bad_rank(adapter, tmp_path, capsys, rank):
 def test_export_all_and_merge(adapter, tmp_path):
     model, path = adapter
     assert main(["export", str(path), "--rank", "all", "--out", str(tmp_path / "all")]) == 0
-    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == ["rank_1", "rank_2", "rank_4", "rank_8"]
+    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == ["matlora_output.json", "rank_1", "rank_2", "rank_4",
+                                                                    "rank_8"]
     card = (tmp_path / "all" / "rank_4" / "README.md").read_text()
     assert "measured score at rank 4: 0.625" in card and "measured loss at rank 4: 2.25" in card
     tiny_llama().save_pretrained(tmp_path / "base")

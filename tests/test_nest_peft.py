@@ -218,7 +218,7 @@ def test_eval_data_measures_and_stores_both_curves(tmp_path):
     # the reference: PEFT's own model on the same rows gives the rank-4 loss
     with torch.no_grad():
         ref = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(bundled)), str(tmp_path / "peft"))
-        from lightning_matlora.nest_peft import encode_rows, rank_losses, read_rows
+        from lightning_matlora.text_loss import encode_rows, rank_losses, read_rows
         from transformers import AutoTokenizer
 
         enc = encode_rows(read_rows(rows), AutoTokenizer.from_pretrained(str(bundled)))
