@@ -8,6 +8,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .quiet import quiet_known_noise
+
 DESCRIPTION = """\
 Work with a nested (MatryoshkaLoRA) adapter saved by save_adapter() or by the MatryoshkaLoRA callback
 (a directory with matlora_config.json and adapter_model.safetensors; by default the callback writes it to
@@ -186,6 +188,7 @@ def error_line(command: str, err: BaseException, path: str | None) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``matlora``; returns the exit status: 0 done, 2 bad usage or a bad input (one line on
     stderr naming the file and the problem, never a traceback)."""
+    quiet_known_noise()
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:
