@@ -13,6 +13,8 @@ coefficients c = ``RankController.rank_coefficients(k)``, which is a rank-k LoRA
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import pickle
@@ -147,7 +149,7 @@ def _write_peft(adapter: SavedAdapter, out: Path, k: int, fold_scale: bool) -> N
 
 
 def export_peft(adapter: AdapterSource, out_dir: str | os.PathLike, rank: int | str, *, overwrite: bool = False,
-                fold_scale: bool = False) -> Path:
+                fold_scale: bool = False, base_name: str | None = None) -> Path:
     """Write rank ``rank`` of a nested adapter as a standard PEFT LoRA adapter in ``out_dir``.
 
     Args:
@@ -158,6 +160,8 @@ def export_peft(adapter: AdapterSource, out_dir: str | os.PathLike, rank: int | 
             card stating the measured score at that rank when the adapter stores a rank curve.
         overwrite: replace an existing ``out_dir`` (otherwise it is refused).
         fold_scale: fold the scale into ``lora_B`` (``lora_alpha = r``) even for ``rank_scale="rank"``.
+        base_name: the ``base_model_name_or_path`` to record (a hub name, or a path valid where the adapter is
+            used); default the one the nested adapter recorded, i.e. what its base was loaded from, as given.
 
     Load with ``peft.PeftModel.from_pretrained(base, out_dir)``; the logits equal the nested model at rank k.
 
@@ -175,6 +179,10 @@ def export_peft(adapter: AdapterSource, out_dir: str | os.PathLike, rank: int | 
     out = Path(out_dir)
     _refuse_ancestor(out, adapter)
     saved = _adapter(adapter)
+    if base_name is not None:
+        if not (isinstance(base_name, str) and base_name.strip()):
+            raise ValueError(f"base_name must be a hub name or a path (a non-empty string), got {base_name!r}.")
+        saved = dataclasses.replace(saved, base_model_name_or_path=base_name.strip())
     if isinstance(rank, str) and rank.strip().lower() == "all":
         ranks = list(saved.config.ranks)
 

@@ -31,6 +31,9 @@ from instruct_base import load_or_explain
 
 RECIPES = Path(__file__).resolve().parent
 DEFAULT_BASE = str(RECIPES / "assets" / "base")
+# what a saved adapter (and its PEFT export) records as the bundled base: the path relative to a checkout, never
+# this machine's absolute path (other local directories and hub names are recorded as given, as PEFT does)
+DEFAULT_BASE_NAME = "recipes/assets/base"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 METRICS = ("loss", "token_acc", "exact_match")
 HEADS = {"loss": "loss", "token_acc": "token acc %", "exact_match": "exact match %"}
@@ -56,6 +59,8 @@ def load_model(name_or_path: str, dtype: str, trust_remote_code: bool, quantize:
     model = load_or_explain(AutoModelForCausalLM.from_pretrained, name_or_path, "model", dtype=DTYPES[dtype],
                             trust_remote_code=trust_remote_code, **_quantized_loading(quantize, dtype))
     model.train()  # from_pretrained returns eval mode; Lightning switches modes per stage from here
+    if name_or_path == DEFAULT_BASE:
+        model.config._name_or_path = DEFAULT_BASE_NAME  # transformers records the path it was given
     return model
 
 
@@ -429,6 +434,13 @@ def plot_curve(curves: dict[str, RankCurve], base: dict[str, float] | None, path
         import matplotlib  # noqa: F401
     except ImportError:
         return None
+    fig, _ = curve_figure(curves, base)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def curve_figure(curves: dict[str, RankCurve], base: dict[str, float] | None) -> tuple:
+    """The figure of :func:`plot_curve`: ``(figure, axes)`` (needs matplotlib)."""
     names = [n for n in ("token_acc", "exact_match") if n in curves]
     labels = {"token_acc": "answer-token accuracy", "exact_match": "exact match"}
     fig, ax = plot_rank_curves([curves[n].as_mapping() for n in names],
@@ -439,5 +451,4 @@ def plot_curve(curves: dict[str, RankCurve], base: dict[str, float] | None, path
             ax.axhline(base[n], ls="--", color=line.get_color(), alpha=0.8, label=f"base model: {labels[n]}")
     ax.set_ylim(-Y_MARGIN, 100 + Y_MARGIN)  # a base at 0 % (or 100 %) stays visible, off the frame
     ax.legend(fontsize=8)
-    fig.savefig(path, dpi=100)
-    return path
+    return fig, ax
