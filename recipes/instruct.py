@@ -65,7 +65,8 @@ class InstructCLI(LightningCLI):
         # options that depend on the callback (eval ranks and predict rank against r_max): checked now, before
         # any data is read or any step runs
         self.model.check_callbacks(self.trainer.callbacks)
-        self.model.defer_report = True  # printed by after_fit, once the progress bar is gone
+        if self.subcommand == "fit":
+            self.model.defer_report = True  # printed by after_fit, once the progress bar is gone
 
     def after_fit(self) -> None:
         self.model.print_fit_report()
@@ -74,10 +75,10 @@ class InstructCLI(LightningCLI):
 def adapter_into_output_dir(config) -> None:
     """``--model.output_dir DIR`` moves the adapter too: the MatryoshkaLoRA callback saves it to ``DIR/adapter``
     (next to ``rank_curve.json``) unless its ``save_adapter`` names a directory of its own or is false."""
-    out = config.get("model", {}).get("output_dir") if hasattr(config, "get") else None
-    callbacks = config.get("trainer", {}).get("callbacks") or []
+    out = config.get("model", {}).get("output_dir")
     if not out:
         return
+    callbacks = config.get("trainer", {}).get("callbacks") or []
     for cb in callbacks if isinstance(callbacks, list) else [callbacks]:
         args = getattr(cb, "init_args", None)
         if str(getattr(cb, "class_path", "")).endswith("MatryoshkaLoRA") and args is not None \
@@ -115,7 +116,7 @@ def command_line(argv: Sequence[str] | None = None) -> int:
     given = list(sys.argv[1:] if argv is None else argv)
     try:
         main(given)
-    except (ValueError, OSError, TypeError) as e:
+    except (ValueError, OSError) as e:  # bad options and inputs; other errors keep their traceback
         sub = given[0] if given and given[0] in SUBCOMMANDS else ""
         print(f"instruct.py{' ' + sub if sub else ''}: error: {error_line(e)}", file=sys.stderr)
         return 2

@@ -87,7 +87,8 @@ class InstructLM(pl.LightningModule):
         rank: the rank ``predict`` generates at (default r_max).
         adapter: a saved adapter directory to load before validate/test/predict.
         output_dir: where the end of ``fit`` writes ``rank_curve.json`` and ``rank_curve.png`` (default: the
-            logger's directory). The adapter goes where the callback's ``save_adapter`` says.
+            logger's directory). On the recipe's command line the adapter goes there too, to ``output_dir/adapter``
+            (unless the callback's ``save_adapter`` names a directory); otherwise where ``save_adapter`` says.
         quantize: load the frozen base quantized with bitsandbytes: ``"nf4"`` or ``"fp4"`` (4-bit, double
             quantization, compute dtype ``dtype``) or ``"int8"`` (LLM.int8); None (default) keeps it unquantized.
             Needs ``pip install 'lightning_matlora[quant]'``.

@@ -6,7 +6,8 @@ text, that says how it is checked:
 - ``Run``: run here, in a scratch directory that holds the checkout's ``recipes/`` and ``benchmarks/``, command by
   command, as a user would, with the smallest settings that still exercise it: every ``recipes/instruct.py``
   command gets ``SMALL`` appended (one epoch of two steps, one validation batch, four generated answers), and
-  ``matlora`` is ``python -m lightning_matlora``. ``setup`` commands run first (e.g. a fit whose adapter the block
+  ``matlora`` is ``python -m lightning_matlora``. The blocks of a document run in order in one directory, as a
+  reader follows them; ``setup`` commands run first, once per document (e.g. a fit whose adapter the block
   exports); ``replace`` swaps what cannot be reached here (a hub model → the bundled base, an absolute /tmp
   directory → the scratch directory, 400 rows → 16); ``parse_only`` names commands that need a GPU or the hub:
   their options are parsed (``--print_config`` / ``--help``) instead of run. ``pip install`` commands are not
@@ -140,7 +141,7 @@ CHECKS: dict[tuple[str, str], Run | ParseOnly | InCI | Elsewhere] = {
      "printf 'Encode kaer\\n\\nEncode guqt\\n' > questions.txt   # one prompt per line\n"
      "python recipes/instruct.py predict --model.adapter runs/instruct/lightning_logs/version_0/matlora_adapter \\\n"
      "    --model.rank 4 --data.prompts '[\"Encode kaer\"]' --data.prompts_file questions.txt"):
-        Run(setup=("python recipes/instruct.py fit",)),
+        Run(),  # the adapter of the block above's fit (blocks of a document run in order, in one directory)
 }
 
 
@@ -167,7 +168,6 @@ def commands(text: str) -> list[list[str]]:
 
 # ----------------------------------------------------------------------------------------------- running
 def _program(words: list[str]) -> list[str]:
-    words = [w for w in words]
     if words[0] == "matlora":
         return [sys.executable, "-m", "lightning_matlora", *words[1:]]
     if words[0] == "python":
@@ -193,42 +193,49 @@ def _check_pip(words: list[str], line: str) -> None:
             f"{spec!r}: not an extra of lightning_matlora in pyproject.toml"
 
 
-def _parse(words: list[str], cwd: Path) -> None:
+def _parse(words: list[str], cwd: Path, done: set[str]) -> None:
     """Check a command that cannot run here: the recipe parses its options, a script its --help, an sbatch file
     exists and is valid bash."""
     env_free = [w for w in words if not re.fullmatch(r"[A-Z_]+=\S*", w)]
+    key = shlex.join(env_free if _is_recipe(env_free) else [env_free[0], env_free[-1]])
+    if key in done and not _is_recipe(env_free):  # the same script's --help, or the same sbatch file
+        return
+    done.add(key)
     if env_free[0] == "sbatch":
         script = ROOT / env_free[-1]
         assert script.is_file(), script
         subprocess.run(["bash", "-n", str(script)], check=True)
         return
     script = next(i for i, w in enumerate(env_free) if w.endswith(".py"))
-    args = env_free[script + 1:]
-    cmd = [sys.executable, env_free[script], *args, "--print_config" if _is_recipe(env_free) else "--help"]
-    if not _is_recipe(env_free):
+    if _is_recipe(env_free):
+        cmd = [sys.executable, env_free[script], *env_free[script + 1:], "--print_config"]
+    else:
         cmd = [sys.executable, env_free[script], "--help"]
     res = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=str(cwd), timeout=300)
     assert res.returncode == 0, f"{shlex.join(words)}: its options do not parse:\n{res.stderr[-2000:]}"
 
 
-def run_block(doc: str, text: str, check: Run | ParseOnly, cwd: Path) -> None:
+def run_block(doc: str, text: str, check: Run | ParseOnly, cwd: Path, done: set[str]) -> None:
+    """Run (or parse) one block in ``cwd``; ``done``: the setups and parse checks already run there."""
     for ln in ("recipes", "benchmarks"):
         if not (cwd / ln).exists():
             (cwd / ln).symlink_to(ROOT / ln)
     if isinstance(check, ParseOnly):
         for words in commands(text):
-            _parse(words, cwd)
+            _parse(words, cwd, done)
         return
     for a, b in check.replace:
         text = text.replace(a, b)
-    steps = [(c, True) for s in check.setup for c in commands(s)] + [(c, False) for c in commands(text)]
+    steps = [(c, True) for s in check.setup if s not in done for c in commands(s)] \
+        + [(c, False) for c in commands(text)]
+    done.update(check.setup)
     for words, is_setup in steps:
         line = shlex.join(words)
         if words[0] == "pip":
             _check_pip(words, text)
             continue
         if any(p in line for p in check.parse_only):
-            _parse(words, cwd)
+            _parse(words, cwd, done)
             continue
         if words[0] == "ln" or words[0] == "mkdir" or words[0] == "printf":
             subprocess.run(" ".join(shlex.quote(w) if w != ">" else w for w in words), shell=True, check=True,
@@ -271,6 +278,7 @@ def test_the_checker_sees_a_new_block(tmp_path):
 @pytest.mark.parametrize("doc", [d for d in DOCS if any(d == k[0] for k in CHECKS)])
 def test_the_documents_commands_run(doc, tmp_path):
     """The blocks of one document, in order, in one scratch directory (as a reader follows it)."""
+    done: set[str] = set()
     for (d, text), check in CHECKS.items():
         if d == doc and isinstance(check, (Run, ParseOnly)):
-            run_block(doc, text, check, tmp_path)
+            run_block(doc, text, check, tmp_path, done)
