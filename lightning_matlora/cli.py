@@ -8,6 +8,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .quiet import quiet_known_noise
+
 DESCRIPTION = """\
 Work with a nested (MatryoshkaLoRA) adapter saved by save_adapter() or by the MatryoshkaLoRA callback
 (a directory with matlora_config.json and adapter_model.safetensors; by default the callback writes it to
@@ -21,6 +23,7 @@ a base model is checked against the adapter before it is loaded.
   matlora export  ADAPTER --rank all --out DIR            one PEFT adapter per train rank, DIR/rank_<k>/
   matlora merge   ADAPTER --base MODEL --rank K --out DIR  a plain transformers model with rank K merged in
   matlora nest    PEFT_ADAPTER --base MODEL --out DIR     a PEFT LoRA adapter reordered by SVD into a nested one
+                  [--data FILE] [--num-threads N]         (and its loss per rank on FILE, with N CPU threads)
 
 An exported adapter loads with peft.PeftModel.from_pretrained(base, DIR) or any server that reads PEFT
 adapters; a merged model loads with transformers.AutoModelForCausalLM.from_pretrained(DIR).
@@ -58,6 +61,10 @@ def add_export(sub: Any) -> None:
     export.add_argument("--base", metavar="MODEL", default=None,
                         help="check the adapter against this base model (a local directory or hub name; its weights "
                              "are not loaded) and record it as base_model_name_or_path")
+    export.add_argument("--base-name", metavar="NAME", default=None,
+                        help="base_model_name_or_path to record in the PEFT adapter (a hub name, or a path valid where "
+                             "it is used); default: --base if given, else the base recorded in the adapter, as it was "
+                             "given at training")
     export.add_argument("--fold-scale", action="store_true",
                         help="fold the rank scale into lora_B (lora_alpha = r, no use_rslora) for servers that ignore "
                              "use_rslora")
@@ -122,7 +129,7 @@ def run_export(args: argparse.Namespace) -> str:
     from .export import export_peft
 
     out = export_peft(args.adapter, args.out, rank=args.rank, overwrite=args.overwrite, fold_scale=args.fold_scale,
-                      base=args.base)
+                      base=args.base, base_name=args.base_name)
     what = "one PEFT adapter per train rank" if args.rank.strip().lower() == "all" else f"rank {args.rank}"
     return f"Wrote {what} to {out}"
 
@@ -153,6 +160,9 @@ def add_nest(sub: Any) -> None:
                       help="ranks to measure (default: powers of two up to r_max, and r_max)")
     nest.add_argument("--max-rows", type=int, default=256, metavar="N", help="rows of --data used, N ≥ 1 (default 256)")
     nest.add_argument("--overwrite", action="store_true", help="replace DIR if it holds an adapter")
+    nest.add_argument("--num-threads", type=int, default=None, metavar="N",
+                      help="CPU threads of torch for --data's loss (default: torch's choice, one per core). On a "
+                           "machine whose cores are busy with other work, 1 avoids a many-fold slowdown")
 
 
 def run_nest(args: argparse.Namespace) -> str:
@@ -165,6 +175,12 @@ def run_nest(args: argparse.Namespace) -> str:
         except ValueError:
             raise ValueError(f"--ranks must be comma-separated integers such as 1,2,4,8, got {args.ranks!r}.") \
                 from None
+    if args.num_threads is not None:
+        if args.num_threads < 1:
+            raise ValueError(f"--num-threads must be ≥ 1 (or left out for torch's choice), got {args.num_threads}.")
+        import torch
+
+        torch.set_num_threads(args.num_threads)
     result = nest_adapter(args.adapter, args.base, args.out, eval_data=args.data, eval_ranks=ranks,
                           max_rows=args.max_rows, overwrite=args.overwrite)
     lines = [f"Wrote the nested adapter (r_max={result.report.r_max}) to {result.path}", str(result.report)]
@@ -194,6 +210,7 @@ def error_line(command: str, err: BaseException, path: str | None) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``matlora``; returns the exit status: 0 done, 2 bad usage or a bad input (one line on
     stderr naming the file and the problem, never a traceback)."""
+    quiet_known_noise()
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -141,7 +141,8 @@ def _write_peft(adapter: SavedAdapter, out: Path, k: int, fold_scale: bool) -> N
 
 
 def export_peft(adapter: AdapterSource, out_dir: str | os.PathLike, rank: int | str, *, overwrite: bool = False,
-                fold_scale: bool = False, base: nn.Module | str | os.PathLike | None = None) -> Path:
+                fold_scale: bool = False, base: nn.Module | str | os.PathLike | None = None,
+                base_name: str | None = None) -> Path:
     """Write rank ``rank`` of a nested adapter as a standard PEFT LoRA adapter in ``out_dir``.
 
     Args:
@@ -157,6 +158,9 @@ def export_peft(adapter: AdapterSource, out_dir: str | os.PathLike, rank: int | 
         base: optional base model (a model, a local directory or a hub name) the export is meant for: the adapter
             is checked against it (architecture, every layer and shape; a directory's weights are not loaded)
             before anything is written, and a directory or name is recorded as ``base_model_name_or_path``.
+        base_name: the ``base_model_name_or_path`` to record (a hub name, or a path valid where the adapter is
+            used); default ``base`` when it is a directory or name, else the one the nested adapter recorded, i.e.
+            what its base was loaded from, as given.
 
     Load with ``peft.PeftModel.from_pretrained(base, out_dir)``; the logits equal the nested model at rank k.
 
@@ -175,11 +179,15 @@ def export_peft(adapter: AdapterSource, out_dir: str | os.PathLike, rank: int | 
     protected = {"the source adapter": _local(adapter), "the base model": _local(base)}
     check_output_dir(out, overwrite, protected)
     saved = _adapter(adapter)
+    if base_name is not None and not (isinstance(base_name, str) and base_name.strip()):
+        raise ValueError(f"base_name must be a hub name or a path (a non-empty string), got {base_name!r}.")
     if isinstance(base, nn.Module):
         check_fits(record_of(saved), base)
     elif base is not None:
         locate_base(base, record_of(saved))
         saved = dataclasses.replace(saved, base_model_name_or_path=os.fspath(base))
+    if base_name is not None:
+        saved = dataclasses.replace(saved, base_model_name_or_path=base_name.strip())
     if isinstance(rank, str) and rank.strip().lower() == "all":
         ranks = list(saved.config.ranks)
 
