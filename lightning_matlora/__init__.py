@@ -40,7 +40,7 @@ from .nest_peft import NestResult, nest_adapter
 from .nesting import NestReport, nest_by_svd
 from .scaling import build_p, default_ranks, scale_of_rank
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     # train
