@@ -15,6 +15,10 @@ One fine-tuning run trains a nested adapter; any prefix rank k ≤ r_max of it i
 
 The names below are the public API; internals (the rank controller, the per-rank validation loop) stay
 importable from their modules (``lightning_matlora.rank``, ``lightning_matlora.control``, ...).
+
+Lightning is imported only by the names that need a Trainer (``MatryoshkaLoRA``, ``prepare_for_sharding``,
+``AdapterCheckpoint``), when they are first used: a serving box without Lightning can import the package, load an
+adapter into a transformers model, run it at a rank, merge it and export it (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -23,15 +27,13 @@ import importlib
 import warnings
 from typing import Any
 
-from .adapter_checkpoint import AdapterCheckpoint
 from .adapter_format import AdapterFormatError, SavedAdapter, read_adapter
 from .adapter_load import load_adapter
 from .adapter_save import save_adapter
-from .callback import MatryoshkaLoRA, prepare_for_sharding
 from .config import MatLoRAConfig
 from .control import at_rank, begin_step, get_rank, merge, paired_loss, set_rank, set_rank_scale, unmerge
 from .curve import RankCurve, aurac, describe_rank_choice, plot_rank_curves, select_rank
-from .distributed import full_adapter_state_dict
+from .adapter_state import full_adapter_state_dict
 from .export import export_peft, merge_to_base
 from .inject import adapted_layers
 from .layer import MatryoshkaLinear
@@ -60,6 +62,13 @@ __all__ = [
     "__version__",
 ]
 
+# The Lightning integration, imported on first use (the package imports without Lightning).
+_LIGHTNING = {
+    "MatryoshkaLoRA": "lightning_matlora.callback",
+    "prepare_for_sharding": "lightning_matlora.callback",
+    "AdapterCheckpoint": "lightning_matlora.adapter_checkpoint",
+}
+
 # Names that left the top level (still importable from their modules); the old spelling warns once per use.
 _MOVED = {
     "RankController": ("lightning_matlora.rank", "RankController"),
@@ -72,9 +81,17 @@ _MOVED = {
 
 
 def __getattr__(name: str) -> Any:
+    if name in _LIGHTNING:
+        value = getattr(importlib.import_module(_LIGHTNING[name]), name)
+        globals()[name] = value  # later lookups are plain attribute reads
+        return value
     if name in _MOVED:
         module, attr = _MOVED[name]
         warnings.warn(f"lightning_matlora.{name} is no longer public API: import {attr} from {module}.",
                       DeprecationWarning, stacklevel=2)
         return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'lightning_matlora' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LIGHTNING))
