@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import inspect
 import typing
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -21,7 +20,8 @@ from .config import CallbackSettings, MatLoRAConfig, fields_with_role, legacy_va
 from .curve import RankCurve
 from .evaluation import RankCurveValidation, check_rank_eval
 from .distributed import check_not_sharded, clean_name, is_deepspeed, prepare_strategy
-from .control import controller_of, run_paired_passes
+from .control import combine_pass_losses, controller_of, pass_loss, run_paired_passes
+from .isolation import isolated
 from .quantized import check_strategy_for_quantized
 from .inject import adapted_layers, freeze_base, inject, linear_layer_names, no_match_message
 from .rank import RankController
@@ -345,8 +345,9 @@ def _wrap_hook(pl_module: nn.Module, name: str, before: Callable | None = None, 
 
 def _wrap_training_step(pl_module: pl.LightningModule) -> None:
     """Make the module's ``training_step`` (this instance only, idempotent) a ``max_pass`` step: the user's step runs
-    in the max pass, then again on the same batch in the low pass with its ``self.log``/``self.log_dict`` calls
-    dropped, and returns the combination of both (see :func:`_combine_passes`). Lightning's DDP/FSDP/DeepSpeed
+    in the max pass, then again on the same batch in the low pass, isolated (:func:`~lightning_matlora.isolation.
+    isolated`: its ``self.log`` calls dropped, its torchmetrics updates discarded), and returns the combination of
+    both (see :func:`_combine_passes`). Lightning's DDP/FSDP/DeepSpeed
     wrappers call the module's ``training_step`` attribute, so they run this one."""
     wrapped: set[str] = pl_module.__dict__.setdefault(_WRAPPED, set())
     if "training_step" in wrapped:
@@ -359,63 +360,29 @@ def _wrap_training_step(pl_module: pl.LightningModule) -> None:
         if not ctrl.config.max_pass:  # another callback's adapter on the same module
             return original(*args, **kwargs)
         high, low, kl = run_paired_passes(ctrl, lambda: original(*args, **kwargs),
-                                          low_context=lambda: _logging_dropped(pl_module))
+                                          low_context=lambda: isolated(pl_module))
         return _combine_passes(pl_module, high, low, kl, ctrl.config.distill)
 
     object.__setattr__(pl_module, "training_step", training_step)
     wrapped.add("training_step")
 
 
-@contextlib.contextmanager
-def _logging_dropped(pl_module: pl.LightningModule) -> Iterator[None]:
-    """Inside the block, ``pl_module.log`` and ``pl_module.log_dict`` do nothing (instance attributes shadowing the
-    methods, removed after)."""
-    names = ("log", "log_dict")
-    saved = {n: pl_module.__dict__[n] for n in names if n in pl_module.__dict__}
-    for n in names:
-        object.__setattr__(pl_module, n, _no_log)
-    try:
-        yield
-    finally:
-        for n in names:
-            if n in saved:
-                object.__setattr__(pl_module, n, saved[n])
-            else:
-                pl_module.__dict__.pop(n, None)
-
-
-def _no_log(*args: Any, **kwargs: Any) -> None:
-    return None
-
-
-def _step_loss(out: Any, which: str) -> torch.Tensor:
-    loss = out.get("loss") if isinstance(out, dict) else out
-    if not isinstance(loss, torch.Tensor):
-        got = "a dict without a loss tensor under 'loss'" if isinstance(out, dict) else type(out).__name__
-        raise TypeError(f"max_pass=True combines the losses of the two passes of training_step, but its {which} pass "
-                        f"returned {got}: return the loss tensor, a dict with the loss under 'loss', or None to skip "
-                        f"the step.")
-    return loss
-
-
 def _combine_passes(pl_module: pl.LightningModule, high: Any, low: Any, kl: torch.Tensor | None = None,
                     weight: float = 0.0) -> Any:
     """The value of a ``max_pass`` step from the max pass's output ``high`` and the low pass's ``low``: a tensor →
-    the mean ``(L_max + L_low) / 2`` (plus ``weight·kl / 2`` with a distillation term ``kl``); a dict → ``high`` with
-    ``"loss"`` replaced by that value; ``None`` from either pass → ``None`` (the step is skipped). Logs the low
-    pass's loss as ``train/loss_low_ranks`` and ``kl`` as ``train/distill_kl``."""
+    the paired loss (:func:`~lightning_matlora.control.combine_pass_losses`); a dict → ``high`` with ``"loss"``
+    replaced by it; ``None`` from either pass → ``None`` (the step is skipped). Logs the low pass's loss as
+    ``train/loss_low_ranks`` and ``kl`` as ``train/distill_kl``."""
     if high is None or low is None:
         return None
-    high_loss, low_loss = _step_loss(high, "max"), _step_loss(low, "low")
+    high_loss, low_loss = pass_loss(high, "max"), pass_loss(low, "low")
     pl_module.log("train/loss_low_ranks", low_loss.detach())
-    total = high_loss + low_loss
     if kl is not None:
         pl_module.log("train/distill_kl", kl.detach())
-        total = total + weight * kl
-    mean = total / 2
+    loss = combine_pass_losses(high_loss, low_loss, kl, weight)
     if isinstance(high, dict):
-        return {**high, "loss": mean}
-    return mean
+        return {**high, "loss": loss}
+    return loss
 
 
 def _drop_frozen_from_optimizers(trainer: pl.Trainer) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ContextManager
 
 import torch
@@ -218,7 +218,8 @@ def paired_loss(model: nn.Module, compute: Callable[[], torch.Tensor]) -> torch.
 
     It costs two forwards and two backwards' worth of compute and keeps both passes' activations until the
     backward. Needs an adapter built with ``max_pass=True`` (``mode="rowwise"``) and the training setting
-    (``set_rank(model, None)``). The pass state is restored even if ``compute`` raises.
+    (``set_rank(model, None)``); ``compute`` returns the loss tensor (or a mapping with it under ``"loss"``) and
+    must not call ``paired_loss`` itself. The pass state is restored even if ``compute`` raises.
 
     >>> import torch
     >>> from torch import nn
@@ -237,14 +238,19 @@ def paired_loss(model: nn.Module, compute: Callable[[], torch.Tensor]) -> torch.
                          "but this model's adapter has max_pass=False: build it with MatryoshkaLoRA(..., "
                          "mode='rowwise', max_pass=True), or compute the loss directly (one pass) without "
                          "paired_loss.")
+    if ctrl.active_pass is not None:
+        raise RuntimeError(f"paired_loss was called inside a paired step (its {ctrl.active_pass} pass is running): "
+                           f"inside paired_loss's own compute, or inside a training_step that the MatryoshkaLoRA "
+                           f"callback already runs twice (automatic optimization). Compute the plain loss there; "
+                           f"call paired_loss only around one step's loss, in a hand-written loop or under manual "
+                           f"optimization.")
     ctrl.check_unmerged("training")
     if ctrl.setting is not None:
         raise ValueError(f"paired_loss trains the training forward, but the model is set to rank {ctrl.setting!r}: "
                          f"call set_rank(model, None) first.")
     high, low, kl = run_paired_passes(ctrl, compute)
-    if kl is None:
-        return (high + low) / 2
-    return (high + low + ctrl.config.distill * kl) / 2
+    return combine_pass_losses(pass_loss(high, "max", "compute"), pass_loss(low, "low", "compute"), kl,
+                               ctrl.config.distill)
 
 
 def run_paired_passes(ctrl: RankController, compute: Callable[[], Any],
@@ -259,3 +265,27 @@ def run_paired_passes(ctrl: RankController, compute: Callable[[], Any],
             low = compute()
         kl = distiller.kl() if distiller is not None and high is not None and low is not None else None
     return high, low, kl
+
+
+def pass_loss(out: Any, which: str, what: str = "training_step") -> torch.Tensor:
+    """The loss tensor of one pass's result ``out`` (a tensor, or a mapping with the loss under ``"loss"``);
+    raises a ``TypeError`` naming the fix otherwise. ``which``: ``"max"`` or ``"low"``; ``what``: the code that
+    returned ``out``."""
+    loss = out.get("loss") if isinstance(out, Mapping) else out
+    if not isinstance(loss, torch.Tensor):
+        got = "a dict without a loss tensor under 'loss'" if isinstance(out, Mapping) else type(out).__name__
+        raise TypeError(f"max_pass=True combines the losses of the two passes of {what}, but its {which} pass "
+                        f"returned {got}: return the loss tensor"
+                        + (", a dict with the loss under 'loss', or None to skip the step." if what == "training_step"
+                           else " (or a dict with the loss under 'loss')."))
+    return loss
+
+
+def combine_pass_losses(high: torch.Tensor, low: torch.Tensor, kl: torch.Tensor | None = None,
+                        weight: float = 0.0) -> torch.Tensor:
+    """The loss of a paired step (the one home of the formula): ``(L_max + L_low) / 2``, plus ``weight·kl / 2`` with
+    a distillation term ``kl``."""
+    total = high + low
+    if kl is not None:
+        total = total + weight * kl
+    return total / 2

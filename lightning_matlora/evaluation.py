@@ -15,8 +15,8 @@ Contract with the user's LightningModule (nothing MatryoshkaLoRA-specific in it)
 
 3. Right after Lightning's call, in ``on_validation_batch_end``, the callback evaluates every eval rank by
    calling ``validation_step`` again (through the strategy, as Lightning does: same precision context and model
-   wrappers) with ``self.log``/``self.log_dict`` silenced and the states of the module's other torchmetrics
-   metrics restored afterwards:
+   wrappers) with ``self.log``/``self.log_dict`` silenced and the updates of the module's other torchmetrics
+   metrics discarded (:mod:`lightning_matlora.isolation`):
 
    - *one pass per rank* (``"sequential"``, and always when the module has a ``RankCurveMetric``): the model
      is set to eval rank k (``at_rank``) and ``validation_step`` runs; every ``RankCurveMetric.update`` in it
@@ -41,21 +41,20 @@ counters) happen once per extra call; set ``rank_eval=None`` and drive the ranks
 
 from __future__ import annotations
 
-import contextlib
 import os
 import warnings
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ContextManager
 
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
-from torchmetrics import Metric
 
 from .config import MatLoRAConfig
 from .curve import RankCurve, format_curves_table, plot_rank_curves
+from .isolation import isolated
 from .metric import RankCurveMetric
 from .control import at_rank, get_rank
 
@@ -116,38 +115,11 @@ def step_loss(output: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     return loss, per_row
 
 
-@contextlib.contextmanager
-def silenced(module: pl.LightningModule) -> Iterator[None]:
-    """Run user code without its ``self.log``/``self.log_dict`` reaching Lightning and with the states of the
-    module's torchmetrics metrics restored afterwards (except the ``RankCurveMetric``s: their updates in the
-    per-rank calls are the point)."""
-    curves = {id(m) for c in module.modules() if isinstance(c, RankCurveMetric) for m in c.modules()}
-    metrics = [m for m in module.modules() if isinstance(m, Metric) and id(m) not in curves]
-    saved = []
-    for m in metrics:
-        state = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else
-                     [x.detach().clone() if isinstance(x, torch.Tensor) else x for x in v])
-                 for k, v in m.metric_state.items()}
-        saved.append((m, state, getattr(m, "_update_count", None), getattr(m, "_computed", None)))
-    patched = {}
-    for name in ("log", "log_dict"):
-        patched[name] = module.__dict__.get(name)
-        object.__setattr__(module, name, lambda *args, **kwargs: None)
-    try:
-        yield
-    finally:
-        for name, previous in patched.items():
-            if previous is None:
-                del module.__dict__[name]
-            else:
-                object.__setattr__(module, name, previous)
-        for m, state, count, computed in saved:
-            for k, v in state.items():
-                setattr(m, k, v)
-            if count is not None:
-                m._update_count = count
-            m._computed = computed
-
+def silenced(module: pl.LightningModule) -> ContextManager[None]:
+    """Run user code without its ``self.log``/``self.log_dict`` reaching Lightning and with the updates of the
+    module's torchmetrics metrics discarded (except the ``RankCurveMetric``s: their updates in the per-rank calls
+    are the point); see :func:`lightning_matlora.isolation.isolated`."""
+    return isolated(module, keep=lambda m: isinstance(m, RankCurveMetric))
 
 
 # ------------------------------------------------------------------------------------------ finding metrics
