@@ -185,10 +185,10 @@ class MatryoshkaLoRA(pl.Callback):
             self.controller.set_process(trainer.global_rank, trainer.world_size)
         self.controller.begin_step(trainer.global_step, batch_idx)
 
-    # per-rank validation and test: delegated to lightning_matlora.evaluation
+    # per-rank validation and test: lightning_matlora.evaluation (one hook serves both stages)
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.rank_eval is not None:
-            self.rank_eval.epoch_start(trainer, pl_module, "validate")
+            self.rank_eval.epoch_start(trainer, pl_module, "test" if trainer.testing else "validate")
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -198,20 +198,12 @@ class MatryoshkaLoRA(pl.Callback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.rank_eval is not None:
             self.rank_eval.epoch_end(trainer, pl_module)
+            if trainer.testing:
+                self.rank_eval.report(trainer, "test")
 
-    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.rank_eval is not None:
-            self.rank_eval.epoch_start(trainer, pl_module, "test")
-
-    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                          batch_idx: int, dataloader_idx: int = 0) -> None:
-        if self.rank_eval is not None:
-            self.rank_eval.batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
-
-    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.rank_eval is not None:
-            self.rank_eval.epoch_end(trainer, pl_module)
-            self.rank_eval.report(trainer, "test")
+    on_test_epoch_start = on_validation_epoch_start
+    on_test_batch_end = on_validation_batch_end
+    on_test_epoch_end = on_validation_epoch_end
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.rank_eval is not None and trainer.state.fn == "validate":

@@ -14,6 +14,7 @@ re-exported here.
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -93,6 +94,10 @@ def _is_model_parallel(strategy: Any) -> bool:
     return isinstance(strategy, ModelParallelStrategy)
 
 
+# the ModelParallelStrategy instances whose load_checkpoint loads adapter-only sharded checkpoints
+_PATCHED: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
 def _load_adapter_only_from_sharded_checkpoints(strategy: Any) -> None:
     """Let ``ModelParallelStrategy`` resume from a distributed checkpoint that holds only the adapter.
 
@@ -101,7 +106,7 @@ def _load_adapter_only_from_sharded_checkpoints(strategy: Any) -> None:
     requesting the trainable parameters (the adapter) and the optimizer states; the base keeps the weights it was
     built with. Full single-file checkpoints keep Lightning's own path (it honours ``strict_loading=False``).
     """
-    if getattr(strategy, "_matlora_load_patched", False):
+    if strategy in _PATCHED:
         return
     original = strategy.load_checkpoint
 
@@ -130,7 +135,7 @@ def _load_adapter_only_from_sharded_checkpoints(strategy: Any) -> None:
         return torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
 
     strategy.load_checkpoint = load_checkpoint
-    strategy._matlora_load_patched = True
+    _PATCHED.add(strategy)
 
 
 def check_not_sharded(pl_module: nn.Module, names: list[str]) -> None:

@@ -132,7 +132,7 @@ def find_rank_metrics(module: torch.nn.Module) -> dict[str, RankCurveMetric]:
         if not isinstance(m, RankCurveMetric):
             continue
         if m.name is None:
-            object.__setattr__(m, "_found_as", path.rsplit(".", 1)[-1])
+            m.found_as = path.rsplit(".", 1)[-1]
         name = m.curve_name
         if name in found:
             raise ValueError(f"Two RankCurveMetrics of the module are named {name!r} ({found[name][0]!r} and "
@@ -183,7 +183,7 @@ class RankCurveValidation:
         found = find_rank_metrics(pl_module)
         for name, m in found.items():
             if m.ranks is None:
-                m._set_ranks(self.ranks)
+                m.use_ranks(self.ranks)
                 m.to(_state_device(pl_module))  # found after the module was moved (e.g. built in configure_model)
             extra = sorted(set(m.ranks) - set(self.ranks))
             if extra:
@@ -191,14 +191,14 @@ class RankCurveValidation:
                                  f"(eval_ranks {self.ranks}, r_max {self.r_max}): build it without ranks= (it follows "
                                  f"the callback's eval ranks) or with ranks among {self.ranks}, or add them to "
                                  f"MatryoshkaLoRA(eval_ranks=...) (each in 1…r_max).")
-            m._evaluator = self
+            m.follow(self)
         if found and self.mode == "mixed":
             raise ValueError(f"rank_eval='mixed' evaluates all eval ranks in one forward, but the module has "
                              f"RankCurveMetrics ({sorted(found)}) whose update(preds, target) cannot be split by "
                              f"rank: use rank_eval='auto' or 'sequential' (one validation pass per rank).")
         for name, m in self.metrics.items():
             if name not in found or found[name] is not m:
-                m._evaluator = None
+                m.follow(None)
         self.metrics = found
         self._module = pl_module
 

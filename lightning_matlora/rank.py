@@ -25,7 +25,7 @@ import contextlib
 import dataclasses
 import warnings
 from collections.abc import Iterator
-from typing import Union
+from typing import Any, Union
 
 import torch
 from torch import nn
@@ -96,8 +96,9 @@ class RankController:
         # the adapted model
         self.layers: dict[str, nn.Module] = {}  # name → MatryoshkaLinear
         self.saved_modules: dict[str, nn.Module] = {}
-        # distill > 0: the lightning_matlora.distill.Distiller hooked on the distilled module (set at injection)
-        self.distiller = None
+        # distill > 0: the lightning_matlora.distill.Distiller hooked on the distilled module (set by
+        # lightning_matlora.distill.attach_distiller when the adapter is injected), else None
+        self.distiller: Any = None  # a Distiller (distill.py sits above this module)
 
     # ----------------------------------------------------------------------------------------------- settings
     @property
