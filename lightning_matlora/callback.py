@@ -70,7 +70,8 @@ class MatryoshkaLoRA(pl.Callback):
                                                                     self.save_best_mode, verbose)
         self._saver_active = True  # False when the Trainer has its own AdapterCheckpoint
         rank_eval = self.settings.rank_eval
-        self.rank_eval = (RankCurveValidation(self.config, rank_eval, verbose=verbose)
+        self.rank_eval = (RankCurveValidation(self.config, rank_eval, verbose=verbose,
+                                              base_scores=self.settings.base_scores)
                           if check_rank_eval(rank_eval) is not None else None)
 
     # ----------------------------------------------------------------------------------------- public API
@@ -90,6 +91,18 @@ class MatryoshkaLoRA(pl.Callback):
     def last_test_curves(self) -> list[RankCurve]:
         """The last ``trainer.test`` run's rank curves (logged as ``test/<name>@r<k>``); empty before any."""
         return list(self.rank_eval.test_curves) if self.rank_eval is not None else []
+
+    @property
+    def base_scores(self) -> dict[str, float] | None:
+        """The base model's scores by curve name, shown in the rank-curve table (a ``base`` row) and plots (a line);
+        settable during the run, e.g. once measured in the module's ``on_fit_start``."""
+        return self.settings.base_scores
+
+    @base_scores.setter
+    def base_scores(self, scores: dict[str, float] | None) -> None:
+        self.settings.base_scores = dict(scores) if scores is not None else None
+        if self.rank_eval is not None:
+            self.rank_eval.base_scores = self.settings.base_scores
 
     @property
     def adapter_path(self) -> str | None:

@@ -388,6 +388,11 @@ class CallbackSettings:
         "of ``fit``/``validate``; ``last_curves`` holds them. ``\"auto\"`` (one mixed-rank pass when the step "
         "returns per-row losses and the module has no ``RankCurveMetric``, else one pass per rank), ``\"mixed\"``, "
         "``\"sequential\"``, or ``None`` to turn it off.")
+    base_scores: dict[str, float] | None = option(
+        None, "the base model's scores (no adapter), by curve name (``\"loss\"``, or a ``RankCurveMetric``'s "
+        "name): a ``base`` row of the rank-curve table and a dashed \"base model\" line on each rank-curve plot. "
+        "Give measured values, or set ``.base_scores`` on the callback during the run (e.g. in the module's "
+        "``on_fit_start``, after measuring the base with the adapter at zero).")
 
 
 # ------------------------------------------------------------------------------------- derived from the fields

@@ -155,15 +155,18 @@ class RankCurveValidation:
         mode: ``"auto"``, ``"mixed"`` (one pass), ``"sequential"`` (one pass per rank); see the module doc.
         tolerance: relative tolerance of the rank advice printed with the table.
         verbose: print the table at the end of ``fit``/``validate``/``test``.
+        base_scores: the base model's scores by curve name, shown as the table's ``base`` row and as a line on
+            each plot (``None``: none).
     """
 
     def __init__(self, config: MatLoRAConfig, mode: str = "auto", tolerance: float = 0.01,
-                 verbose: bool = True) -> None:
+                 verbose: bool = True, base_scores: Mapping[str, float] | None = None) -> None:
         self.mode = check_rank_eval(mode)
         self.ranks = list(config.eval_ranks)
         self.r_max = config.r_max
         self.tolerance = tolerance
         self.verbose = verbose
+        self.base_scores = base_scores  # the base model's scores by curve name: the table's base row, the plots' line
         self.loss = RankCurveMetric(ranks=self.ranks, name=LOSS, higher_is_better=False)
         self.metrics: dict[str, RankCurveMetric] = {}  # the module's RankCurveMetrics, by curve name
         self.history: list[tuple[int, list[RankCurve]]] = []  # validation epochs: (epoch, one curve per metric)
@@ -343,7 +346,7 @@ class RankCurveValidation:
         else:
             return
         if curves:
-            rank_zero_info(format_curves_table(curves, tolerance=self.tolerance,
+            rank_zero_info(format_curves_table(curves, tolerance=self.tolerance, base=self.base_scores,
                                                title=f"MatryoshkaLoRA rank curves ({what}; ↓ lower is better, "
                                                      f"↑ higher is better):"))
 
@@ -362,6 +365,7 @@ class RankCurveValidation:
                                   labels=[f"epoch {e}: AURAC {c.aurac():.4g}" for e, c in series] if few else None,
                                   ylabel=f"val/{name} ({'higher' if series[-1][1].higher_is_better else 'lower'} is "
                                          f"better)",
+                                  base=(self.base_scores or {}).get(name),
                                   title=f"MatryoshkaLoRA rank curve of {name}" + (
                                       "" if few else f", epochs {series[0][0]}–{series[-1][0]} (dark → bright)"))
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
