@@ -79,7 +79,7 @@ class InstructLM(pl.LightningModule):
         max_new_tokens: generation budget per answer (validation and predict).
         rank: the rank ``predict`` generates at (default r_max).
         adapter: a saved adapter directory to load before validate/test/predict.
-        output_dir: where the end of ``fit`` writes ``rank_curve.json`` and ``rank_curve.png`` (default: the
+        output_dir: where the end of ``fit`` writes ``rank_curve.json`` (default: the
             logger's directory). The adapter goes where the callback's ``save_adapter`` says.
         quantize: load the frozen base quantized with bitsandbytes: ``"nf4"`` or ``"fp4"`` (4-bit, double
             quantization, compute dtype ``dtype``) or ``"int8"`` (LLM.int8); None (default) keeps it unquantized.
