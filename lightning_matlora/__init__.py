@@ -14,7 +14,7 @@ One fine-tuning run trains a nested adapter; any prefix rank k ≤ r_max of it i
 (1, 4)
 
 The names below are the public API; internals (the rank controller, the per-rank validation loop) stay
-importable from their modules (``lightning_matlora.rank``, ``lightning_matlora.control``, ...).
+importable from their modules (``lightning_matlora.rank``, ``lightning_matlora.adapted_model``, ...).
 
 Lightning is imported only by the names that need a Trainer (``MatryoshkaLoRA``, ``prepare_for_sharding``,
 ``AdapterCheckpoint``), when they are first used: a serving box without Lightning can import the package, load an
@@ -31,7 +31,7 @@ from .adapter_format import AdapterFormatError, SavedAdapter, read_adapter
 from .adapter_load import load_adapter
 from .adapter_save import save_adapter
 from .config import MatLoRAConfig
-from .control import at_rank, begin_step, get_rank, merge, paired_loss, set_rank, set_rank_scale, unmerge
+from .adapted_model import at_rank, begin_step, get_rank, merge, paired_loss, set_rank, set_rank_scale, unmerge
 from .curve import RankCurve, aurac, describe_rank_choice, plot_rank_curves, select_rank
 from .adapter_state import full_adapter_state_dict
 from .export import export_peft, merge_to_base
@@ -73,8 +73,8 @@ _LIGHTNING = {
 _MOVED = {
     "RankController": ("lightning_matlora.rank", "RankController"),
     "RankPlan": ("lightning_matlora.rank", "RankPlan"),
-    "controller_of": ("lightning_matlora.control", "controller_of"),
-    "RankCurveValidation": ("lightning_matlora.evaluation", "RankCurveValidation"),
+    "controller_of": ("lightning_matlora.adapted_model", "controller_of"),
+    "RankCurveValidation": ("lightning_matlora.rank_validation", "RankCurveValidation"),
     "format_curve_table": ("lightning_matlora.curve", "format_curve_table"),
     "rank_scale": ("lightning_matlora.scaling", "scale_of_rank"),
 }

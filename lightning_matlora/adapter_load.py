@@ -17,7 +17,7 @@ from .adapter_save import model_root
 from .config import MatLoRAConfig
 from .inject import adapted_layers, find_targets, freeze_base, inject
 from .layer import MatryoshkaLinear, is_supported, layer_dims
-from .control import controller_of
+from .adapted_model import controller_of
 from .rank import RankController
 
 _RULE_FIELDS = ("r_max", "scaling", "alpha", "rank_scale", "ranks", "p")

@@ -18,7 +18,7 @@ from .config import MatLoRAConfig
 from .curve import RankCurve
 from .adapter_state import clean_name, full_adapter_state_dict
 from .inject import _saved_prefixes, adapted_layers
-from .control import controller_of
+from .adapted_model import controller_of
 
 
 def transformers_types() -> tuple[type, ...]:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .control import controller_of
+from .adapted_model import controller_of
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl

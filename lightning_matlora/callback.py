@@ -18,9 +18,9 @@ from torch import nn
 from .adapter_checkpoint import AdapterCheckpoint, callback_checkpoint, trainer_checkpoints
 from .config import CallbackSettings, MatLoRAConfig, fields_with_role, legacy_values, options_doc
 from .curve import RankCurve
-from .evaluation import RankCurveValidation, check_rank_eval
+from .rank_validation import RankCurveValidation, check_rank_eval
 from .distributed import check_not_sharded, clean_name, is_deepspeed, prepare_strategy
-from .control import combine_pass_losses, controller_of, pass_loss, run_paired_passes
+from .adapted_model import combine_pass_losses, controller_of, pass_loss, run_paired_passes
 from .isolation import isolated
 from .quantized import check_strategy_for_quantized
 from .inject import adapted_layers, freeze_base, inject, linear_layer_names, no_match_message
@@ -198,7 +198,7 @@ class MatryoshkaLoRA(pl.Callback):
             self.controller.set_process(trainer.global_rank, trainer.world_size)
         self.controller.begin_step(trainer.global_step, batch_idx)
 
-    # per-rank validation and test: lightning_matlora.evaluation (one hook serves both stages)
+    # per-rank validation and test: lightning_matlora.rank_validation (one hook serves both stages)
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.rank_eval is not None:
             self.rank_eval.epoch_start(trainer, pl_module, "test" if trainer.testing else "validate")
@@ -375,7 +375,7 @@ def _wrap_training_step(pl_module: pl.LightningModule) -> None:
 def _combine_passes(pl_module: pl.LightningModule, high: Any, low: Any, kl: torch.Tensor | None = None,
                     weight: float = 0.0) -> Any:
     """The value of a ``max_pass`` step from the max pass's output ``high`` and the low pass's ``low``: a tensor →
-    the paired loss (:func:`~lightning_matlora.control.combine_pass_losses`); a dict → ``high`` with ``"loss"``
+    the paired loss (:func:`~lightning_matlora.adapted_model.combine_pass_losses`); a dict → ``high`` with ``"loss"``
     replaced by it; ``None`` from either pass → ``None`` (the step is skipped). Logs the low pass's loss as
     ``train/loss_low_ranks`` and ``kl`` as ``train/distill_kl``."""
     if high is None or low is None:

@@ -381,7 +381,7 @@ class CallbackSettings:
         "``save_best_mode``), ``None``/``False`` keeps no best adapter.")
     save_best_mode: str = option("auto", "``\"auto\"`` (as above), ``\"min\"`` or ``\"max\"``.")
     rank_eval: str | None = option(
-        "auto", "rank curves (see :mod:`lightning_matlora.evaluation` and docs/rank-curves.md): every validation (and "
+        "auto", "rank curves (see :mod:`lightning_matlora.rank_validation` and docs/rank-curves.md): every validation (and "
         "test) epoch, the loss returned by ``validation_step`` and every :class:`~lightning_matlora.RankCurveMetric` "
         "on the module are measured at every eval rank and logged as ``val/<name>@r<k>`` and ``val/aurac_<name>`` "
         "(``name``: ``loss``, or the metric's name), plotted (one PNG per metric) and printed as a table at the end "

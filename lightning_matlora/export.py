@@ -29,7 +29,7 @@ from .adapter_format import SavedAdapter, read_adapter
 from .adapter_load import check_base
 from .adapter_save import model_root, snapshot, transformers_types
 from .atomic import atomic_directory
-from .control import controller_of
+from .adapted_model import controller_of
 from .inject import adapted_layers
 from .layer import MatryoshkaLinear
 from .quantized import is_quantized

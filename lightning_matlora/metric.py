@@ -45,7 +45,7 @@ class WeightedMean(Metric):
 
 class RankSource(Protocol):
     """What a :class:`RankCurveMetric` asks of the code that runs the ranks (the MatryoshkaLoRA callback's per-rank
-    validation, :class:`~lightning_matlora.evaluation.RankCurveValidation`): the rank an update without a rank
+    validation, :class:`~lightning_matlora.rank_validation.RankCurveValidation`): the rank an update without a rank
     counts for now."""
 
     def active_rank(self, name: str) -> int | None:

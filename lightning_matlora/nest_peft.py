@@ -207,7 +207,7 @@ def rank_losses(model: nn.Module, encoded: Sequence[tuple[list[int], list[int]]]
     same)."""
     import torch.nn.functional as F
 
-    from .control import at_rank
+    from .adapted_model import at_rank
 
     device = next(model.parameters()).device
     was_training = model.training

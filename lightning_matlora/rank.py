@@ -62,11 +62,11 @@ class RankController:
     Rank state: the active setting, the per-step draws of ``"dylora"``/``"rowwise"`` and the plan cache. Model
     state: :attr:`layers` (adapted layers by name, relative to the module they were injected into), the
     ``modules_to_save`` modules, :attr:`merged_rank` and :meth:`owned_tensors`. Obtain a model's controller with
-    :func:`lightning_matlora.control.controller_of`.
+    :func:`lightning_matlora.adapted_model.controller_of`.
 
     >>> from torch import nn
     >>> from lightning_matlora import MatryoshkaLoRA
-    >>> from lightning_matlora.control import controller_of
+    >>> from lightning_matlora.adapted_model import controller_of
     >>> model = nn.Sequential(nn.Linear(8, 8))
     >>> _ = MatryoshkaLoRA(r_max=4, verbose=False).apply(model)
     >>> ctrl = controller_of(model)
@@ -349,7 +349,7 @@ class RankController:
     def attach(self, root: nn.Module, layers: dict[str, nn.Module],
                saved_modules: dict[str, nn.Module] | None = None) -> None:
         """Make this the controller of ``root``: record its adapted layers and ``modules_to_save`` (by name,
-        relative to ``root``), store itself on ``root`` (so :func:`~lightning_matlora.control.controller_of` is a
+        relative to ``root``), store itself on ``root`` (so :func:`~lightning_matlora.adapted_model.controller_of` is a
         lookup) and let ``root``'s training forwards draw steps when ``begin_step`` is never called."""
         self.layers = dict(layers)
         self.saved_modules = dict(saved_modules or {})

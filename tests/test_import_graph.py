@@ -70,9 +70,11 @@ def test_the_cycle_finder_finds_cycles():
 #: The package's layers, bottom up (docs/architecture.md): a module imports only from its own layer or below.
 LAYERS = {
     "core": {"version", "scaling", "config", "curve", "atomic", "zero_stage", "quantized", "rank", "distill", "layer",
-             "inject", "control", "nesting", "summary", "metric"},
+             "inject", "adapted_model", "nesting", "summary", "metric",
+             "control"},  # control: the deprecated name of adapted_model
     "files": {"adapter_format", "adapter_state", "adapter_save", "adapter_load", "peft_lora", "export", "nest_peft"},
-    "lightning": {"isolation", "distributed", "evaluation", "adapter_checkpoint", "callback"},
+    "lightning": {"isolation", "distributed", "rank_validation", "adapter_checkpoint", "callback",
+                  "evaluation"},  # evaluation: the deprecated name of rank_validation
     "entry": {"cli"},
 }
 #: imports that break the layering today, each with the issue that removes it
@@ -125,3 +127,17 @@ def test_no_module_writes_another_objects_private_attributes():
                     and str(node.args[1].value).startswith("_") and ast.unparse(node.args[0]) != "self":
                 offending.append(f"{path.name}:{node.lineno} {ast.unparse(node)}")
     assert offending == [], offending
+
+
+def test_renamed_modules_still_import_with_a_deprecation_warning():
+    import importlib
+    import sys
+    import warnings
+
+    for old, new, name in (("control", "adapted_model", "set_rank"), ("evaluation", "rank_validation", "step_loss")):
+        sys.modules.pop(f"lightning_matlora.{old}", None)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            module = importlib.import_module(f"lightning_matlora.{old}")
+        assert any(issubclass(w.category, DeprecationWarning) and new in str(w.message) for w in caught), old
+        assert getattr(module, name) is getattr(importlib.import_module(f"lightning_matlora.{new}"), name)

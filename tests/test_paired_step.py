@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric, MetricCollection, SumMetric
 
 import lightning_matlora as lm
-from lightning_matlora.control import controller_of
+from lightning_matlora.adapted_model import controller_of
 
 ROWS, BATCH = 24, 4
 
