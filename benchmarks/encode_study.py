@@ -50,7 +50,7 @@ sys.path.insert(0, str(RECIPES))
 sys.path.insert(1, str(HERE.parent))
 
 from lightning_matlora import MatryoshkaLoRA, at_rank, begin_step, paired_loss, set_rank  # noqa: E402
-from lightning_matlora.control import controller_of  # noqa: E402
+from lightning_matlora.adapted_model import controller_of  # noqa: E402
 from lightning_matlora.inject import adapted_layers  # noqa: E402
 from lightning_matlora.scaling import scale_of_rank  # noqa: E402
 
@@ -302,7 +302,8 @@ def main() -> None:
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    from instruct_data import InstructData, collate, final_answer
+    from instruct_data import InstructData, collate
+    from instruct_encoding import final_answer
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(args.seed)

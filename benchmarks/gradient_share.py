@@ -33,7 +33,7 @@ sys.path.insert(2, str(HERE))
 
 from encode_study import Schedule  # noqa: E402
 from lightning_matlora import MatryoshkaLoRA, adapted_layers, at_rank, begin_step, paired_loss  # noqa: E402
-from lightning_matlora.control import controller_of  # noqa: E402
+from lightning_matlora.adapted_model import controller_of  # noqa: E402
 
 RANKS = [1, 2, 4, 8, 16]
 SHARED = 8  # components 1..8 serve every train rank; 9..16 only r_max
