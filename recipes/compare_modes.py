@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from lightning_matlora import aurac
+
 HERE = Path(__file__).resolve().parent
 SETTINGS = ["matryoshka:rank", "matryoshka:trained", "rowwise:rank", "dylora:rank"]
 
@@ -39,8 +41,6 @@ def main() -> None:
     extra = args[args.index("--") + 1:] if "--" in args else []
     settings = (args[:args.index("--")] if "--" in args else args) or SETTINGS
     root = Path("runs/compare")
-    sys.path.insert(0, str(HERE.parent))
-    from lightning_matlora import aurac
 
     rows = []
     for s in settings:

@@ -8,55 +8,119 @@ except ``mode``/``rank_scale``, AdamW with 20 warm-up steps and linear decay, ba
 thread. Prints, per eval rank, the answer-token accuracy on the first 200 validation examples (teacher
 forcing) and the greedy exact match on the first 100, before and after training, with the AURAC of each.
 """
-import sys, time, torch
+
+from __future__ import annotations
+
+import sys
+import time
 from pathlib import Path
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE)); sys.path.insert(1, str(HERE.parent))
-torch.set_num_threads(1)
-from instruct_data import InstructData, collate, final_answer
+
+import torch
 from transformers import AutoModelForCausalLM
+
+from instruct_data import InstructData
+from instruct_encoding import Encoded, collate, final_answer
 from lightning_matlora import MatryoshkaLoRA, at_rank, aurac, begin_step
-mode, rule, lr, steps = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
-r_max = int(sys.argv[5]) if len(sys.argv) > 5 else 16
-torch.manual_seed(0)
-dm = InstructData(tokenizer=str(HERE / 'assets' / 'base'), max_length=64); dm.setup('fit')
-tok = dm.tokenizer
-model = AutoModelForCausalLM.from_pretrained(str(HERE / 'assets' / 'base'))
-cb = MatryoshkaLoRA(r_max=r_max, mode=mode, rank_scale=rule, verbose=False, save_adapter=False, rank_eval=None)
-cb.apply(model)
-params = [p for p in model.parameters() if p.requires_grad]
-opt = torch.optim.AdamW(params, lr=lr)
-sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s+1)/20, max(0.0, (steps-s)/(steps-20))))
-val = dm.splits['val'][:200]
-def evaluate():
-    model.eval(); res = {}
-    vb = collate(val, tok.pad_token_id)
-    for k in cb.config.eval_ranks:
+
+BASE = Path(__file__).resolve().parent / "assets" / "base"
+BATCH = 32
+WARMUP_STEPS = 20
+N_TOKEN_ACCURACY = 200  # validation examples scored by answer-token accuracy
+N_EXACT_MATCH = 100  # the first of those, also scored by greedy exact match
+MAX_NEW_TOKENS = 12
+LOG_EVERY = 100  # steps between two loss lines
+
+
+def token_accuracy(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> float:
+    """The share (%) of answer tokens predicted right under teacher forcing."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    answer = labels != -100
+    return 100 * float(((logits.argmax(-1) == labels) & answer).sum() / answer.sum())
+
+
+def exact_match(model: torch.nn.Module, examples: list[Encoded], tokenizer) -> float:
+    """The share (%) of ``examples`` whose greedy answer (prompts left-padded, at most ``MAX_NEW_TOKENS`` new
+    tokens) has the reference final answer."""
+    width = max(e.n_prompt for e in examples)
+    ids = torch.full((len(examples), width), tokenizer.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for row, e in enumerate(examples):
+        ids[row, width - e.n_prompt:] = torch.tensor(e.input_ids[:e.n_prompt])
+        mask[row, width - e.n_prompt:] = 1
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    return 100 * sum(final_answer(t) == e.reference for t, e in zip(texts, examples)) / len(examples)
+
+
+def evaluate(model: torch.nn.Module, ranks: list[int], val: list[Encoded], tokenizer) -> dict[int, tuple]:
+    """``{rank: (answer-token accuracy %, exact match %)}``, each rounded to 0.1."""
+    model.eval()
+    batch = collate(val, tokenizer.pad_token_id)
+    scores = {}
+    for k in ranks:
         with torch.no_grad(), at_rank(model, k):
-            lg = model(input_ids=vb['input_ids'], attention_mask=vb['attention_mask']).logits[:, :-1]
-            lab = vb['labels'][:, 1:]; m = lab != -100
-            acc = 100 * float(((lg.argmax(-1) == lab) & m).sum() / m.sum())
-            # greedy EM on 100
-            ex = val[:100]; n = max(e.n_prompt for e in ex)
-            ids = torch.full((len(ex), n), tok.pad_token_id); am = torch.zeros_like(ids)
-            for j, e in enumerate(ex):
-                ids[j, n-e.n_prompt:] = torch.tensor(e.input_ids[:e.n_prompt]); am[j, n-e.n_prompt:] = 1
-            g = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=12, do_sample=False,
-                               pad_token_id=tok.pad_token_id)
-            txt = tok.batch_decode(g[:, n:], skip_special_tokens=True)
-            em = 100 * sum(final_answer(t) == e.reference for t, e in zip(txt, ex)) / len(ex)
-        res[k] = (round(acc, 1), round(em, 1))
-    model.train(); return res
-print('base', evaluate(), flush=True)
-g = torch.Generator().manual_seed(0); train = dm.splits['train']; step = 0; t0 = time.time()
-while step < steps:
-    for i in torch.randperm(len(train), generator=g).split(32):
-        if len(i) < 32: continue
-        b = collate([train[j] for j in i], tok.pad_token_id)
-        begin_step(model, step)
-        loss = model(**b).loss; loss.backward(); opt.step(); sched.step(); opt.zero_grad(); step += 1
-        if step % 100 == 0: print(step, round(float(loss), 3), f'{time.time()-t0:.0f}s', flush=True)
-        if step >= steps: break
-r = evaluate()
-print(mode, rule, lr, steps, r, 'AURAC acc', round(aurac(list(r), [v[0] for v in r.values()]), 1),
-      'em', round(aurac(list(r), [v[1] for v in r.values()]), 1), flush=True)
+            accuracy = token_accuracy(model, batch)
+            em = exact_match(model, val[:N_EXACT_MATCH], tokenizer)
+        scores[k] = (round(accuracy, 1), round(em, 1))
+    model.train()
+    return scores
+
+
+def warmup_then_linear_decay(steps: int):
+    """The learning-rate factor of step ``s``: linear warm-up over ``WARMUP_STEPS``, then linear decay to 0."""
+    return lambda s: min((s + 1) / WARMUP_STEPS, max(0.0, (steps - s) / (steps - WARMUP_STEPS)))
+
+
+def train(model: torch.nn.Module, examples: list[Encoded], pad_id: int, lr: float, steps: int) -> None:
+    """``steps`` AdamW steps over full batches of ``examples``, reshuffled (seed 0) every epoch."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_then_linear_decay(steps))
+    order = torch.Generator().manual_seed(0)
+    step, t0 = 0, time.time()
+    while step < steps:
+        for idx in torch.randperm(len(examples), generator=order).split(BATCH):
+            if len(idx) < BATCH:  # the last, partial batch of an epoch is dropped
+                continue
+            batch = collate([examples[j] for j in idx], pad_id)
+            begin_step(model, step)
+            loss = model(**batch).loss
+            loss.backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+            step += 1
+            if step % LOG_EVERY == 0:
+                print(step, round(float(loss), 3), f"{time.time() - t0:.0f}s", flush=True)
+            if step >= steps:
+                break
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) not in (4, 5):
+        raise SystemExit(__doc__)
+    mode, rule, lr, steps = argv[0], argv[1], float(argv[2]), int(argv[3])
+    r_max = int(argv[4]) if len(argv) > 4 else 16
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    data = InstructData(tokenizer=str(BASE), max_length=64)
+    data.setup("fit")
+    tokenizer = data.tokenizer
+    model = AutoModelForCausalLM.from_pretrained(str(BASE))
+    cb = MatryoshkaLoRA(r_max=r_max, mode=mode, rank_scale=rule, verbose=False, save_adapter=False, rank_eval=None)
+    cb.apply(model)
+    ranks = list(cb.config.eval_ranks)
+    val = data.splits["val"][:N_TOKEN_ACCURACY]
+
+    print("base", evaluate(model, ranks, val, tokenizer), flush=True)
+    train(model, data.splits["train"], tokenizer.pad_token_id, lr, steps)
+    scores = evaluate(model, ranks, val, tokenizer)
+    accuracy_aurac = round(aurac(list(scores), [acc for acc, _ in scores.values()]), 1)
+    em_aurac = round(aurac(list(scores), [em for _, em in scores.values()]), 1)
+    print(mode, rule, lr, steps, scores, "AURAC acc", accuracy_aurac, "em", em_aurac, flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

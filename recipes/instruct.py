@@ -19,19 +19,16 @@ measures the module's rank-curve metrics at every eval rank, and saves the adapt
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional
 
+import torch
+from lightning.pytorch.cli import LightningCLI
+
+from instruct_data import InstructData
+from instruct_module import InstructLM
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # recipes/ modules
-sys.path.insert(1, str(HERE.parent))  # the package, when run from a checkout
-
-import torch  # noqa: E402
-from lightning.pytorch.cli import LightningCLI  # noqa: E402
-
-from instruct_data import InstructData  # noqa: E402
-from instruct_module import InstructLM  # noqa: E402
 
 DEFAULT_CONFIG = HERE / "configs" / "default.yaml"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")

@@ -196,7 +196,7 @@ class InstructLM(pl.LightningModule):
     def _exact_match_counts(self) -> tuple[float, int]:
         """(percentage, count) of this process's share of the first ``num_generate`` validation (or test) examples
         whose greedy final answer is right, at the current rank."""
-        from instruct_data import final_answer
+        from instruct_encoding import final_answer
 
         split = "test" if self.trainer.testing else "val"
         examples = self.trainer.datamodule.splits[split][:self.hparams.num_generate]

@@ -20,14 +20,11 @@ from __future__ import annotations
 
 import math
 import string
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import make_data  # noqa: E402
+import make_data
 
 OUT = make_data.ASSETS / "base"
 SEED = 0

@@ -17,6 +17,7 @@ RECIPES = ROOT / "recipes"
 sys.path.insert(0, str(RECIPES))
 
 import instruct_data as idata  # noqa: E402
+import instruct_encoding as encoding  # noqa: E402
 import instruct_module as imod  # noqa: E402
 import make_data  # noqa: E402
 
@@ -72,7 +73,7 @@ def test_bundled_base_knows_the_format_but_not_the_code():
     def answers(verb):
         enc = tok([make_data.PROMPT.format(question=f"{verb} {w}") for w in words], return_tensors="pt", padding=True)
         out = model.generate(**enc, max_new_tokens=10, do_sample=False)
-        return [idata.final_answer(t) for t in tok.batch_decode(out[:, enc["input_ids"].shape[1]:],
+        return [encoding.final_answer(t) for t in tok.batch_decode(out[:, enc["input_ids"].shape[1]:],
                                                                  skip_special_tokens=True)]
 
     assert answers("Copy") == words
@@ -82,13 +83,13 @@ def test_bundled_base_knows_the_format_but_not_the_code():
 def test_bundled_data_is_the_generator_output_and_gsm8k_style():
     rows = [json.loads(line) for line in DATA.read_text().splitlines()]
     assert rows == make_data.task_examples()
-    assert idata.detect_schema(list(rows[0])) == "gsm8k"
+    assert encoding.detect_schema(list(rows[0])) == "gsm8k"
     mapping = make_data.code()
     assert sorted(mapping) == sorted(mapping.values())  # a permutation
     assert sum(a != b for a, b in mapping.items()) == 2 * make_data.N_SWAPS
     for r in rows[:50]:
         word = r["question"].split()[-1]
-        assert idata.final_answer(r["answer"]) == "".join(mapping[c] for c in word)
+        assert encoding.final_answer(r["answer"]) == "".join(mapping[c] for c in word)
 
 
 # ------------------------------------------------------------------------------------------------ the CLI
@@ -204,9 +205,9 @@ def test_examples_mask_the_prompt_and_end_with_eos():
 
     tok = AutoTokenizer.from_pretrained(str(BASE))
     rows = [{"question": "Encode ab", "answer": "#### cu"}, {"question": "Encode kaer", "answer": "#### kber"}]
-    ex, n_trunc = idata.encode_examples(rows, tok, "gsm8k", "auto", 64)
+    ex, n_trunc = encoding.encode_examples(rows, tok, "gsm8k", "auto", 64)
     assert n_trunc == 0
-    batch = idata.collate(ex, tok.pad_token_id)
+    batch = encoding.collate(ex, tok.pad_token_id)
     for i, r in enumerate(rows):
         prompt = "Question: " + r["question"] + "\nAnswer: "
         want_ids = [tok.bos_token_id] + tok.convert_tokens_to_ids(list(prompt + r["answer"])) + [tok.eos_token_id]
@@ -227,10 +228,10 @@ def test_alpaca_schema_and_templates(tmp_path):
     tok = dm.tokenizer
     e = next(e for e in dm.splits["train"] + dm.splits["val"] if tok.decode(e.input_ids).startswith("<s>Copy"))
     assert tok.decode(e.input_ids[:e.n_prompt], skip_special_tokens=True) == "Copy|ab="
-    assert idata.render_prompt(rows[0], "alpaca", "auto").endswith("### Instruction:\nSay hi\n\n### Response:\n")
-    assert "### Input:\nab" in idata.render_prompt(rows[1], "alpaca", "auto")
+    assert encoding.render_prompt(rows[0], "alpaca", "auto").endswith("### Instruction:\nSay hi\n\n### Response:\n")
+    assert "### Input:\nab" in encoding.render_prompt(rows[1], "alpaca", "auto")
     with pytest.raises(ValueError, match="uses the field 'question'.*instruction"):
-        idata.render_prompt(rows[0], "alpaca", "Q: {question}")
+        encoding.render_prompt(rows[0], "alpaca", "Q: {question}")
 
 
 def test_truncation_cuts_the_answer_tail_never_all_of_it_and_is_reported(tmp_path, caplog):
@@ -261,10 +262,10 @@ def test_split_is_deterministic_and_disjoint(tmp_path):
 
 
 def test_final_answer():
-    assert idata.final_answer("She has 3 + 4 = 7 apples.\n#### 1,234") == "1234"
-    assert idata.final_answer("so the answer is 42.") == "42"
-    assert idata.final_answer("#### kber") == "kber"
-    assert idata.final_answer("no number here ") == "no number here"
+    assert encoding.final_answer("She has 3 + 4 = 7 apples.\n#### 1,234") == "1234"
+    assert encoding.final_answer("so the answer is 42.") == "42"
+    assert encoding.final_answer("#### kber") == "kber"
+    assert encoding.final_answer("no number here ") == "no number here"
 
 
 # --------------------------------------------------------------------------------------------- bad input

@@ -14,6 +14,7 @@ RECIPES = ROOT / "recipes"
 sys.path.insert(0, str(RECIPES))
 
 import instruct_data as idata  # noqa: E402
+import instruct_data_checks as checks  # noqa: E402
 
 # LightningCLI(args=...) warns when pytest's own argv is present; the recipe is driven through args= on purpose
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
@@ -93,12 +94,12 @@ def test_ten_megabyte_non_json_line_is_quoted_briefly(tmp_path):
 
 def test_a_line_longer_than_the_cap_is_refused_after_reading_the_cap(tmp_path, monkeypatch):
     """Memory stays bounded: a line is read up to MAX_LINE_BYTES + 1 bytes, never whole."""
-    monkeypatch.setattr(idata, "MAX_LINE_BYTES", 4096)
+    monkeypatch.setattr(checks, "MAX_LINE_BYTES", 4096)
     f = _file(tmp_path, GOOD_LINES[:2] + ['{"question": "' + "y" * 100_000 + '", "answer": "#### b"}'])
     with pytest.raises(ValueError, match=r"line 3: longer than 4,096 bytes \(it starts '\{\"question\": \"yyy") as err:
-        idata.check_json_lines(f)
+        checks.check_json_lines(f)
     assert len(str(err.value)) < 500
-    idata.check_json_lines(_file(tmp_path, GOOD_LINES, "good.jsonl"))  # lines under the cap pass
+    checks.check_json_lines(_file(tmp_path, GOOD_LINES, "good.jsonl"))  # lines under the cap pass
 
 
 def test_not_utf8_is_refused_with_its_line(tmp_path):
@@ -113,7 +114,7 @@ def test_blank_lines_are_skipped_not_empty(tmp_path):
     rows = [{"question": f"Encode w{i}", "answer": f"#### v{i}"} for i in range(80)]
     lines = ["", "", "  "] + [json.dumps(r) for r in rows[:40]] + [""] + [json.dumps(r) for r in rows[40:]] + ["", ""]
     f = _file(tmp_path, lines, "blanks.jsonl")
-    assert idata.check_json_lines(f) == 80
+    assert checks.check_json_lines(f) == 80
     dm = _setup(f, val_fraction=0.25)
     assert (len(dm.splits["train"]), len(dm.splits["val"])) == (60, 20)
     tok = dm.tokenizer
@@ -182,7 +183,7 @@ def test_parquet_null_cell_is_named_by_row(tmp_path):
 
 
 def test_every_row_of_the_bundled_data_passes():
-    assert idata.check_json_lines(Path(idata.DEFAULT_DATA)) == 4000
+    assert checks.check_json_lines(Path(idata.DEFAULT_DATA)) == 4000
 
 
 def test_bad_row_fails_in_the_cli_before_training(tmp_path):
@@ -243,3 +244,23 @@ def test_training_order_is_seeded_and_independent_of_workers(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(got, want))
     other = epochs(_setup(f, batch_size=4, seed=6), 1)[0]
     assert any(not torch.equal(a, b) for a, b in zip(other, ref[0]))
+
+
+def test_encoding_and_file_checks_stand_apart_from_the_datamodule():
+    """The recipe's three data concerns live in three modules: the encoding needs no other recipe module, the file
+    checks only the encoding (for the schemas), and neither needs Lightning or the DataModule."""
+    modules = {p.stem: p for p in RECIPES.glob("*.py")}
+    assert _imports(modules["instruct_encoding"]) & set(modules) == set()
+    assert _imports(modules["instruct_data_checks"]) & set(modules) == {"instruct_encoding"}
+    assert _imports(modules["instruct_data"]) & set(modules) >= {"instruct_encoding", "instruct_data_checks"}
+    for name in ("instruct_encoding", "instruct_data_checks"):
+        assert "lightning" not in _imports(modules[name])
+
+
+def test_no_script_edits_sys_path():
+    """Recipes import their sibling modules by name (Python puts a script's own folder first on its path)."""
+    for path in sorted(RECIPES.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        edits = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Attribute) and node.attr == "path"
+                 and isinstance(node.value, ast.Name) and node.value.id == "sys"]
+        assert not edits, f"{path.name} touches sys.path at line(s) {edits}"
