@@ -7,8 +7,9 @@ user's cache. Later loads read that directory (about a second for a 135M model i
 
 Cache: ``$LIGHTNING_MATLORA_CACHE`` if set, else ``$XDG_CACHE_HOME/lightning_matlora``, else
 ``~/.cache/lightning_matlora``; one directory per GGUF file under ``gguf/``, keyed by the file's resolved path,
-size and modification time (a file replaced in place gets a new directory) and the version of the conversion. Each directory is written under a
-temporary name and renamed into place when complete, so an interrupted conversion leaves no half-written cache.
+size and modification time (a file replaced in place gets a new directory) and the version of the conversion.
+Each directory is written under a temporary name and renamed into place when complete, so an interrupted
+conversion leaves no half-written cache.
 
 :func:`resolve_base` is the one entry point: it passes any other name (a local model directory, a hub name) through
 unchanged, so callers can apply it to every base they are given.

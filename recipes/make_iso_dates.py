@@ -7,12 +7,13 @@ Run ``python recipes/make_iso_dates.py`` (seeded; writes the same file every tim
 
 The dates (1900–2099, any valid day) are written in four English forms: ``March 5, 2021``, ``5 March 2021``,
 ``Mar 5, 2021`` and ``the 5th of March, 2021``; every example is a different (date, form) pair (May abbreviated is
-May, so a May date in the first and the third form reads the same: one question of the file occurs twice). A pretrained
-instruct model knows the months and what a date is, but answers in a sentence or in another format: SmolLM2-135M-
-Instruct scores a few percent exact match before fine-tuning. (The ``####`` marks the final answer as in GSM8K, so the recipe scores it; a bare
-date would also be read as a timestamp, not text, by ``datasets``' JSON loader.) The task needs the month-name →
-number mapping,
-zero padding and the reordering, learned from the examples: an instruction-following update of a real model.
+May, so a May date in the first and the third form reads the same: one question of the file occurs twice).
+
+A pretrained instruct model knows the months and what a date is, but answers in a sentence or in another format:
+SmolLM2-135M-Instruct scores 0 % exact match before fine-tuning. The task needs the month-name → number mapping,
+zero padding and the reordering, learned from the examples: an instruction-following update of a real model. The
+``####`` marks the final answer as in GSM8K, so the recipe scores it (a bare date would also be read as a
+timestamp, not text, by ``datasets``' JSON loader).
 """
 
 from __future__ import annotations
