@@ -302,7 +302,8 @@ def main() -> None:
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    from instruct_data import InstructData, collate, final_answer
+    from instruct_data import InstructData
+    from instruct_encoding import collate, final_answer
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(args.seed)
