@@ -136,3 +136,14 @@ def test_fit_from_a_gguf_file_with_the_chat_template(chat_base, tmp_path):
     assert [p.name.startswith("tiny-chat") for p in (cache / "gguf").iterdir()] == [True]
     config = (tmp_path / "run" / "lightning_logs" / "version_0" / "config.yaml").read_text()
     assert "template: chat" in config
+
+
+def test_smollm2_config_validates_at_the_end_of_its_run():
+    """The config's one epoch must end with a validation, or the run prints no rank table (the default config
+    validates every 2 epochs)."""
+    import yaml
+
+    cfg = yaml.safe_load((RECIPES / "configs" / "smollm2.yaml").read_text())
+    assert cfg["trainer"]["max_epochs"] % cfg["trainer"]["check_val_every_n_epoch"] == 0
+    assert cfg["model"]["name_or_path"] == "smollm2" and cfg["data"]["template"] == "chat"
+    assert cfg["data"]["max_train_examples"] // cfg["data"]["batch_size"] == 20  # the study's 20 steps
