@@ -65,19 +65,14 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+import torch
+# before lightning_matlora (which loads transformers): importing harness switches the hub off
+from accuracy_tasks import base_task, build_base, evaluate, regime_size, regime_task, task_loss
+from harness import TARGETS, read_jsonl, write_text
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from lightning_matlora import MatryoshkaLoRA, aurac, begin_step, build_p, default_ranks, set_rank, set_rank_scale
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from lightning_matlora import MatryoshkaLoRA, begin_step, build_p, default_ranks, set_rank, set_rank_scale  # noqa: E402,E501
-from lightning_matlora import aurac as _lib_aurac  # noqa: E402
-
 METHODS = ("matryoshka", "matryoshka-trained", "matryoshka-P/|S|", "rowwise", "rowwise-half", "paired", "dylora",
            "lora-truncated", "grid")
 ONE_RUN = ("matryoshka", "matryoshka-P/|S|", "rowwise", "rowwise-half", "paired", "dylora",
@@ -85,7 +80,6 @@ ONE_RUN = ("matryoshka", "matryoshka-P/|S|", "rowwise", "rowwise-half", "paired"
 PASSES = {"paired": 2}  # forward-backward passes per optimizer step (1 unless listed)
 REGIMES = ("small", "large", "chain")
 PLAIN = "plain LoRA at r_max"  # the grid's r_max member, reported on its own (lr chosen by its own accuracy)
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 SIZES = {
     # task (cipher kind, symbols, pairs per sequence, overridden entries), model, adapter, budgets
@@ -102,151 +96,6 @@ SIZES = {
                   steps=2000, batch=32, pretrain_steps=20000, override=4096, lrs=[3e-4, 1e-3, 3e-3], seeds=3, eval_rows=2048,
                   chain_task=dict(chain=True, symbols=512, override=131072)),
 }
-
-
-# ------------------------------------------------------------------------------------------------------ tasks
-@dataclasses.dataclass
-class Task:
-    """A cipher on sequences ``BOS x1 y1 x2 y2 …`` with loss and accuracy on the y tokens only.
-
-    ``chain=False``: y_i = table[x_i] (``table`` has length ``symbols``). ``chain=True``: y_i = table[y_{i-1}, x_i]
-    (``table`` is ``(symbols + 1) × symbols``, row ``symbols`` is the start row). Tokens are 0…symbols-1, BOS =
-    ``symbols``.
-    """
-
-    table: torch.Tensor
-    symbols: int
-    pairs: int
-    chain: bool = False
-
-    def sample(self, rows: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets), both ``rows × 2·pairs`` long tensors; targets are -100 where no loss is taken."""
-        V, L = self.symbols, self.pairs
-        x = torch.randint(V, (rows, L), generator=g)
-        if self.chain:
-            y = torch.empty_like(x)
-            prev = torch.full((rows,), V, dtype=torch.long)
-            for i in range(L):
-                y[:, i] = self.table[prev, x[:, i]]
-                prev = y[:, i]
-        else:
-            y = self.table[x]
-        seq = torch.empty(rows, 2 * L + 1, dtype=torch.long)
-        seq[:, 0] = V
-        seq[:, 1::2] = x
-        seq[:, 2::2] = y
-        inputs, targets = seq[:, :-1].clone(), seq[:, 1:].clone()
-        targets[:, 0::2] = -100  # the x positions are random: no loss there
-        return inputs, targets
-
-
-def _random_table(symbols: int, chain: bool, g: torch.Generator) -> torch.Tensor:
-    if chain:
-        return torch.stack([torch.randperm(symbols, generator=g) for _ in range(symbols + 1)])
-    return torch.randperm(symbols, generator=g)
-
-
-def base_task(size: dict, seed: int) -> Task:
-    g = torch.Generator().manual_seed(10_000 + seed)
-    return Task(_random_table(size["symbols"], size["chain"], g), size["symbols"], size["pairs"], size["chain"])
-
-
-def regime_size(size: dict, regime: str) -> dict:
-    """The settings a regime runs with: the size's, with the ``chain`` regime's own task (and base) settings."""
-    return size | size["chain_task"] if regime == "chain" else size
-
-
-def regime_task(regime: str, size: dict, base_seed: int) -> Task:
-    """``large``: a fresh random cipher; ``small`` and ``chain``: the base's cipher with ``size['override']``
-    entries changed (``size`` from :func:`regime_size`)."""
-    t0 = base_task(size, base_seed)
-    V = size["symbols"]
-    g = torch.Generator().manual_seed(20_000 + base_seed + {"small": 0, "large": 1, "chain": 2}[regime])
-    if regime == "large":
-        table = _random_table(V, size["chain"], g)
-    else:  # change `override` entries of the base cipher, each to a different symbol
-        table = t0.table.clone()
-        flat = table.view(-1)
-        old = t0.table.view(-1)
-        for c in torch.randperm(flat.numel(), generator=g)[: size["override"]].tolist():
-            new = int(torch.randint(V - 1, (1,), generator=g))
-            flat[c] = new if new < old[c] else new + 1
-    return Task(table, V, size["pairs"], size["chain"])
-
-
-# ------------------------------------------------------------------------------------------------------ model
-def build_base(size: dict, device: str, dtype: torch.dtype, cache: Path, base_seed: int = 0):
-    """The frozen base: a small Llama pretrained on the base cipher (cached on disk by its settings)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=size["symbols"] + 1, hidden_size=size["hidden"], intermediate_size=size["inter"],
-                      num_hidden_layers=size["layers"], num_attention_heads=size["heads"],
-                      num_key_value_heads=size["heads"], max_position_embeddings=2 * size["pairs"] + 8,
-                      tie_word_embeddings=False)
-    key = (f"base_{'chain' if size['chain'] else 'uni'}_V{size['symbols']}_L{size['pairs']}_h{size['hidden']}_l{size['layers']}_i{size['inter']}"
-           f"_s{size['pretrain_steps']}_seed{base_seed}.pt")
-    path = cache / key
-    torch.manual_seed(base_seed)
-    model = LlamaForCausalLM(cfg)
-    if path.exists():
-        model.load_state_dict(torch.load(path, map_location="cpu"))
-    else:
-        task = base_task(size, base_seed)
-        model.to(device).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-        steps = size["pretrain_steps"]
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * max(0.0, 1 - s / steps))
-        g = torch.Generator().manual_seed(30_000 + base_seed)
-        t = time.time()
-        for step in range(steps):
-            inputs, targets = task.sample(64, g)
-            loss = _loss(model, inputs.to(device), targets.to(device))
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-        acc, _ = evaluate(model, task, 512, device, seed=1)
-        print(f"[base] pretrained {steps} steps in {time.time() - t:.0f}s, accuracy on its cipher {acc:.3f}",
-              flush=True)
-        cache.mkdir(parents=True, exist_ok=True)
-        model.cpu()
-        torch.save(model.state_dict(), path)
-    model.to(device=device, dtype=dtype).eval()
-    for prm in model.parameters():
-        prm.requires_grad_(False)
-    return model
-
-
-def _loss(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = model(input_ids=inputs).logits
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
-
-
-@torch.no_grad()
-def evaluate(model, task: Task, rows: int, device: str, seed: int) -> tuple[float, float]:
-    """(token accuracy on y, mean loss on y) over ``rows`` held-out sequences (teacher forcing)."""
-    g = torch.Generator().manual_seed(seed)
-    inputs, targets = task.sample(rows, g)
-    inputs, targets = inputs.to(device), targets.to(device)
-    was = model.training
-    model.eval()
-    correct = total = 0
-    loss_sum = 0.0
-    for i in range(0, rows, 256):
-        logits = model(input_ids=inputs[i:i + 256]).logits.float()
-        tg = targets[i:i + 256]
-        mask = tg != -100
-        loss_sum += F.cross_entropy(logits[mask], tg[mask], reduction="sum").item()
-        correct += (logits.argmax(-1)[mask] == tg[mask]).sum().item()
-        total += mask.sum().item()
-    model.train(was)
-    return correct / total, loss_sum / total
-
-
-def aurac(ranks: list[int], scores: list[float], axis: str = "log2") -> float:
-    """Area under the rank–score curve over the span of the axis (spec: AURAC), as a float."""
-    return float(_lib_aurac(ranks, scores, axis=axis))
 
 
 # ------------------------------------------------------------------------------------------------------ runs
@@ -328,9 +177,9 @@ def run_job(job: Job, args: argparse.Namespace) -> dict:
         inputs, targets = task.sample(size["batch"], g)
         inputs, targets = inputs.to(device), targets.to(device)
         if job.method == "paired":
-            loss = paired_loss(base, lambda: _loss(base, inputs, targets))
+            loss = paired_loss(base, lambda: task_loss(base, inputs, targets))
         else:
-            loss = _loss(base, inputs, targets)
+            loss = task_loss(base, inputs, targets)
         if not torch.isfinite(loss):
             diverged = True
             break
@@ -648,13 +497,16 @@ def _row(s: dict, label: str, ranks: list[int]) -> str:
 HEADLINE = ("grid", PLAIN, "paired", "rowwise-half", "rowwise")
 
 
-def write_report(summary, curves, args, size, K, base, wall, path: Path, plot: Path, steps_plot: Path | None,
-                 cmd: str, machine: str, n_runs: int, train_s: float) -> None:
+def _table_head(ranks: list[int]) -> tuple[str, str]:
+    """The header and separator rows of a per-rank accuracy table."""
+    return ("| method | LR | " + " | ".join(f"r={k}" for k in ranks)
+            + " | AURAC log2 | AURAC lin | runs × steps | fwd-bwd passes | train s |"), "|" + "---|" * (len(ranks) + 7)
+
+
+def _report_intro(args, size, K, base, wall, cmd: str, machine: str, n_runs: int, train_s: float) -> list[str]:
+    """The report's first lines: the command, the machine, the size and what each regime is."""
     ranks = default_ranks(size["r_max"])
     r_max = size["r_max"]
-    hdr = ("| method | LR | " + " | ".join(f"r={k}" for k in ranks)
-           + " | AURAC log2 | AURAC lin | runs × steps | fwd-bwd passes | train s |")
-    sep = "|" + "---|" * (len(ranks) + 7)
     L = []
     L.append(f"Command: `{cmd}`  ")
     L.append(f"Machine: {machine}; wall time of the last invocation {wall / 60:.1f} min (runs reused from the runs "
@@ -682,6 +534,13 @@ def write_report(summary, curves, args, size, K, base, wall, path: Path, plot: P
              f"r_max validation accuracy); `lora-truncated` is the same runs (LR chosen by AURAC) served at every "
              f"rank by truncation. `fwd-bwd passes` is the compute: runs × steps × passes per step.")
     L.append("")
+    return L
+
+
+def _headline_table(summary, args, ranks: list[int]) -> list[str]:
+    """The headline table: the grid, plain LoRA at r_max and the recommended nested methods, every regime."""
+    hdr, sep = _table_head(ranks)
+    L = []
     L.append("## Headline: grid vs plain LoRA at r_max vs the nested methods")
     L.append("")
     L.append("Test token accuracy, % (mean ± sd over seeds).")
@@ -696,6 +555,13 @@ def write_report(summary, curves, args, size, K, base, wall, path: Path, plot: P
                     L.append(f"| {regime} | {'equal steps' if budget == 'steps' else 'equal compute'} "
                              + _row(s, _label(m), ranks))
     L.append("")
+    return L
+
+
+def _regime_tables(summary, args, ranks: list[int], K: int) -> list[str]:
+    """Per regime and budget: every reported method's test accuracy per rank and AURAC, then its test loss."""
+    hdr, sep = _table_head(ranks)
+    L = []
     for regime in args.regimes:
         for budget in ("steps", "compute"):
             title = ("equal steps" if budget == "steps" else
@@ -725,32 +591,48 @@ def write_report(summary, curves, args, size, K, base, wall, path: Path, plot: P
                     L.append(f"| {_label(m)} | " + " | ".join(f"{s['loss_mean'][k]:.3f}" if k in s["loss_mean"]
                                                              else "—" for k in ranks) + " |")
             L.append("")
-    L.append(f"![rank curves]({plot.name})")
+    return L
+
+
+def _steps_section(curves: dict, args, ranks: list[int], r_max: int, steps_plot: Path) -> list[str]:
+    """Accuracy at r = 1 and r_max against training compute (``--curve-steps``), per regime."""
+    L = []
+    L.append("## Accuracy against training compute")
     L.append("")
+    L.append(f"Seed 0, each method at its chosen LR, trained for each of {args.curve_steps} steps; x = "
+             f"forward-backward passes (steps × passes per step); the line `grid members` is the grid's r = "
+             f"{ranks[0]} member at r = {ranks[0]} and its r = {r_max} member ({PLAIN}) at r_max, each trained "
+             f"alone. Test token accuracy, % at r = {ranks[0]} / r = {r_max}:")
+    L.append("")
+    for regime in args.regimes:
+        lines = [(ln, pts) for (rg, ln), pts in curves.items() if rg == regime]
+        if not lines:
+            continue
+        L.append(f"Regime `{regime}`:")
+        L.append("")
+        L.append("| method | " + " | ".join(f"{n} steps" for n in args.curve_steps) + " |")
+        L.append("|" + "---|" * (len(args.curve_steps) + 1))
+        for ln, pts in lines:
+            by = {p[0]: p for p in pts}
+            L.append(f"| {ln} | " + " | ".join(f"{by[n][2]:.1f} / {by[n][3]:.1f} ({by[n][1]} passes)"
+                                               if n in by else "—" for n in args.curve_steps) + " |")
+        L.append("")
+    L.append(f"![accuracy at r = {ranks[0]} and r_max against forward-backward passes]({steps_plot.name})")
+    L.append("")
+    return L
+
+
+def write_report(summary, curves, args, size, K, base, wall, path: Path, plot: Path, steps_plot: Path | None,
+                 cmd: str, machine: str, n_runs: int, train_s: float) -> None:
+    """Write the Markdown report to ``path`` and draw its plots (``plot``; ``steps_plot`` with ``--curve-steps``)."""
+    ranks = default_ranks(size["r_max"])
+    L = _report_intro(args, size, K, base, wall, cmd, machine, n_runs, train_s)
+    L += _headline_table(summary, args, ranks)
+    L += _regime_tables(summary, args, ranks, K)
+    L += [f"![rank curves]({plot.name})", ""]
     if steps_plot is not None and curves:
-        L.append("## Accuracy against training compute")
-        L.append("")
-        L.append(f"Seed 0, each method at its chosen LR, trained for each of {args.curve_steps} steps; x = "
-                 f"forward-backward passes (steps × passes per step); the line `grid members` is the grid's r = "
-                 f"{ranks[0]} member at r = {ranks[0]} and its r = {r_max} member ({PLAIN}) at r_max, each trained "
-                 f"alone. Test token accuracy, % at r = {ranks[0]} / r = {r_max}:")
-        L.append("")
-        for regime in args.regimes:
-            lines = [(ln, pts) for (rg, ln), pts in curves.items() if rg == regime]
-            if not lines:
-                continue
-            L.append(f"Regime `{regime}`:")
-            L.append("")
-            L.append("| method | " + " | ".join(f"{n} steps" for n in args.curve_steps) + " |")
-            L.append("|" + "---|" * (len(args.curve_steps) + 1))
-            for ln, pts in lines:
-                by = {p[0]: p for p in pts}
-                L.append(f"| {ln} | " + " | ".join(f"{by[n][2]:.1f} / {by[n][3]:.1f} ({by[n][1]} passes)"
-                                                   if n in by else "—" for n in args.curve_steps) + " |")
-            L.append("")
-        L.append(f"![accuracy at r = {ranks[0]} and r_max against forward-backward passes]({steps_plot.name})")
-        L.append("")
-    path.write_text("\n".join(L) + "\n")
+        L += _steps_section(curves, args, ranks, size["r_max"], steps_plot)
+    write_text(path, "\n".join(L) + "\n")
     _plot(summary, args, size, K, plot)
     if steps_plot is not None and curves:
         _plot_steps(curves, args, size, steps_plot)
@@ -891,9 +773,8 @@ def main(argv=None) -> None:
         results += _run_all(curve_jobs(args, size, chosen), args, "seed 0 at each budget of --curve-steps")
     wall = time.time() - t0
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     js = Path(args.json) if args.json else out.with_name(out.stem + "_accuracy.json")
-    js.write_text(json.dumps({"args": vars(args), "size": size, "base": base, "results": results}, indent=1))
+    write_text(js, json.dumps({"args": vars(args), "size": size, "base": base, "results": results}, indent=1))
     summary = summarise(results, args, size, chosen, K, chosen_compute)
     curves = summarise_curves(results, args, size, chosen) if args.curve_steps else {}
     plot = out.with_name(out.stem + "_curves.png")
@@ -915,11 +796,9 @@ def _key(d) -> tuple:
 def _run_all(jobs: list[Job], args, what: str) -> list[dict]:
     done = {}
     runs = Path(args.runs)
-    if runs.exists():
-        for ln in runs.read_text().splitlines():
-            res = json.loads(ln)
-            res["curves"] = {rule: {int(k): v for k, v in c.items()} for rule, c in res["curves"].items()}
-            done[_key(res)] = res
+    for res in read_jsonl(runs):
+        res["curves"] = {rule: {int(k): v for k, v in c.items()} for rule, c in res["curves"].items()}
+        done[_key(res)] = res
     results = [done[_key(j)] for j in jobs if _key(j) in done]
     jobs = [j for j in jobs if _key(j) not in done]
     print(f"[{what}] {len(jobs)} runs on {args.workers} worker(s) ({len(results)} reused from {runs})", flush=True)

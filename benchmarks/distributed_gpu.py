@@ -17,17 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
 
-import lightning.pytorch as pl  # noqa: E402
-import torch  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
-
-from lightning_matlora import MatryoshkaLoRA, full_adapter_state_dict  # noqa: E402
+from lightning_matlora import MatryoshkaLoRA, full_adapter_state_dict
 
 
 class RandomTokens(Dataset):

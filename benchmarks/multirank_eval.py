@@ -18,30 +18,22 @@ slower. The script prints both, and the ratio sequential/mixed (> 1: mixed is fa
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import statistics
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
+# before lightning_matlora (which loads transformers): importing harness switches the hub off
+from harness import llama_config, random_llama
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from lightning_matlora import MatryoshkaLoRA, adapted_layers, default_ranks, set_rank  # noqa: E402
+from lightning_matlora import MatryoshkaLoRA, adapted_layers, default_ranks, set_rank
 
 
 def build(args: argparse.Namespace) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=int(args.hidden * 8 / 3),
-                      num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 64),
-                      num_key_value_heads=max(1, args.hidden // 128), max_position_embeddings=args.seq,
-                      tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg).to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
+    config = llama_config(vocab=args.vocab, hidden=args.hidden, inter=int(args.hidden * 8 / 3), layers=args.layers,
+                          heads=max(1, args.hidden // 64), kv_heads=max(1, args.hidden // 128), max_positions=args.seq)
+    model = random_llama(config, getattr(torch, args.dtype)).to(args.device).eval()
     MatryoshkaLoRA(r_max=args.r_max, verbose=False).apply(model)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # a non-zero adapter, so that ranks differ as after training

@@ -23,26 +23,17 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+import torch
+# before lightning_matlora (which loads transformers): importing harness switches the hub off
+from harness import (TARGETS, llama_config, print_result, random_llama, random_tokens, reset_peak_rss, rss_kib,
+                     run_worker)
 
-import torch  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = ("float", "nf4", "peft-qlora")
 
 
@@ -68,20 +59,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------------------- worker
-def _peak_rss_reset() -> None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (the peak resident set) to the current size
-    except OSError:
-        pass
-
-
-def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
 def load(a: argparse.Namespace, variant: str) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
@@ -120,13 +97,13 @@ def worker(a: argparse.Namespace) -> dict:
         base_bytes += sum(b.numel() * b.element_size() for b in model.buffers())
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    x = torch.randint(0, a.vocab, (a.batch, a.seq), generator=torch.Generator().manual_seed(1)).to(a.device)
+    x = random_tokens(a.vocab, a.batch, a.seq, seed=1, device=a.device)
     cuda = a.device.startswith("cuda")
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    _peak_rss_reset()
-    rss_before = _rss_kib("VmRSS")
+    reset_peak_rss()
+    rss_before = rss_kib("VmRSS")
     times = []
     for step in range(a.warmup + a.reps):
         if a.worker != "peft-qlora":
@@ -145,20 +122,16 @@ def worker(a: argparse.Namespace) -> dict:
     if cuda:
         out["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     else:
-        out["peak_mib"] = _rss_kib("VmHWM") / 1024
+        out["peak_mib"] = rss_kib("VmHWM") / 1024
         out["rss_before_mib"] = rss_before / 1024
     return out
 
 
 # --------------------------------------------------------------------------------------------------- main
 def write_base(a: argparse.Namespace, path: str) -> int:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.inter, num_hidden_layers=a.layers,
-                      num_attention_heads=a.heads, num_key_value_heads=a.kv_heads,
-                      max_position_embeddings=max(128, a.seq), tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg).to(getattr(torch, a.dtype))
+    config = llama_config(vocab=a.vocab, hidden=a.hidden, inter=a.inter, layers=a.layers, heads=a.heads,
+                          kv_heads=a.kv_heads, max_positions=max(128, a.seq))
+    model = random_llama(config, getattr(torch, a.dtype))
     model.save_pretrained(path)
     return sum(p.numel() for p in model.parameters())
 
@@ -166,19 +139,12 @@ def write_base(a: argparse.Namespace, path: str) -> int:
 def main(argv: list[str] | None = None) -> list[dict]:
     a = parse(argv)
     if a.worker:
-        print("RESULT " + json.dumps(worker(a)))
+        print_result(worker(a))
         return []
     with tempfile.TemporaryDirectory(prefix="matlora-quant-bench-") as d:
         n = write_base(a, d)
-        rows = []
-        for variant in a.variants:
-            cmd = [sys.executable, __file__, "--worker", variant, "--base-dir", d] + (argv if argv is not None
-                                                                                      else sys.argv[1:])
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode != 0 or not lines:
-                raise RuntimeError(f"{variant} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-            rows.append(json.loads(lines[-1][len("RESULT "):]))
+        own_args = argv if argv is not None else sys.argv[1:]
+        rows = [run_worker(__file__, ["--worker", variant, "--base-dir", d, *own_args]) for variant in a.variants]
     peak = "peak memory during training (MiB" + (", max allocated)" if a.device.startswith("cuda") else
                                                   ", peak RSS of the process)")
     print(f"Llama {n / 1e6:.1f}M parameters (hidden {a.hidden}, {a.layers} layers, vocab {a.vocab}); "

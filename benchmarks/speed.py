@@ -28,28 +28,21 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+import torch
+# before lightning_matlora (which loads transformers): importing harness switches the hub off
+from harness import (TARGETS, llama_config, print_result, random_llama, random_tokens, reset_peak_rss, rss_kib,
+                     run_worker, write_text)
 
-import torch  # noqa: E402
+from lightning_matlora import MatryoshkaLoRA, begin_step, merge, set_rank
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from lightning_matlora import MatryoshkaLoRA, begin_step, merge, set_rank  # noqa: E402
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TRAIN = ("peft", "matryoshka", "lora", "rowwise", "dylora", "floor")
 PRESETS = {
     # about 20M parameters: the CPU benchmark
@@ -61,25 +54,14 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16/fp16 t
 
 
 # ------------------------------------------------------------------------------------------------------ models
-def llama_config(a: argparse.Namespace):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.inter,
-                       num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.kv_heads,
-                       max_position_embeddings=max(2048, a.seq), tie_word_embeddings=False)
-
-
 _BASE_STATE: dict = {}
 
 
 def build(variant: str, a: argparse.Namespace) -> torch.nn.Module:
     """A fresh model for ``variant``, all with the same base weights."""
-    from transformers import LlamaForCausalLM
-
-    dtype = getattr(torch, a.dtype)
-    torch.manual_seed(0)
-    with torch.device(a.device):
-        model = LlamaForCausalLM(llama_config(a)).to(dtype)
+    config = llama_config(vocab=a.vocab, hidden=a.hidden, inter=a.inter, layers=a.layers, heads=a.heads,
+                          kv_heads=a.kv_heads, max_positions=max(2048, a.seq))
+    model = random_llama(config, getattr(torch, a.dtype), a.device)
     if "state" not in _BASE_STATE:
         _BASE_STATE["state"] = {k: v.clone() for k, v in model.state_dict().items()}
     else:
@@ -115,8 +97,7 @@ class TrainStep:
         self.variant, self.kind = variant, variant.split(":")[0]
         self.model = build(self.kind, a).train()
         self.fwd = torch.compile(self.model) if compiled else self.model
-        g = torch.Generator().manual_seed(1)
-        self.ids = torch.randint(a.vocab, (a.batch, a.seq), generator=g).to(a.device)
+        self.ids = random_tokens(a.vocab, a.batch, a.seq, seed=1, device=a.device)
         params = trainable(self.model)
         self.opt = torch.optim.AdamW(params, lr=1e-4) if params else None
         self.step_i = 0
@@ -142,8 +123,7 @@ class InferStep:
                  compiled: bool = False) -> None:
         self.variant, self.model, self.rank = variant, model.eval(), rank
         self.fwd = torch.compile(model) if compiled else model
-        g = torch.Generator().manual_seed(2)
-        self.ids = torch.randint(a.vocab, (a.batch, a.seq), generator=g).to(a.device)
+        self.ids = random_tokens(a.vocab, a.batch, a.seq, seed=2, device=a.device)
 
     @torch.no_grad()
     def __call__(self) -> None:
@@ -200,33 +180,16 @@ def memory_child(variant: str, a: argparse.Namespace) -> dict:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
         return {"variant": variant, "peak_mib": peak / 2**20, "increment_mib": (peak - base) / 2**20}
-    import psutil
-
-    rss_before = psutil.Process().memory_info().rss
-    hwm = Path("/proc/self/clear_refs")
-    if hwm.exists():  # Linux: writing 5 resets the peak RSS (VmHWM), so the build's transient peak drops out
-        hwm.write_text("5")
+    rss_before = rss_kib("VmRSS") * 1024
+    reset_peak_rss()  # the build's transient peak drops out
     for _ in range(3):
         step()
-    status = Path("/proc/self/status")
-    if status.exists():
-        kib = next(int(ln.split()[1]) for ln in status.read_text().splitlines() if ln.startswith("VmHWM"))
-    else:
-        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    peak = kib * 1024
+    peak = rss_kib("VmHWM") * 1024
     return {"variant": variant, "peak_mib": peak / 2**20, "increment_mib": (peak - rss_before) / 2**20}
 
 
 def measure_memory(variants: list[str], a: argparse.Namespace, argv: list[str]) -> dict[str, dict]:
-    out = {}
-    for v in variants:
-        cmd = [sys.executable, __file__, *argv, "--memory-child", v]
-        res = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"PYTHONWARNINGS": "ignore"})
-        line = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
-        if res.returncode != 0 or not line:
-            raise RuntimeError(f"memory child {v} failed:\n{res.stderr[-3000:]}")
-        out[v] = json.loads(line[-1])
-    return out
+    return {v: run_worker(__file__, [*argv, "--memory-child", v], env={"PYTHONWARNINGS": "ignore"}) for v in variants}
 
 
 # ------------------------------------------------------------------------------------------------------ FLOPs
@@ -270,8 +233,7 @@ def machine(a: argparse.Namespace) -> str:
             f"{a.dtype}; load average at start {os.getloadavg()[0]:.1f}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def parse(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="20m")
     for k in ("hidden", "inter", "layers", "heads", "kv_heads", "vocab", "batch", "seq"):
@@ -292,28 +254,24 @@ def main(argv: list[str] | None = None) -> None:
     for k, v in PRESETS[a.preset].items():
         if getattr(a, k) is None:
             setattr(a, k, v)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    a.threads = torch.get_num_threads()
-    if a.memory_child:
-        print(json.dumps(memory_child(a.memory_child, a)))
-        return
-    ranks = [k for k in a.ranks if 1 <= k <= a.r]
-    t_start = time.time()
-    mach = machine(a)
-    print(f"[speed] {mach}", flush=True)
+    return a
 
-    # ---- training steps, interleaved
+
+def time_training(a: argparse.Namespace) -> tuple[dict[str, list[float]], int, dict[str, int]]:
+    """Seconds per training step of every variant (interleaved), the base's parameter count, and each variant's
+    trainable parameter count."""
     train = {v: TrainStep(v, a) for v in TRAIN}
     if a.compile:
         for v in ("peft", "matryoshka", "floor"):
             train[v + "+compile"] = TrainStep(v, a, compiled=True)
-    t_train = interleaved(train, a.reps, a.warmup, a.device)
+    times = interleaved(train, a.reps, a.warmup, a.device)
     n_params = sum(p.numel() for p in train["floor"].model.parameters())
     n_adapter = {v: sum(p.numel() for p in trainable(s.model)) for v, s in train.items()}
-    del train
+    return times, n_params, n_adapter
 
-    # ---- inference, interleaved
+
+def time_inference(a: argparse.Namespace, ranks: list[int]) -> dict[str, list[float]]:
+    """Seconds per inference forward of every variant (interleaved): base, each rank unmerged, merged, PEFT."""
     mat = build("matryoshka", a)
     peft_model = build("peft", a)
     infer = {"base": InferStep("base", build("base", a), a)}
@@ -325,28 +283,14 @@ def main(argv: list[str] | None = None) -> None:
         infer["base+compile"] = InferStep("base+compile", build("base", a), a, compiled=True)
         infer["merged+compile"] = InferStep("merged+compile", build("merged", a), a, compiled=True)
         infer[f"rank {a.r}+compile"] = InferStep("c", build("matryoshka", a), a, rank=a.r, compiled=True)
-    t_inf = interleaved(infer, a.reps, a.warmup, a.device)
-    del infer, mat, peft_model
+    return interleaved(infer, a.reps, a.warmup, a.device)
 
-    # ---- memory, one subprocess per variant
-    mem = {} if a.no_memory else measure_memory(["peft", "matryoshka", "lora", "rowwise", "floor"], a,
-                                                [x for x in argv if x != "--compile"])
+
+def training_table(a: argparse.Namespace, t_train: dict[str, list[float]]) -> list[str]:
     tokens = a.batch * a.seq
     pf = peak_flops(a)
-
-    lines = []
-    lines.append(f"Model: Llama, hidden {a.hidden}, intermediate {a.inter}, {a.layers} layers, {a.heads} heads "
-                 f"({a.kv_heads} KV), vocabulary {a.vocab}: {n_params / 1e6:.1f}M parameters; adapters r={a.r} on "
-                 f"{', '.join(TARGETS)} ({n_adapter['matryoshka'] / 1e6:.2f}M trainable; PEFT "
-                 f"{n_adapter['peft'] / 1e6:.2f}M). Batch {a.batch} × {a.seq} tokens, {a.dtype} on {a.device}; "
-                 f"{a.reps} interleaved repetitions after {a.warmup} warm-up; ratios are medians of per-repetition "
-                 f"ratios.")
-    lines.append("")
-    lines.append("Training step (forward + backward + AdamW):")
-    lines.append("")
     hdr = "| variant | median ms | tokens/s | × PEFT | × floor | model TFLOP/step |" + (" MFU |" if pf else "")
-    lines.append(hdr)
-    lines.append("|" + "---|" * (hdr.count("|") - 1))
+    lines = ["Training step (forward + backward + AdamW):", "", hdr, "|" + "---|" * (hdr.count("|") - 1)]
     for v, ts in t_train.items():
         kind = v.split("+")[0]
         if kind not in t_train:
@@ -359,30 +303,33 @@ def main(argv: list[str] | None = None) -> None:
             row += f" {100 * fl / med / pf:.1f}% |"
         lines.append(row)
     fl_ratio = flops_per_token(a, "matryoshka") / flops_per_token(a, "floor")
-    lines.append("")
-    lines.append(f"Adapter FLOPs over the floor: {fl_ratio:.3f}× (the time ratio matryoshka/floor above is the "
-                 f"measured counterpart).")
-    lines.append("")
-    lines.append("Inference forward (no_grad):")
-    lines.append("")
-    lines.append("| variant | median ms | × base | × PEFT unmerged |")
-    lines.append("|---|---|---|---|")
+    return lines + ["", f"Adapter FLOPs over the floor: {fl_ratio:.3f}× (the time ratio matryoshka/floor above is the "
+                        f"measured counterpart)."]
+
+
+def inference_table(t_inf: dict[str, list[float]]) -> list[str]:
+    lines = ["Inference forward (no_grad):", "", "| variant | median ms | × base | × PEFT unmerged |",
+             "|---|---|---|---|"]
     for v, ts in t_inf.items():
         lines.append(f"| {v} | {1000 * statistics.median(ts):.1f} | {ratio(t_inf, v, 'base'):.3f} | "
                      f"{ratio(t_inf, v, 'peft'):.3f} |")
-    if mem:
-        lines.append("")
-        unit = ("CUDA max_memory_allocated" if a.device.startswith("cuda")
-                else "peak RSS (VmHWM, reset after the model is built)")
-        lines.append(f"Peak memory of 3 training steps, each variant in its own process ({unit}); increment = peak "
-                     f"minus the memory held before the first step:")
-        lines.append("")
-        lines.append("| variant | peak MiB | increment MiB | peak × PEFT | increment × PEFT |")
-        lines.append("|---|---|---|---|---|")
-        for v, m in mem.items():
-            lines.append(f"| {v} | {m['peak_mib']:.0f} | {m['increment_mib']:.0f} | "
-                         f"{m['peak_mib'] / mem['peft']['peak_mib']:.3f} | "
-                         f"{m['increment_mib'] / max(mem['peft']['increment_mib'], 1e-9):.3f} |")
+    return lines
+
+
+def memory_table(a: argparse.Namespace, mem: dict[str, dict]) -> list[str]:
+    unit = ("CUDA max_memory_allocated" if a.device.startswith("cuda")
+            else "peak RSS (VmHWM, reset after the model is built)")
+    lines = [f"Peak memory of 3 training steps, each variant in its own process ({unit}); increment = peak "
+             f"minus the memory held before the first step:", "",
+             "| variant | peak MiB | increment MiB | peak × PEFT | increment × PEFT |", "|---|---|---|---|---|"]
+    for v, m in mem.items():
+        lines.append(f"| {v} | {m['peak_mib']:.0f} | {m['increment_mib']:.0f} | "
+                     f"{m['peak_mib'] / mem['peft']['peak_mib']:.3f} | "
+                     f"{m['increment_mib'] / max(mem['peft']['increment_mib'], 1e-9):.3f} |")
+    return lines
+
+
+def targets_table(t_train: dict[str, list[float]], t_inf: dict[str, list[float]], mem: dict[str, dict]) -> list[str]:
     checks = [
         ("train step matryoshka / PEFT", ratio(t_train, "matryoshka", "peft"), 0.95),
         ("train step matryoshka / lora", ratio(t_train, "matryoshka", "lora"), 1.02),
@@ -391,21 +338,46 @@ def main(argv: list[str] | None = None) -> None:
     ]
     if mem:
         checks.append(("peak memory matryoshka / PEFT", mem["matryoshka"]["peak_mib"] / mem["peft"]["peak_mib"], 1.0))
-    lines.append("")
-    lines.append("Targets:")
-    lines.append("")
-    lines.append("| ratio | measured | target | met |")
-    lines.append("|---|---|---|---|")
+    lines = ["Targets:", "", "| ratio | measured | target | met |", "|---|---|---|---|"]
     for name, val, tgt in checks:
         lines.append(f"| {name} | {val:.3f} | ≤ {tgt:.2f} | {'yes' if val <= tgt else 'NO'} |")
-    lines.append("")
-    lines.append(f"Command: `python benchmarks/speed.py {' '.join(argv)}`  ")
-    lines.append(f"Machine: {mach}; wall time {time.time() - t_start:.0f} s.")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = parse(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    a.threads = torch.get_num_threads()
+    if a.memory_child:
+        print_result(memory_child(a.memory_child, a))
+        return
+    ranks = [k for k in a.ranks if 1 <= k <= a.r]
+    t_start = time.time()
+    mach = machine(a)
+    print(f"[speed] {mach}", flush=True)
+    t_train, n_params, n_adapter = time_training(a)
+    t_inf = time_inference(a, ranks)
+    mem = {} if a.no_memory else measure_memory(["peft", "matryoshka", "lora", "rowwise", "floor"], a,
+                                                [x for x in argv if x != "--compile"])
+
+    lines = [f"Model: Llama, hidden {a.hidden}, intermediate {a.inter}, {a.layers} layers, {a.heads} heads "
+             f"({a.kv_heads} KV), vocabulary {a.vocab}: {n_params / 1e6:.1f}M parameters; adapters r={a.r} on "
+             f"{', '.join(TARGETS)} ({n_adapter['matryoshka'] / 1e6:.2f}M trainable; PEFT "
+             f"{n_adapter['peft'] / 1e6:.2f}M). Batch {a.batch} × {a.seq} tokens, {a.dtype} on {a.device}; "
+             f"{a.reps} interleaved repetitions after {a.warmup} warm-up; ratios are medians of per-repetition "
+             f"ratios.", ""]
+    lines += training_table(a, t_train) + [""] + inference_table(t_inf)
+    if mem:
+        lines += [""] + memory_table(a, mem)
+    lines += [""] + targets_table(t_train, t_inf, mem)
+    lines += ["", f"Command: `python benchmarks/speed.py {' '.join(argv)}`  ",
+              f"Machine: {mach}; wall time {time.time() - t_start:.0f} s."]
     text = "\n".join(lines) + "\n"
     print(text)
     if a.out != "-":
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(text)
+        write_text(a.out, text)
 
 
 if __name__ == "__main__":

@@ -223,8 +223,16 @@ class AdapterCheckpoint(pl.Callback):
         return Path(path_text)
 
     def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule, path: Path, **extra: Any) -> Path:
-        meta = {"global_step": int(trainer.global_step), "epoch": int(trainer.current_epoch), **extra}
+        meta = {"global_step": int(trainer.global_step), "epoch": last_epoch(trainer), **extra}
         return save_from_trainer(trainer, pl_module, path, curves=run_curves(trainer), metadata=meta)
+
+
+def last_epoch(trainer: pl.Trainer) -> int:
+    """The 0-based index of the epoch the latest training step belongs to — the number the validation tables
+    print ("epoch 5" for the last of 6 epochs) and Lightning's checkpoint names use (``epoch=5-step=…``). At the end
+    of ``fit``, ``trainer.current_epoch`` has already moved on to the next epoch (6 after 6 epochs)."""
+    started = trainer.fit_loop.epoch_progress.current.started
+    return max(0, int(started) - 1) if started else int(trainer.current_epoch)
 
 
 def _r_max(module: nn.Module) -> int | None:

@@ -14,67 +14,14 @@ from torch import nn
 
 from .adapter_format import SavedAdapter, read_adapter
 from .adapter_save import model_root
+from .base_model import check_fits, record_of
 from .config import MatLoRAConfig
 from .inject import adapted_layers, find_targets, freeze_base, inject
-from .layer import MatryoshkaLinear, is_supported, layer_dims
+from .layer import MatryoshkaLinear
 from .control import controller_of
 from .rank import RankController
 
 _RULE_FIELDS = ("r_max", "scaling", "alpha", "rank_scale", "ranks", "p")
-
-
-def _base_text(adapter: SavedAdapter) -> str:
-    if adapter.base_model_name_or_path:
-        return f"saved from {adapter.base_model_name_or_path!r}"
-    if adapter.base_model_class:
-        return f"saved from a {adapter.base_model_class}"
-    return "base unknown"
-
-
-def check_base(adapter: SavedAdapter, model: nn.Module) -> tuple[str, nn.Module]:
-    """Find where ``adapter`` belongs in an un-adapted ``model`` and check every layer and shape.
-
-    Returns (name, root) of the module that the adapter's keys are relative to. Raises ``ValueError`` naming the
-    first difference (a missing layer, a layer of another type, a shape mismatch) when the adapter does not fit.
-    """
-    def fits(_name: str, root: nn.Module) -> bool:
-        mods = dict(root.named_modules())
-        return all(n in mods for n in adapter.layers)
-
-    found = model_root(model, fits)
-    if found is None:
-        root = model_root(model, lambda n, m: True)[1]  # the outermost transformers model (or model) for the message
-        mods = dict(root.named_modules())
-        missing = [n for n in adapter.layers if n not in mods]
-        raise ValueError(f"The model has no layer {missing[0]!r} ({len(missing)} of the adapter's {len(adapter.layers)} "
-                         f"layers are missing): the adapter was trained on a different base model "
-                         f"({_base_text(adapter)}), or on a model of a different architecture.")
-    name, root = found
-    mods = dict(root.named_modules())
-    for layer_name, info in adapter.layers.items():
-        module = mods[layer_name]
-        if isinstance(module, MatryoshkaLinear):
-            raise ValueError("The model is already adapted: load the adapter into a fresh base model.")
-        if not is_supported(module):
-            raise ValueError(f"Layer {layer_name!r} of the model is a {type(module).__name__}, not a linear layer: the "
-                             f"adapter was trained on a different base ({_base_text(adapter)}).")
-        in_f, out_f = layer_dims(module)
-        if (in_f, out_f) != (info.in_features, info.out_features):
-            A, B = adapter.factors(layer_name)
-            raise ValueError(f"Shape mismatch at layer {layer_name!r}: the model's layer maps {in_f} → {out_f} features "
-                             f"but the adapter's factors lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} were "
-                             f"trained for {info.in_features} → {info.out_features}: the adapter belongs to a different "
-                             f"base model ({_base_text(adapter)}).")
-    state = root.state_dict()
-    for key in adapter.saved_keys:
-        if key not in state:
-            raise ValueError(f"The model has no tensor {key!r} (modules_to_save): the adapter belongs to a different base "
-                             f"model ({_base_text(adapter)}).")
-        if tuple(state[key].shape) != tuple(adapter.tensors[key].shape):
-            raise ValueError(f"Shape mismatch at {key!r} (modules_to_save): the model has {tuple(state[key].shape)}, "
-                             f"the adapter {tuple(adapter.tensors[key].shape)}: the adapter belongs to a different "
-                             f"base model ({_base_text(adapter)}).")
-    return name, root
 
 
 def uncovered_layers(adapter: SavedAdapter, root: nn.Module) -> list[str]:
@@ -82,7 +29,7 @@ def uncovered_layers(adapter: SavedAdapter, root: nn.Module) -> list[str]:
     third layer of a 3-layer model, for an adapter trained on a 2-layer model of the same widths)."""
     try:
         selected = find_targets(root, adapter.config)
-    except TypeError:  # the targets select a module of an unsupported type: check_base names real mismatches
+    except TypeError:  # the targets select a module of an unsupported type: check_fits names real mismatches
         return []
     return sorted(set(selected) - set(adapter.layers))
 
@@ -130,12 +77,12 @@ def load_adapter(model: nn.Module, adapter: str | os.PathLike | SavedAdapter, *,
     if existing:
         root, layers = _check_adapted(adapter, model)
     else:
-        _, root = check_base(adapter, model)
+        _, root = check_fits(record_of(adapter), model)
         left = uncovered_layers(adapter, root)
         if left:
             what = (f"{len(left)} layers of the model that the adapter's target_modules select have no adapter "
                     f"({', '.join(repr(n) for n in left[:6])}{', …' if len(left) > 6 else ''}): the adapter was "
-                    f"trained on a smaller model ({_base_text(adapter)})")
+                    f"trained on a smaller model ({record_of(adapter).made_for()})")
             if strict:
                 raise ValueError(f"{what}. Load it into the model it was trained on, or pass strict=False to load it "
                                  f"anyway and leave those layers un-adapted.")
@@ -146,7 +93,7 @@ def load_adapter(model: nn.Module, adapter: str | os.PathLike | SavedAdapter, *,
         controller = RankController(MatLoRAConfig.from_dict(adapter.config.to_dict()))
         with torch.random.fork_rng(devices=[]):  # the fresh factors' random init must not move the user's RNG
             injected = inject(root, load_cfg, controller, distill_required=False)
-        if sorted(injected) != names:  # pragma: no cover - check_base guarantees the names exist
+        if sorted(injected) != names:  # pragma: no cover - check_fits guarantees the names exist
             raise RuntimeError(f"Injected layers {sorted(injected)[:3]}… differ from the adapter's {names[:3]}….")
         freeze_base(root, load_cfg)
         layers = adapted_layers(root)
@@ -184,16 +131,5 @@ def _check_adapted(adapter: SavedAdapter, model: nn.Module) -> tuple[nn.Module, 
                          f"({len(adapter.layers)}, e.g. missing {missing[:2] or sorted(adapter.layers)[:2]}): "
                          f"load it into a fresh base model.")
     _, root = found
-    root_layers = adapted_layers(root)
-    state = root.state_dict()
-    for name, info in adapter.layers.items():
-        layer = root_layers[name]
-        if (layer.in_features, layer.out_features) != (info.in_features, info.out_features):
-            raise ValueError(f"Shape mismatch at layer {name!r}: the model's layer maps {layer.in_features} → "
-                             f"{layer.out_features}, the adapter's {info.in_features} → {info.out_features}: the "
-                             f"adapter belongs to a different base model ({_base_text(adapter)}).")
-    for key in adapter.saved_keys:
-        if key not in state or tuple(state[key].shape) != tuple(adapter.tensors[key].shape):
-            raise ValueError(f"The model has no tensor {key!r} of shape {tuple(adapter.tensors[key].shape)} "
-                             f"(modules_to_save): the adapter belongs to a different base model or configuration.")
-    return root, root_layers
+    check_fits(record_of(adapter), root, adapted=True)
+    return root, adapted_layers(root)

@@ -8,17 +8,22 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .quiet import quiet_known_noise
+
 DESCRIPTION = """\
 Work with a nested (MatryoshkaLoRA) adapter saved by save_adapter() or by the MatryoshkaLoRA callback
 (a directory with matlora_config.json and adapter_model.safetensors; by default the callback writes it to
 lightning_logs/version_N/matlora_adapter, or matlora_adapter/version_N without a logger, at the end of fit).
 Errors print one line naming the file and the problem and exit with status 2.
+--overwrite replaces only a directory that lightning_matlora wrote (an adapter, an export, a merged model);
+a base model is checked against the adapter before it is loaded.
 
   matlora info    ADAPTER                                 settings, layers and the measured rank curve
   matlora export  ADAPTER --rank K --out DIR              rank K as a standard PEFT LoRA adapter
   matlora export  ADAPTER --rank all --out DIR            one PEFT adapter per train rank, DIR/rank_<k>/
   matlora merge   ADAPTER --base MODEL --rank K --out DIR  a plain transformers model with rank K merged in
   matlora nest    PEFT_ADAPTER --base MODEL --out DIR     a PEFT LoRA adapter reordered by SVD into a nested one
+                  [--data FILE] [--num-threads N]         (and its loss per rank on FILE, with N CPU threads)
 
 An exported adapter loads with peft.PeftModel.from_pretrained(base, DIR) or any server that reads PEFT
 adapters; a merged model loads with transformers.AutoModelForCausalLM.from_pretrained(DIR).
@@ -51,7 +56,15 @@ def add_export(sub: Any) -> None:
     export.add_argument("--rank", required=True, metavar="K|all",
                         help="rank to export, 1 ≤ K ≤ r_max (need not be a train rank), or 'all' for every train rank")
     export.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist)")
-    export.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace DIR if it holds an export, merged model or adapter this library wrote")
+    export.add_argument("--base", metavar="MODEL", default=None,
+                        help="check the adapter against this base model (a local directory or hub name; its weights "
+                             "are not loaded) and record it as base_model_name_or_path")
+    export.add_argument("--base-name", metavar="NAME", default=None,
+                        help="base_model_name_or_path to record in the PEFT adapter (a hub name, or a path valid where "
+                             "it is used); default: --base if given, else the base recorded in the adapter, as it was "
+                             "given at training")
     export.add_argument("--fold-scale", action="store_true",
                         help="fold the rank scale into lora_B (lora_alpha = r, no use_rslora) for servers that ignore "
                              "use_rslora")
@@ -66,7 +79,8 @@ def add_merge(sub: Any) -> None:
                        help="base model: a local directory or hub name (default: the base recorded in the adapter)")
     merge.add_argument("--rank", required=True, type=int, metavar="K", help="rank to merge, 1 ≤ K ≤ r_max")
     merge.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist)")
-    merge.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    merge.add_argument("--overwrite", action="store_true",
+                       help="replace DIR if it holds a merged model, export or adapter this library wrote")
 
 
 def format_info(path: str) -> str:
@@ -114,7 +128,8 @@ def run_info(args: argparse.Namespace) -> str:
 def run_export(args: argparse.Namespace) -> str:
     from .export import export_peft
 
-    out = export_peft(args.adapter, args.out, rank=args.rank, overwrite=args.overwrite, fold_scale=args.fold_scale)
+    out = export_peft(args.adapter, args.out, rank=args.rank, overwrite=args.overwrite, fold_scale=args.fold_scale,
+                      base=args.base, base_name=args.base_name)
     what = "one PEFT adapter per train rank" if args.rank.strip().lower() == "all" else f"rank {args.rank}"
     return f"Wrote {what} to {out}"
 
@@ -143,20 +158,29 @@ def add_nest(sub: Any) -> None:
                            "measure the mean loss at each rank, before and after nesting, and store it")
     nest.add_argument("--ranks", metavar="K,K,...", default=None,
                       help="ranks to measure (default: powers of two up to r_max, and r_max)")
-    nest.add_argument("--max-rows", type=int, default=256, metavar="N", help="rows of --data used (default 256)")
+    nest.add_argument("--max-rows", type=int, default=256, metavar="N", help="rows of --data used, N ≥ 1 (default 256)")
     nest.add_argument("--overwrite", action="store_true", help="replace DIR if it holds an adapter")
+    nest.add_argument("--num-threads", type=int, default=None, metavar="N",
+                      help="CPU threads of torch for --data's loss (default: torch's choice, one per core). On a "
+                           "machine whose cores are busy with other work, 1 avoids a many-fold slowdown")
 
 
 def run_nest(args: argparse.Namespace) -> str:
     from .nest_peft import nest_adapter
 
     ranks = None
-    if args.ranks:
+    if args.ranks is not None:  # an empty --ranks is refused by nest_adapter, not taken as the default
         try:
-            ranks = [int(r) for r in args.ranks.split(",")]
+            ranks = [int(r) for r in args.ranks.split(",")] if args.ranks.strip() else []
         except ValueError:
             raise ValueError(f"--ranks must be comma-separated integers such as 1,2,4,8, got {args.ranks!r}.") \
                 from None
+    if args.num_threads is not None:
+        if args.num_threads < 1:
+            raise ValueError(f"--num-threads must be ≥ 1 (or left out for torch's choice), got {args.num_threads}.")
+        import torch
+
+        torch.set_num_threads(args.num_threads)
     result = nest_adapter(args.adapter, args.base, args.out, eval_data=args.data, eval_ranks=ranks,
                           max_rows=args.max_rows, overwrite=args.overwrite)
     lines = [f"Wrote the nested adapter (r_max={result.report.r_max}) to {result.path}", str(result.report)]
@@ -186,6 +210,7 @@ def error_line(command: str, err: BaseException, path: str | None) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``matlora``; returns the exit status: 0 done, 2 bad usage or a bad input (one line on
     stderr naming the file and the problem, never a traceback)."""
+    quiet_known_noise()
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:

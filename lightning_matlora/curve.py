@@ -103,9 +103,65 @@ def _curve_items(curve: Mapping[int, Number]) -> list[tuple[int, float]]:
     return sorted((r, _float(curve[r])) for r in ranks)
 
 
+#: two-sided normal quantile of the default 95% confidence level
+Z95 = 1.959963984540054
+
+
+def wilson_interval(score: float, n: int, max_score: float = 1.0, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval of an accuracy-like score measured on ``n`` independent examples.
+
+    The score is a share of examples right: ``score / max_score`` in [0, 1] (``max_score`` 1 for fractions, 100 for
+    percentages). Returns ``(low, high)`` in the score's own units; ``z`` = 1.96 gives a 95% interval. The Wilson
+    interval (unlike ``p ± z·√(p(1−p)/n)``) stays inside [0, max_score] and is not empty at 0% or 100%.
+
+    >>> [round(v, 4) for v in wilson_interval(0.1, 30)]
+    [0.0346, 0.2562]
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be the number of evaluated examples (an integer ≥ 1), got {n!r}.")
+    if not max_score > 0:
+        raise ValueError(f"max_score must be > 0 (1 for fractions, 100 for percentages), got {max_score!r}.")
+    p = _float(score) / max_score
+    if not -1e-9 <= p <= 1 + 1e-9:
+        raise ValueError(f"An accuracy-like score must lie in [0, {max_score:g}] (max_score={max_score:g}), got "
+                         f"{_float(score)!r}: pass max_score=100 for percentages, or no n for other metrics.")
+    p = min(max(p, 0.0), 1.0)
+    z2n = z * z / n
+    centre = (p + z2n / 2) / (1 + z2n)
+    half = z * math.sqrt(p * (1 - p) / n + z2n / (4 * n)) / (1 + z2n)
+    return max(0.0, centre - half) * max_score, min(1.0, centre + half) * max_score
+
+
+def ranks_indistinguishable(curve: Mapping[int, Number], n: int, max_score: float = 1.0, z: float = Z95) -> bool:
+    """Whether an accuracy-like curve measured on ``n`` examples cannot tell its ranks apart: the Wilson interval of
+    every rank overlaps that of the best rank (no rank scores clearly below it). Then the best rank, and any rank
+    chosen by a tolerance from it, is as likely the noise of a small evaluation set as a real difference."""
+    items = [(r, v) for r, v in _curve_items(curve) if not math.isnan(v)]
+    if len(items) < 2:
+        return False
+    top = max(v for _, v in items)
+    low_of_top = wilson_interval(top, n, max_score, z)[0]
+    return all(wilson_interval(v, n, max_score, z)[1] >= low_of_top for _, v in items)
+
+
+def _check_n(n: int | None, higher_is_better: bool) -> None:
+    if n is None:
+        return
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be the number of evaluated examples (an integer ≥ 1) or None, got {n!r}.")
+    if not higher_is_better:
+        raise ValueError("n (the evaluation set's size) applies to accuracy-like scores, a share of examples right "
+                         "(higher_is_better=True); pass n=None for a loss.")
+
+
 def select_rank(curve: Mapping[int, Number], tolerance: float = 0.01, relative: bool = True,
-                higher_is_better: bool = True) -> int:
+                higher_is_better: bool = True, n: int | None = None, max_score: float = 1.0) -> int:
     """The smallest rank whose score is within ``tolerance`` of the best rank's score.
+
+    With ``n`` (the number of examples an accuracy-like score was measured on), the size of the evaluation set is
+    taken into account: when the curve cannot tell its ranks apart (:func:`ranks_indistinguishable`: every rank's
+    95% Wilson interval overlaps the best rank's), the answer is the largest rank — the adapter as trained —
+    rather than whichever small rank the noise favoured; :func:`describe_rank_choice` says so.
 
     Args:
         curve: ``{rank: score}``.
@@ -113,6 +169,8 @@ def select_rank(curve: Mapping[int, Number], tolerance: float = 0.01, relative: 
             else in the score's own units.
         higher_is_better: ``True`` for accuracies, ``False`` for losses (then "within" means at most
             ``best + tolerance``).
+        n: examples behind each score (accuracy-like scores only), or None to take the scores as exact.
+        max_score: the score of a perfect result with ``n``: 1.0 for fractions, 100 for percentages.
     Raises:
         ValueError: on a negative tolerance, or if any score is NaN (name the ranks; a NaN rank is never chosen
             silently).
@@ -121,14 +179,19 @@ def select_rank(curve: Mapping[int, Number], tolerance: float = 0.01, relative: 
     4
     >>> select_rank({1: 2.1, 4: 1.62, 16: 1.6}, tolerance=0.05, relative=False, higher_is_better=False)
     4
+    >>> select_rank({1: 10.0, 16: 6.7}, n=30, max_score=100)   # 3 vs 2 of 30 examples: no evidence for rank 1
+    16
     """
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance >= 0:
         raise ValueError(f"tolerance must be a number ≥ 0 (0.01 = within 1% of the best), got {tolerance!r}.")
+    _check_n(n, higher_is_better)
     items = _curve_items(curve)
     nan = [r for r, v in items if math.isnan(v)]
     if nan:
         raise ValueError(f"The rank curve has NaN scores at ranks {nan}: fix the evaluation (or training) before "
                          f"choosing a rank.")
+    if n is not None and ranks_indistinguishable(curve, n, max_score):
+        return items[-1][0]
     best = max(v for _, v in items) if higher_is_better else min(v for _, v in items)
     slack = tolerance * abs(best) if relative else tolerance
     for r, v in items:
@@ -159,20 +222,33 @@ def best_rank(curve: Mapping[int, Number], higher_is_better: bool = True) -> int
 
 
 def describe_rank_choice(curve: Mapping[int, Number], tolerance: float = 0.01, relative: bool = True,
-                         higher_is_better: bool = True, name: str = "accuracy") -> str:
+                         higher_is_better: bool = True, name: str = "accuracy", n: int | None = None,
+                         max_score: float = 1.0) -> str:
     """One sentence of advice from :func:`select_rank`, e.g.
     "rank 8 keeps 99.2% of rank 64's accuracy (0.912 vs 0.919) at an eighth of the adapter size".
 
     Adapter size (parameters, memory, LoRA FLOPs) is proportional to the rank. Never raises on NaN scores: the
-    sentence says which ranks are NaN instead.
+    sentence says which ranks are NaN instead. With ``n`` (see :func:`select_rank`) it says when the curve cannot
+    tell the ranks apart on that many examples instead of advising a rank the noise favoured.
 
     >>> describe_rank_choice({8: .902, 16: .905, 64: .91})
     "rank 8 keeps 99.1% of rank 64's accuracy (0.902 vs 0.91) at an eighth of the adapter size."
+    >>> describe_rank_choice({1: 10.0, 16: 6.7}, name="exact match", n=30, max_score=100)  # doctest: +ELLIPSIS
+    "the curve cannot tell the ranks apart on 30 examples: ... rank 16 (the adapter as trained) is the safe choice."
     """
+    _check_n(n, higher_is_better)
     items = _curve_items(curve)
     nan = [r for r, v in items if math.isnan(v)]
     if nan:
         return f"no rank advised: the scores at ranks {nan} are NaN."
+    if n is not None and ranks_indistinguishable(curve, n, max_score):
+        lo, hi = min(v for _, v in items), max(v for _, v in items)
+        top = best_rank(curve, higher_is_better)
+        a, b = wilson_interval(dict(items)[top], n, max_score)
+        return (f"the curve cannot tell the ranks apart on {n} examples: {name} runs from {lo:.4g} to {hi:.4g} and "
+                f"every rank's 95% interval overlaps the best rank's (rank {top}: {dict(items)[top]:.4g}, "
+                f"{a:.3g} to {b:.3g}). No smaller rank is advised: measure on more examples or compare another "
+                f"metric; rank {items[-1][0]} (the adapter as trained) is the safe choice.")
     chosen = select_rank(curve, tolerance, relative, higher_is_better)
     top = best_rank(curve, higher_is_better)
     values = dict(items)
@@ -291,10 +367,11 @@ def plot_rank_curves(curves: Mapping[int, Number] | Sequence[Mapping[int, Number
 
 
 # ------------------------------------------------------------------------------------------------ log keys
-def log_key(metric: str, rank: int, ranks: Sequence[int], prefix: str = "val") -> str:
-    """The logged name of ``metric`` at ``rank`` on a curve over ``ranks``: ``val/acc@r08``, the rank zero-padded
-    to the width of the largest rank so that names sort by rank. The one home of this naming."""
-    return f"{prefix}/{metric}@r{rank:0{len(str(max(ranks)))}d}"
+def log_key(metric: str, rank: int, ranks: Sequence[int] | None = None, prefix: str = "val") -> str:
+    """The logged name of ``metric`` at ``rank``: ``val/acc@r8``, ``val/acc@r16`` — the rank in plain decimal, never
+    padded, so a key does not depend on r_max or on the other ranks (``ranks`` is accepted and ignored, for
+    callers that pass the curve's ranks). The one home of this naming."""
+    return f"{prefix}/{metric}@r{int(rank)}"
 
 
 def aurac_key(metric: str, prefix: str = "val") -> str:
@@ -323,7 +400,7 @@ class RankCurve:
         (45.8, 47.29)
         >>> c.select_rank(tolerance=0.05)
         4
-        >>> c.as_log_dict("val")["val/acc@r08"]
+        >>> c.as_log_dict("val")["val/acc@r8"]
         47.0
     """
 
@@ -398,7 +475,7 @@ class RankCurve:
         return format_curve_table(self.as_mapping(), self.metric, self.higher_is_better, axis, tolerance, title)
 
     def log_key(self, rank: int, prefix: str = "val") -> str:
-        """``val/acc@r08``: the rank zero-padded to the width of the largest rank, so that names sort by rank."""
+        """``val/acc@r8``: the rank in plain decimal (see :func:`log_key`)."""
         return log_key(self.metric, rank, self.ranks, prefix)
 
     def aurac_key(self, prefix: str = "val") -> str:
@@ -406,7 +483,7 @@ class RankCurve:
         return aurac_key(self.metric, prefix)
 
     def as_log_dict(self, prefix: str = "val", axis: str = "log2") -> dict[str, float]:
-        """``{"val/acc@r01": …, …, "val/aurac_acc": …}``: what the callback logs each validation epoch."""
+        """``{"val/acc@r1": …, …, "val/aurac_acc": …}``: what the callback logs each validation epoch."""
         out = {self.log_key(r, prefix): v for r, v in zip(self.ranks, self.scores)}
         out[self.aurac_key(prefix)] = self.aurac(axis)
         return out

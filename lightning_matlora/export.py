@@ -13,10 +13,9 @@ coefficients c = ``RankController.rank_coefficients(k)``, which is a rank-k LoRA
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-import pickle
-import re
 import os
 from pathlib import Path
 from typing import Any, Union
@@ -26,12 +25,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .adapter_format import SavedAdapter, read_adapter
-from .adapter_load import check_base
-from .adapter_save import model_root, snapshot, transformers_types
-from .atomic import atomic_directory
+from .adapter_load import uncovered_layers
+from .adapter_save import base_model_name, model_root, snapshot, transformers_types
+from .base_model import check_fits, load_base, locate_base, record_of
 from .control import controller_of
 from .inject import adapted_layers
 from .layer import MatryoshkaLinear
+from .output_dir import check_output_dir, write_output_dir
 from .quantized import is_quantized
 from .rank import RankController
 
@@ -55,15 +55,9 @@ def check_rank(rank: Any, r_max: int) -> int:
     return rank
 
 
-def _refuse_ancestor(out_dir: Path, adapter: AdapterSource) -> None:
-    out = out_dir.resolve()
-    protected = [Path.cwd().resolve(), Path.home().resolve()]
-    if isinstance(adapter, (str, os.PathLike)):
-        protected.append(Path(adapter).resolve())
-    for p in protected:
-        if out == p or out in p.parents:
-            raise ValueError(f"Refusing to write to {out_dir}: it contains {p} (the working directory, the home "
-                             f"directory or the source adapter). Choose a new output directory.")
+def _local(path: Any) -> str | os.PathLike | None:
+    """``path`` when it names something on this machine (a directory to protect), else None."""
+    return path if isinstance(path, (str, os.PathLike)) and os.path.lexists(path) else None
 
 
 # --------------------------------------------------------------------------------------------------- PEFT
@@ -147,7 +141,8 @@ def _write_peft(adapter: SavedAdapter, out: Path, k: int, fold_scale: bool) -> N
 
 
 def export_peft(adapter: AdapterSource, out_dir: str | os.PathLike, rank: int | str, *, overwrite: bool = False,
-                fold_scale: bool = False) -> Path:
+                fold_scale: bool = False, base: nn.Module | str | os.PathLike | None = None,
+                base_name: str | None = None) -> Path:
     """Write rank ``rank`` of a nested adapter as a standard PEFT LoRA adapter in ``out_dir``.
 
     Args:
@@ -156,8 +151,16 @@ def export_peft(adapter: AdapterSource, out_dir: str | os.PathLike, rank: int | 
         out_dir: the output directory (``adapter_config.json``, ``adapter_model.safetensors``, ``README.md``).
         rank: k in 1…r_max, or ``"all"``: one adapter per train rank in ``out_dir/rank_<k>/``, each with a README
             card stating the measured score at that rank when the adapter stores a rank curve.
-        overwrite: replace an existing ``out_dir`` (otherwise it is refused).
+        overwrite: replace an existing ``out_dir`` that this library wrote (an export, a merged model or an
+            adapter); any other directory is refused, and so is ``out_dir`` being or containing the source adapter
+            or ``base``.
         fold_scale: fold the scale into ``lora_B`` (``lora_alpha = r``) even for ``rank_scale="rank"``.
+        base: optional base model (a model, a local directory or a hub name) the export is meant for: the adapter
+            is checked against it (architecture, every layer and shape; a directory's weights are not loaded)
+            before anything is written, and a directory or name is recorded as ``base_model_name_or_path``.
+        base_name: the ``base_model_name_or_path`` to record (a hub name, or a path valid where the adapter is
+            used); default ``base`` when it is a directory or name, else the one the nested adapter recorded, i.e.
+            what its base was loaded from, as given.
 
     Load with ``peft.PeftModel.from_pretrained(base, out_dir)``; the logits equal the nested model at rank k.
 
@@ -173,8 +176,18 @@ def export_peft(adapter: AdapterSource, out_dir: str | os.PathLike, rank: int | 
         2
     """
     out = Path(out_dir)
-    _refuse_ancestor(out, adapter)
+    protected = {"the source adapter": _local(adapter), "the base model": _local(base)}
+    check_output_dir(out, overwrite, protected)
     saved = _adapter(adapter)
+    if base_name is not None and not (isinstance(base_name, str) and base_name.strip()):
+        raise ValueError(f"base_name must be a hub name or a path (a non-empty string), got {base_name!r}.")
+    if isinstance(base, nn.Module):
+        check_fits(record_of(saved), base)
+    elif base is not None:
+        locate_base(base, record_of(saved))
+        saved = dataclasses.replace(saved, base_model_name_or_path=os.fspath(base))
+    if base_name is not None:
+        saved = dataclasses.replace(saved, base_model_name_or_path=base_name.strip())
     if isinstance(rank, str) and rank.strip().lower() == "all":
         ranks = list(saved.config.ranks)
 
@@ -186,26 +199,10 @@ def export_peft(adapter: AdapterSource, out_dir: str | os.PathLike, rank: int | 
 
         def write(tmp: Path) -> None:
             _write_peft(saved, tmp, k, fold_scale)
-    atomic_directory(out, write, replace=overwrite)
-    return out
+    return write_output_dir(out, write, kind="peft-export", overwrite=overwrite, protected=protected)
 
 
 # -------------------------------------------------------------------------------------------------- merge
-def _load_base(base: str | os.PathLike, adapter: SavedAdapter) -> nn.Module:
-    import transformers
-
-    cls_name = adapter.base_model_class
-    cls = getattr(transformers, cls_name, None) if cls_name else None
-    if cls is None or not hasattr(cls, "from_pretrained"):
-        cls = transformers.AutoModelForCausalLM
-    try:
-        return cls.from_pretrained(str(base))
-    except (OSError, ValueError, pickle.UnpicklingError, RuntimeError, KeyError, EnvironmentError) as e:
-        first = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(e)).split())
-        raise ValueError(f"Cannot load the base model {str(base)!r} with {cls.__name__}.from_pretrained: "
-                         f"{first[:300]}") from e
-
-
 def merge_to_base(adapter: AdapterSource, out_dir: str | os.PathLike, rank: int, *,
                   base: nn.Module | str | os.PathLike | None = None, overwrite: bool = False) -> Path:
     """Write a plain transformers model (``save_pretrained``) with rank ``rank`` of the adapter merged in.
@@ -218,7 +215,12 @@ def merge_to_base(adapter: AdapterSource, out_dir: str | os.PathLike, rank: int,
         out_dir: the output directory; reload it with ``AutoModelForCausalLM.from_pretrained(out_dir)``, no
             lightning_matlora needed. Its logits equal the nested model at rank k.
         rank: k in 1…r_max.
-        overwrite: replace an existing ``out_dir``.
+        overwrite: replace an existing ``out_dir`` that this library wrote (a merged model, an export or an
+            adapter); any other directory is refused, and so is ``out_dir`` being or containing the base or the
+            source adapter.
+
+    A base given as a directory or name is checked against the adapter (architecture, every layer and shape)
+    before any weight is loaded: a mismatch raises ``ValueError`` naming the layer, without building the model.
 
     Neither the adapted model nor a passed ``base`` is changed: merged weights are new tensors handed to
     ``save_pretrained`` as its ``state_dict``. A base that cannot be loaded (e.g. a pickle that transformers'
@@ -239,10 +241,6 @@ def merge_to_base(adapter: AdapterSource, out_dir: str | os.PathLike, rank: int,
     probes it; ``tests/test_export.py`` runs the same calls.)
     """
     out = Path(out_dir)
-    _refuse_ancestor(out, adapter)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists: choose another output directory or pass overwrite=True "
-                              f"(--overwrite on the command line).")
     if isinstance(adapter, nn.Module):
         quantized = [n for n, m in adapted_layers(adapter).items() if m.quantized]
         if not quantized:
@@ -250,12 +248,15 @@ def merge_to_base(adapter: AdapterSource, out_dir: str | os.PathLike, rank: int,
                 raise ValueError("merge_to_base(model, ...) merges into the model's own base: pass base=None (base is for "
                                  "a saved adapter directory, or for a model whose base is quantized).")
             return _merge_adapted(adapter, out, rank, overwrite)
+        check_output_dir(out, overwrite, {"the base model": _local(base)})
         if base is None:
             raise ValueError(f"The model's base is quantized ({len(quantized)} bitsandbytes layers, e.g. "
                              f"{quantized[0]!r}) and merge_to_base writes a plain float model: pass base= the "
                              f"unquantized base model (a model, a local directory or a hub name), e.g. "
                              f"merge_to_base(model, out_dir, rank, base='path/to/float/base').")
         adapter = snapshot(adapter)  # the trained factors, merged below into the unquantized base
+    protected = {"the source adapter": _local(adapter), "the base model": _local(base)}
+    check_output_dir(out, overwrite, protected)
     saved = _adapter(adapter)
     k = check_rank(rank, saved.r_max)
     if base is None:
@@ -263,7 +264,10 @@ def merge_to_base(adapter: AdapterSource, out_dir: str | os.PathLike, rank: int,
             raise ValueError("The adapter does not record its base model: pass base= (a model, a local directory or a "
                              "hub name).")
         base = saved.base_model_name_or_path
-    base_model = _load_base(base, saved) if isinstance(base, (str, os.PathLike)) else base
+        protected["the base model"] = _local(base)
+        check_output_dir(out, overwrite, protected)
+    record = record_of(saved)
+    base_model = load_base(base, record) if isinstance(base, (str, os.PathLike)) else base
     if not isinstance(base_model, transformers_types()):
         raise TypeError(f"base must be a transformers PreTrainedModel, a local directory or a hub name, got "
                         f"{type(base_model).__name__}.")
@@ -274,9 +278,14 @@ def merge_to_base(adapter: AdapterSource, out_dir: str | os.PathLike, rank: int,
         raise ValueError(f"base is quantized ({len(quantized_base)} bitsandbytes layers, e.g. {quantized_base[0]!r}): "
                          f"merge_to_base writes a plain float model, so pass the unquantized base (load it without "
                          f"quantization_config). To merge into the quantized weights in memory, use merge(model, rank).")
-    _, root = check_base(saved, base_model)
+    _, root = check_fits(record, base_model)
     if root is not base_model:
         raise ValueError("The adapter's layers are not relative to base: pass the transformers model itself.")
+    left = uncovered_layers(saved, base_model)
+    if left:
+        raise ValueError(f"{len(left)} layers of the base that the adapter's target_modules select have no adapter "
+                         f"({', '.join(repr(n) for n in left[:6])}{', …' if len(left) > 6 else ''}): the adapter was "
+                         f"trained on a smaller model ({record.made_for()}); merge it into the base it was trained on.")
     controller = RankController(saved.config)
     modules = dict(base_model.named_modules())
     state = base_model.state_dict()
@@ -291,8 +300,8 @@ def merge_to_base(adapter: AdapterSource, out_dir: str | os.PathLike, rank: int,
         for key in saved.saved_keys:
             state[key] = saved.tensors[key].to(state[key].device, state[key].dtype)
 
-    atomic_directory(out, lambda tmp: _save(base_model, tmp, state, base), replace=overwrite)
-    return out
+    return write_output_dir(out, lambda tmp: _save(base_model, tmp, state, base), kind="merged-model",
+                            overwrite=overwrite, protected=protected)
 
 
 def _merged_weight(layer: MatryoshkaLinear, k: int) -> torch.Tensor:
@@ -322,6 +331,8 @@ def _merge_adapted(model: nn.Module, out: Path, rank: int, overwrite: bool) -> P
         raise TypeError("merge_to_base writes a transformers model, but the adapted layers are not inside a transformers "
                         "PreTrainedModel.")
     _, root = found
+    protected = {"the base model": _local(base_model_name(root))}
+    check_output_dir(out, overwrite, protected)
     k = check_rank(rank, next(iter(layers.values())).r_max)
     controller_of(model).check_unmerged("merge_to_base")
     root_layers = adapted_layers(root)
@@ -338,7 +349,8 @@ def _merge_adapted(model: nn.Module, out: Path, rank: int, overwrite: bool) -> P
         state = root.state_dict()
         for name, w in weights.items():
             state[f"{name}.weight"] = w
-        atomic_directory(out, lambda tmp: _save(root, tmp, state), replace=overwrite)
+        write_output_dir(out, lambda tmp: _save(root, tmp, state), kind="merged-model", overwrite=overwrite,
+                         protected=protected)
     finally:
         for parent, child, layer in parents.values():
             setattr(parent, child, layer)

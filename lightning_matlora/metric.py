@@ -75,7 +75,7 @@ class RankCurveMetric(WrapperMetric):
         ranks: the ranks to track (distinct integers ≥ 1). Default ``None``: the callback's eval ranks (set when
             the callback finds the metric). With the callback, explicit ranks must be among its eval ranks; the
             metric then counts only those ranks' passes.
-        name: the metric's name in log keys (``val/<name>@r08``) and tables; default the attribute name under which
+        name: the metric's name in log keys (``val/<name>@r8``) and tables; default the attribute name under which
             the callback finds it (``self.acc`` → ``"acc"``), else ``"loss"`` for the default mean, else the base
             metric's class name.
         higher_is_better: direction of the score; default the base metric's own ``higher_is_better``, or ``False``
@@ -245,6 +245,6 @@ def _is_rank(value: Any) -> bool:
 def check_metric_name(name: Any) -> str:
     """A metric name usable in log keys: letters, digits, ``_``, ``-`` and ``.``."""
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
-        raise ValueError(f"A RankCurveMetric name is used in log keys such as 'val/<name>@r08' and must be letters, "
+        raise ValueError(f"A RankCurveMetric name is used in log keys such as 'val/<name>@r8' and must be letters, "
                          f"digits, '_', '-' or '.', got {name!r}.")
     return name

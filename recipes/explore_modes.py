@@ -13,45 +13,17 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
-from instruct_data import InstructData
-from instruct_encoding import Encoded, collate, final_answer
+from encode_loop import BATCH, exact_match, load_base, load_task, token_accuracy, warmup_linear_decay
+from instruct_encoding import Encoded, collate
 from lightning_matlora import MatryoshkaLoRA, at_rank, aurac, begin_step
 
-BASE = Path(__file__).resolve().parent / "assets" / "base"
-BATCH = 32
 WARMUP_STEPS = 20
 N_TOKEN_ACCURACY = 200  # validation examples scored by answer-token accuracy
 N_EXACT_MATCH = 100  # the first of those, also scored by greedy exact match
-MAX_NEW_TOKENS = 12
 LOG_EVERY = 100  # steps between two loss lines
-
-
-def token_accuracy(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> float:
-    """The share (%) of answer tokens predicted right under teacher forcing."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    labels = batch["labels"][:, 1:]
-    answer = labels != -100
-    return 100 * float(((logits.argmax(-1) == labels) & answer).sum() / answer.sum())
-
-
-def exact_match(model: torch.nn.Module, examples: list[Encoded], tokenizer) -> float:
-    """The share (%) of ``examples`` whose greedy answer (prompts left-padded, at most ``MAX_NEW_TOKENS`` new
-    tokens) has the reference final answer."""
-    width = max(e.n_prompt for e in examples)
-    ids = torch.full((len(examples), width), tokenizer.pad_token_id)
-    mask = torch.zeros_like(ids)
-    for row, e in enumerate(examples):
-        ids[row, width - e.n_prompt:] = torch.tensor(e.input_ids[:e.n_prompt])
-        mask[row, width - e.n_prompt:] = 1
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id)
-    texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-    return 100 * sum(final_answer(t) == e.reference for t, e in zip(texts, examples)) / len(examples)
 
 
 def evaluate(model: torch.nn.Module, ranks: list[int], val: list[Encoded], tokenizer) -> dict[int, tuple]:
@@ -68,16 +40,11 @@ def evaluate(model: torch.nn.Module, ranks: list[int], val: list[Encoded], token
     return scores
 
 
-def warmup_then_linear_decay(steps: int):
-    """The learning-rate factor of step ``s``: linear warm-up over ``WARMUP_STEPS``, then linear decay to 0."""
-    return lambda s: min((s + 1) / WARMUP_STEPS, max(0.0, (steps - s) / (steps - WARMUP_STEPS)))
-
-
 def train(model: torch.nn.Module, examples: list[Encoded], pad_id: int, lr: float, steps: int) -> None:
     """``steps`` AdamW steps over full batches of ``examples``, reshuffled (seed 0) every epoch."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_then_linear_decay(steps))
+    sched = warmup_linear_decay(opt, steps, WARMUP_STEPS)
     order = torch.Generator().manual_seed(0)
     step, t0 = 0, time.time()
     while step < steps:
@@ -105,10 +72,9 @@ def main(argv: list[str]) -> None:
     r_max = int(argv[4]) if len(argv) > 4 else 16
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    data = InstructData(tokenizer=str(BASE), max_length=64)
-    data.setup("fit")
+    data = load_task()
     tokenizer = data.tokenizer
-    model = AutoModelForCausalLM.from_pretrained(str(BASE))
+    model = load_base()
     cb = MatryoshkaLoRA(r_max=r_max, mode=mode, rank_scale=rule, verbose=False, save_adapter=False, rank_eval=None)
     cb.apply(model)
     ranks = list(cb.config.eval_ranks)

@@ -25,15 +25,19 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_matlora import (MatryoshkaLoRA, RankCurveMetric, adapted_layers, at_rank, describe_rank_choice,
                                load_adapter, plot_rank_curves)
-from lightning_matlora.curve import RankCurve
+from lightning_matlora.curve import RankCurve, ranks_indistinguishable
 
 from instruct_base import load_or_explain
 
 RECIPES = Path(__file__).resolve().parent
 DEFAULT_BASE = str(RECIPES / "assets" / "base")
+# what a saved adapter (and its PEFT export) records as the bundled base: the path relative to a checkout, never
+# this machine's absolute path (other local directories and hub names are recorded as given, as PEFT does)
+DEFAULT_BASE_NAME = "recipes/assets/base"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 METRICS = ("loss", "token_acc", "exact_match")
 HEADS = {"loss": "loss", "token_acc": "token acc %", "exact_match": "exact match %"}
+Y_MARGIN = 4.0  # percentage points of the accuracy plot's y axis beyond 0 and 100
 
 
 def _quantized_loading(quantize: str | None, dtype: str) -> dict[str, Any]:
@@ -55,6 +59,8 @@ def load_model(name_or_path: str, dtype: str, trust_remote_code: bool, quantize:
     model = load_or_explain(AutoModelForCausalLM.from_pretrained, name_or_path, "model", dtype=DTYPES[dtype],
                             trust_remote_code=trust_remote_code, **_quantized_loading(quantize, dtype))
     model.train()  # from_pretrained returns eval mode; Lightning switches modes per stage from here
+    if name_or_path == DEFAULT_BASE:
+        model.config._name_or_path = DEFAULT_BASE_NAME  # transformers records the path it was given
     return model
 
 
@@ -81,7 +87,8 @@ class InstructLM(pl.LightningModule):
         rank: the rank ``predict`` generates at (default r_max).
         adapter: a saved adapter directory to load before validate/test/predict.
         output_dir: where the end of ``fit`` writes ``rank_curve.json`` and ``rank_curve.png`` (default: the
-            logger's directory). The adapter goes where the callback's ``save_adapter`` says.
+            logger's directory). On the recipe's command line the adapter goes there too, to ``output_dir/adapter``
+            (unless the callback's ``save_adapter`` names a directory); otherwise where ``save_adapter`` says.
         quantize: load the frozen base quantized with bitsandbytes: ``"nf4"`` or ``"fp4"`` (4-bit, double
             quantization, compute dtype ``dtype``) or ``"int8"`` (LLM.int8); None (default) keeps it unquantized.
             Needs ``pip install 'lightning_matlora[quant]'``.
@@ -107,6 +114,8 @@ class InstructLM(pl.LightningModule):
         self.curves: dict[str, RankCurve] = {}  # the last validation (or test) epoch's curves, by metric
         self.base_metrics: dict[str, float] | None = None
         self.outputs: dict[str, str] = {}
+        self.fit_report = ""  # the end-of-fit table, advice and paths, until printed
+        self.defer_report = False  # True: print_fit_report() is called by whoever ran fit (the recipe's CLI)
 
     # ---------------------------------------------------------------------------------------------- helpers
     @property
@@ -270,18 +279,31 @@ class InstructLM(pl.LightningModule):
             return
         saved = f"Adapter saved to {adapter}" if adapter else "The adapter was not saved (save_adapter: false)."
         if not self.curves:
-            print(f"\nNo validation ran, so there is no rank curve. {saved}")
-            return
-        out = Path(self.hparams.output_dir or self.trainer.log_dir or self.trainer.default_root_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "rank_curve.json").write_text(json.dumps({"curve": by_rank(self.curves), "base": self.base_metrics},
-                                                        indent=1))
-        png = plot_curve(self.curves, self.base_metrics, out / "rank_curve.png")
-        self.outputs["png"] = str(png) if png else ""
-        print("\n" + format_report(self.curves, self.base_metrics))
-        print(saved)
-        if png:
-            print(f"Rank curve plotted to {png}")
+            self.fit_report = f"\nNo validation ran, so there is no rank curve. {saved}"
+        else:
+            out = Path(self.hparams.output_dir or self.trainer.log_dir or self.trainer.default_root_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "rank_curve.json").write_text(json.dumps({"curve": by_rank(self.curves),
+                                                             "base": self.base_metrics}, indent=1))
+            png = plot_curve(self.curves, self.base_metrics, out / "rank_curve.png")
+            self.outputs["png"] = str(png) if png else ""
+            self.fit_report = "\n".join(["\n" + format_report(self.curves, self.base_metrics, self.n_generated()),
+                                          saved] + ([f"Rank curve plotted to {png}"] if png else []))
+        if not self.defer_report:
+            self.print_fit_report()
+
+    def print_fit_report(self) -> None:
+        """Print the end-of-fit table, advice and paths (once; on the main process only). The recipe's command
+        line calls it after ``fit`` returns, so that it comes after the progress bar's last line."""
+        if self.fit_report:
+            print(self.fit_report)
+            self.fit_report = ""
+
+    def n_generated(self, split: str = "val") -> int | None:
+        """How many examples of ``split`` the exact match was measured on (None without generation)."""
+        if self.exact_match is None:
+            return None
+        return min(self.hparams.num_generate, len(self.trainer.datamodule.splits[split]))
 
     # -------------------------------------------------------------------------------------- load / predict
     def setup(self, stage: str) -> None:
@@ -301,11 +323,11 @@ class InstructLM(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self.curves = {c.metric: c for c in self.matlora().last_test_curves}
         if self.global_rank == 0 and self.curves:
-            print("\n" + format_report(self.curves, None).replace("(validation)", "(test)"))
+            print("\n" + format_report(self.curves, None, self.n_generated("test")).replace("(validation)", "(test)"))
 
     def on_validation_end(self) -> None:
         if self.trainer.state.fn == "validate" and self.global_rank == 0 and self.curves:
-            print("\n" + format_report(self.curves, None))
+            print("\n" + format_report(self.curves, None, self.n_generated()))
 
     def predict_step(self, batch: list[str], batch_idx: int) -> list[dict[str, Any]]:
         k = self.hparams.rank or self.matlora().config.r_max
@@ -374,8 +396,13 @@ def _advice_metric(curves: dict[str, RankCurve]) -> str:
     return "exact_match" if em is not None and any(v > 0 for v in em.scores) else "token_acc"
 
 
-def format_report(curves: dict[str, RankCurve], base: dict[str, float] | None) -> str:
-    """The end-of-fit table: one row per eval rank (and the base), the AURAC of each metric, the rank advice."""
+def format_report(curves: dict[str, RankCurve], base: dict[str, float] | None,
+                  n_generated: int | None = None) -> str:
+    """The end-of-fit table: one row per eval rank (and the base), the AURAC of each metric, the rank advice.
+
+    ``n_generated``: the validation examples exact match was measured on. When exact match cannot tell the ranks
+    apart on that many examples (95% Wilson intervals overlap, :func:`lightning_matlora.curve.select_rank`), the
+    report says so and advises from answer-token accuracy instead."""
     names = [n for n in METRICS if n in curves]
     ranks = sorted({r for n in names for r in curves[n].ranks})
 
@@ -389,6 +416,10 @@ def format_report(curves: dict[str, RankCurve], base: dict[str, float] | None) -
     lines += [f"{k:>6} " + cells({n: curves[n].score_at(k) for n in names if k in curves[n].ranks}) for k in ranks]
     lines.append(f"{'AURAC':>6} " + cells({n: curves[n].aurac() for n in names}))
     key = _advice_metric(curves)
+    if key == "exact_match" and n_generated and ranks_indistinguishable(curves[key].as_mapping(), n_generated, 100.0):
+        lines.append("Advice (select_rank, exact match): " + describe_rank_choice(
+            curves[key].as_mapping(), 0.01, True, True, "exact match", n=n_generated, max_score=100.0))
+        key = "token_acc"
     what = HEADS[key].rstrip(" %")
     curve = curves[key]
     lines.append(f"Advice (select_rank, {what}): "
@@ -403,6 +434,13 @@ def plot_curve(curves: dict[str, RankCurve], base: dict[str, float] | None, path
         import matplotlib  # noqa: F401
     except ImportError:
         return None
+    fig, _ = curve_figure(curves, base)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def curve_figure(curves: dict[str, RankCurve], base: dict[str, float] | None) -> tuple:
+    """The figure of :func:`plot_curve`: ``(figure, axes)`` (needs matplotlib)."""
     names = [n for n in ("token_acc", "exact_match") if n in curves]
     labels = {"token_acc": "answer-token accuracy", "exact_match": "exact match"}
     fig, ax = plot_rank_curves([curves[n].as_mapping() for n in names],
@@ -410,8 +448,7 @@ def plot_curve(curves: dict[str, RankCurve], base: dict[str, float] | None, path
                                ylabel="%", title="Validation accuracy by adapter rank")
     for line, n in zip(ax.get_lines(), names):
         if base and n in base:
-            ax.axhline(base[n], ls="--", color=line.get_color(), alpha=0.6, label=f"base model: {labels[n]}")
-    ax.set_ylim(0, 100)
+            ax.axhline(base[n], ls="--", color=line.get_color(), alpha=0.8, label=f"base model: {labels[n]}")
+    ax.set_ylim(-Y_MARGIN, 100 + Y_MARGIN)  # a base at 0 % (or 100 %) stays visible, off the frame
     ax.legend(fontsize=8)
-    fig.savefig(path, dpi=100)
-    return path
+    return fig, ax

@@ -68,18 +68,18 @@ def test_quantized_benchmark_runs_every_variant():
 def test_encode_study_runs_summarises_and_plots(tmp_path):
     runs = tmp_path / "runs.jsonl"
     for method in ("distillall:1", "lora:4"):
-        _run(["benchmarks/encode_study.py", method, "--epochs", "0.01", "--num-generate", "2", "--out", str(runs)])
-    table = _run(["benchmarks/encode_study.py", "summary", "--out", str(runs)])
+        _run(["recipes/encode_study.py", method, "--epochs", "0.01", "--num-generate", "2", "--out", str(runs)])
+    table = _run(["recipes/encode_study.py", "summary", "--out", str(runs)])
     assert "distillall:1" in table and "lora:4" in table
     png = tmp_path / "steps.png"
-    _run(["benchmarks/encode_study.py", "plot", "--out", str(runs), "--png", str(png)])
+    _run(["recipes/encode_study.py", "plot", "--out", str(runs), "--png", str(png)])
     assert png.stat().st_size > 0
 
 
 @pytest.mark.slow
 def test_gradient_share_traces_a_paired_run(tmp_path):
     out = tmp_path / "share.md"
-    _run(["benchmarks/gradient_share.py", "--epochs", "0.02", "--every", "1", "--out", str(out)])
+    _run(["recipes/gradient_share.py", "--epochs", "0.02", "--every", "1", "--out", str(out)])
     rows = [line for line in out.read_text().splitlines() if line.startswith("| 0 |") or line.startswith("| 1 |")]
     assert len(rows) == 2
     low_share = float(rows[1].split("|")[4])

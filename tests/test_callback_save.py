@@ -92,6 +92,22 @@ def test_fit_saves_final_and_best_adapter_by_any_metric(tmp_path):
                            saved.tensors["model.layers.0.self_attn.q_proj.lora_B"])
 
 
+def test_saved_epoch_is_the_index_the_tables_and_checkpoints_use(tmp_path):
+    """Two whole epochs: the tables say "epoch 1" for the last one, and so must the adapter (and matlora info)."""
+    from lightning_matlora.cli import format_info
+
+    cb = MatryoshkaLoRA(r_max=4, verbose=False)
+    trainer = pl.Trainer(max_epochs=2, limit_val_batches=1, num_sanity_val_steps=0, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         callbacks=[cb], accelerator="cpu")
+    trainer.fit(LM(), data(), data())
+    assert trainer.current_epoch == 2  # Lightning has moved on past the last epoch
+    assert cb.rank_eval.history[-1][0] == 1  # the callback's table: "epoch 1"
+    saved = read_adapter(cb.adapter_path)
+    assert saved.metadata["epoch"] == 1
+    assert "epoch=1," in format_info(cb.adapter_path)
+
+
 def test_save_adapter_path_and_off(tmp_path):
     for setting, expected in ((str(tmp_path / "mine"), tmp_path / "mine"), (False, None)):
         cb = MatryoshkaLoRA(r_max=2, verbose=False, save_adapter=setting, rank_eval=None)

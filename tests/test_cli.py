@@ -62,7 +62,8 @@ def test_export_bad_rank(adapter, tmp_path, capsys, rank):
 def test_export_all_and_merge(adapter, tmp_path):
     model, path = adapter
     assert main(["export", str(path), "--rank", "all", "--out", str(tmp_path / "all")]) == 0
-    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == ["rank_1", "rank_2", "rank_4", "rank_8"]
+    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == ["matlora_output.json", "rank_1", "rank_2", "rank_4",
+                                                                    "rank_8"]
     card = (tmp_path / "all" / "rank_4" / "README.md").read_text()
     assert "measured score at rank 4: 0.625" in card and "measured loss at rank 4: 2.25" in card
     tiny_llama().save_pretrained(tmp_path / "base")
@@ -112,3 +113,29 @@ def test_merge_with_a_pickled_base_is_one_line(adapter, tmp_path, capsys):
     assert "\n" not in err and "Traceback" not in err and "unpickled!" not in captured.out
     assert err.startswith("matlora merge: error: Cannot load the base model") and str(base) in err
     assert not (tmp_path / "m").exists()
+
+
+def test_base_path_is_recorded_as_given_like_peft_and_export_can_rename_it(tmp_path, monkeypatch):
+    """A base loaded from a relative directory is recorded as that relative path (what real PEFT records), never
+    as this machine's absolute path; `export --base-name` writes the name the adapter's users can load."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lightning_matlora import MatryoshkaLoRA, read_adapter
+
+    monkeypatch.chdir(tmp_path)
+    tiny_llama().save_pretrained("base")
+    model = AutoModelForCausalLM.from_pretrained("base")
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained("base"), LoraConfig(r=2, target_modules=["q_proj"]))
+    peft_name = peft_model.peft_config["default"].base_model_name_or_path
+    MatryoshkaLoRA(r_max=4, verbose=False).apply(model)
+    save_adapter(model, "ad")
+    assert read_adapter("ad").base_model_name_or_path == peft_name == "base"
+    assert main(["export", "ad", "--rank", "2", "--out", "k2"]) == 0
+    assert json.loads(Path("k2/adapter_config.json").read_text())["base_model_name_or_path"] == "base"
+    assert main(["export", "ad", "--rank", "2", "--out", "k2h", "--base-name", "my-org/tiny-llama"]) == 0
+    assert json.loads(Path("k2h/adapter_config.json").read_text())["base_model_name_or_path"] == "my-org/tiny-llama"
+    assert "`my-org/tiny-llama`" in Path("k2h/README.md").read_text()
+    assert main(["export", "ad", "--rank", "all", "--out", "all", "--base-name", "my-org/tiny-llama"]) == 0
+    assert {json.loads(p.read_text())["base_model_name_or_path"] for p in Path("all").glob("*/adapter_config.json")} \
+        == {"my-org/tiny-llama"}

@@ -117,3 +117,55 @@ def test_plot_draws_one_line_per_curve_on_log2_axis(tmp_path):
     assert (tmp_path / "c.png").stat().st_size > 1000
     fig2, ax2 = plot_rank_curves(curves[0], ax=ax)  # draws into a given axes, torchmetrics-style
     assert fig2 is fig and len(ax.lines) == 3
+
+
+# ------------------------------------------------------------------------ the evaluation set's size (Wilson)
+@pytest.mark.parametrize("hits, n", [(0, 30), (2, 30), (3, 30), (30, 30), (147, 200), (38, 200), (1, 1)])
+def test_wilson_interval_matches_scipy(hits, n):
+    from scipy.stats import binomtest
+
+    from lightning_matlora.curve import wilson_interval
+
+    ref = binomtest(hits, n).proportion_ci(confidence_level=0.95, method="wilson")
+    low, high = wilson_interval(hits / n, n)
+    assert (low, high) == (pytest.approx(ref.low, abs=1e-9), pytest.approx(ref.high, abs=1e-9))
+    low100, high100 = wilson_interval(100 * hits / n, n, max_score=100)  # percentages: the same interval × 100
+    assert (low100, high100) == (pytest.approx(100 * ref.low, abs=1e-7), pytest.approx(100 * ref.high, abs=1e-7))
+
+
+def _overlap_reference(scores: dict[int, int], n: int) -> bool:
+    """Independent reference: scipy's Wilson intervals of hit counts; can the curve tell its ranks apart?"""
+    from scipy.stats import binomtest
+
+    ci = {r: binomtest(h, n).proportion_ci(method="wilson") for r, h in scores.items()}
+    top = max(scores, key=scores.get)
+    return all(ci[r].high >= ci[top].low for r in scores)
+
+
+@pytest.mark.parametrize("hits, n, want_indistinct", [
+    ({1: 3, 2: 0, 4: 1, 8: 2, 16: 2}, 30, True),           # the issue's 30-row split: 10 % vs 6.7 % is one example
+    ({1: 38, 2: 70, 4: 110, 8: 140, 16: 147}, 200, False),  # the recipe's default run: a real curve
+    ({1: 20, 16: 30}, 100, True),
+    ({1: 10, 16: 30}, 100, False),
+])
+def test_select_rank_with_n_says_when_ranks_cannot_be_told_apart(hits, n, want_indistinct):
+    from lightning_matlora.curve import ranks_indistinguishable
+
+    curve = {r: 100.0 * h / n for r, h in hits.items()}
+    assert ranks_indistinguishable(curve, n, max_score=100) is _overlap_reference(hits, n) is want_indistinct
+    chosen = select_rank(curve, n=n, max_score=100)
+    text = describe_rank_choice(curve, name="exact match", n=n, max_score=100)
+    if want_indistinct:  # never the small rank the noise favoured: the adapter as trained, and the sentence says so
+        assert chosen == max(curve) and f"cannot tell the ranks apart on {n} examples" in text
+        assert select_rank(curve) != chosen or curve[min(curve)] < curve[max(curve)]  # without n: the old answer
+    else:  # a real difference: the usual tolerance rule, as without n
+        assert chosen == select_rank(curve) and "cannot tell" not in text
+
+
+def test_n_is_checked():
+    with pytest.raises(ValueError, match="n must be the number of evaluated examples"):
+        select_rank({1: 0.5, 2: 0.6}, n=0)
+    with pytest.raises(ValueError, match="accuracy-like"):
+        select_rank({1: 2.0, 2: 1.0}, higher_is_better=False, n=30)
+    with pytest.raises(ValueError, match="max_score=100 for percentages"):
+        select_rank({1: 10.0, 2: 60.0}, n=30)  # percentages given as fractions

@@ -95,7 +95,7 @@ def test_export_all_writes_one_adapter_per_train_rank_with_cards(tmp_path):
     model = trained(tiny_llama(), r_max=4)
     save_adapter(model, tmp_path / "ad", curves=RankCurve((1, 2, 4), (0.5, 0.625, 0.75), metric="accuracy"))
     out = export_peft(tmp_path / "ad", tmp_path / "all", rank="all")
-    assert sorted(p.name for p in out.iterdir()) == ["rank_1", "rank_2", "rank_4"]
+    assert sorted(p.name for p in out.iterdir()) == ["matlora_output.json", "rank_1", "rank_2", "rank_4"]
     card = (out / "rank_2" / "README.md").read_text()
     # AURAC on the log2 axis: ((0.5 + 0.625) / 2 + (0.625 + 0.75) / 2) / 2 = 0.625
     assert "measured accuracy at rank 2: 0.625" in card and "AURAC of the full nested adapter: 0.625" in card

@@ -218,7 +218,7 @@ def test_eval_data_measures_and_stores_both_curves(tmp_path):
     # the reference: PEFT's own model on the same rows gives the rank-4 loss
     with torch.no_grad():
         ref = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(bundled)), str(tmp_path / "peft"))
-        from lightning_matlora.nest_peft import encode_rows, rank_losses, read_rows
+        from lightning_matlora.text_loss import encode_rows, rank_losses, read_rows
         from transformers import AutoTokenizer
 
         enc = encode_rows(read_rows(rows), AutoTokenizer.from_pretrained(str(bundled)))
@@ -398,3 +398,23 @@ def test_every_refused_config_option_is_named(tmp_path):
     with pytest.raises(NotNestable, match="'LOKR' adapter, not LoRA"):
         nest_adapter(src, "/nonexistent/base", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_nest_num_threads_sets_torchs_threads_and_is_checked(tmp_path, capsys):
+    """`matlora nest --num-threads N` runs torch with N threads (a busy machine's fix); N < 1 is one line, exit 2."""
+    from lightning_matlora.cli import main
+
+    src = make_peft(tmp_path, r=4, lora_alpha=8)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert main(["nest", str(src), "--base", str(base_dir(tmp_path)), "--out", str(tmp_path / "n"),
+                     "--num-threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert main(["nest", str(src), "--base", str(base_dir(tmp_path)), "--out", str(tmp_path / "o"),
+                 "--num-threads", "0"]) == 2
+    err = error_lines(capsys)
+    assert len(err) == 1 and "--num-threads must be ≥ 1" in err[-1]
+    assert not (tmp_path / "o").exists()

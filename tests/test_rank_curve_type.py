@@ -24,10 +24,14 @@ def test_select_rank_tolerance_and_budget():
         c.select_rank(budget=0)
 
 
-def test_log_dict_keys_sort_by_rank():
+def test_log_dict_keys_are_the_plain_rank_whatever_r_max():
     c = RankCurve((1, 8, 16), (3.0, 2.0, 1.0), metric="loss", higher_is_better=False)
     d = c.as_log_dict("val")
-    assert list(d) == ["val/loss@r01", "val/loss@r08", "val/loss@r16", "val/aurac_loss"]
+    assert list(d) == ["val/loss@r1", "val/loss@r8", "val/loss@r16", "val/aurac_loss"]
+    # the key of a rank does not change with the curve's largest rank (dashboards survive a new r_max)
+    small = RankCurve((1, 8), (3.0, 2.0), metric="loss", higher_is_better=False)
+    big = RankCurve((1, 8, 128), (3.0, 2.0, 1.0), metric="loss", higher_is_better=False)
+    assert small.log_key(8) == big.log_key(8) == "val/loss@r8" and big.log_key(128, "test") == "test/loss@r128"
     assert d["val/aurac_loss"] == pytest.approx((2.5 * 3 + 1.5 * 1) / 4)
 
 

@@ -26,3 +26,18 @@ def test_readme_commands_keep_the_cpu_torch_pin_and_exist():
         assert "torch==2.13.0" in cmd.split("&&")[0], "install must pin the CPU torch wheel"
     script = main_cmd.split("python ", 1)[1].split()[0]
     assert (ROOT / script).is_file(), f"README's main command runs {script}, which does not exist"
+
+
+def test_the_default_runs_figures_name_one_cpu_and_agree_with_the_readme():
+    """docs/recipe.md says once which CPU produced its table; the README quotes the same figures and CPU."""
+    recipe = (ROOT / "docs" / "recipe.md").read_text()
+    readme = (ROOT / "README.md").read_text()
+    flat = " ".join(recipe.split())
+    assert flat.count("Every figure of this table was produced on a 2-core AMD EPYC") == 1
+    assert "another machine kind" not in flat and "this project's CPU machine" not in " ".join(readme.split())
+    table = recipe[recipe.index("**The default run.**"):recipe.index("**What the run shows.**")]
+    rows = {cells[0]: cells for cells in (re.findall(r"[^|\s]+", line) for line in table.splitlines()
+                                          if line.startswith("| ") and line[2:3].isdigit())}
+    quoted = re.search(r"rank 1 → 16: exact match ([\d.]+)% → ([\d.]+)%.*?seed 0 on a 2-core\s+AMD EPYC", readme,
+                       flags=re.S)
+    assert quoted and (quoted.group(1), quoted.group(2)) == (rows["1"][3], rows["16"][3])

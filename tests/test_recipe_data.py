@@ -258,9 +258,21 @@ def test_encoding_and_file_checks_stand_apart_from_the_datamodule():
 
 
 def test_no_script_edits_sys_path():
-    """Recipes import their sibling modules by name (Python puts a script's own folder first on its path)."""
-    for path in sorted(RECIPES.glob("*.py")):
+    """Recipes and benchmarks import their sibling modules by name (Python puts a script's own folder first on its
+    path) and the library as an installed package: none of them edits ``sys.path``."""
+    for path in sorted([*RECIPES.glob("*.py"), *(ROOT / "benchmarks").glob("*.py")]):
         tree = ast.parse(path.read_text())
         edits = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Attribute) and node.attr == "path"
                  and isinstance(node.value, ast.Name) and node.value.id == "sys"]
-        assert not edits, f"{path.name} touches sys.path at line(s) {edits}"
+        assert not edits, f"{path.relative_to(ROOT)} touches sys.path at line(s) {edits}"
+
+
+def test_scripts_define_no_name_of_the_library():
+    """A script that needs the library's AURAC or SVD nesting imports it; a study's own variant has its own name."""
+    import lightning_matlora
+
+    public = set(lightning_matlora.__all__)
+    for path in sorted([*RECIPES.glob("*.py"), *(ROOT / "benchmarks").glob("*.py")]):
+        defined = {node.name for node in ast.parse(path.read_text()).body
+                   if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+        assert not defined & public, f"{path.relative_to(ROOT)} redefines {sorted(defined & public)}"

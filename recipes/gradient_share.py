@@ -1,6 +1,6 @@
 """Why the paired passes' low ranks trail the grid: per-rank losses and the two passes' gradients, per component.
 
-    python benchmarks/gradient_share.py [--seed 0] [--lr 1e-2] [--epochs 6] [--every 68] [--out docs/gradient_share.md]
+    python recipes/gradient_share.py [--seed 0] [--lr 1e-2] [--epochs 6] [--every 68] [--out docs/gradient_share.md]
 
 Trains the recipe's setting (bundled base and Encode data, batch 32, r_max 16, train ranks 1, 2, 4, 8, 16, AdamW
 with 5 % warm-up then linear decay) with ``MatryoshkaLoRA(max_pass=True)`` and ``paired_loss``, as
@@ -26,15 +26,12 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "recipes"))
-sys.path.insert(1, str(HERE.parent))
-sys.path.insert(2, str(HERE))
+from encode_loop import BATCH, WARMUP_RATIO, load_base, load_task, warmup_linear_decay
+from instruct_encoding import collate
+from lightning_matlora import MatryoshkaLoRA, adapted_layers, at_rank, begin_step, paired_loss
+from lightning_matlora.control import controller_of
 
-from encode_study import Schedule  # noqa: E402
-from lightning_matlora import MatryoshkaLoRA, adapted_layers, at_rank, begin_step, paired_loss  # noqa: E402
-from lightning_matlora.control import controller_of  # noqa: E402
-
+DOCS = Path(__file__).resolve().parents[1] / "docs"
 RANKS = [1, 2, 4, 8, 16]
 SHARED = 8  # components 1..8 serve every train rank; 9..16 only r_max
 
@@ -51,18 +48,13 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--epochs", type=float, default=6)
     ap.add_argument("--every", type=int, default=68)
-    ap.add_argument("--out", default=str(HERE.parent / "docs" / "gradient_share.md"))
+    ap.add_argument("--out", default=str(DOCS / "gradient_share.md"))
     args = ap.parse_args()
     torch.set_num_threads(1)
-    from instruct_data import InstructData, collate
-    from transformers import AutoModelForCausalLM
-
-    base = str(HERE.parent / "recipes" / "assets" / "base")
     torch.manual_seed(args.seed)
-    dm = InstructData(tokenizer=base, max_length=64, batch_size=32)
-    dm.setup("fit")
+    dm = load_task()
     pad = dm.tokenizer.pad_token_id
-    model = AutoModelForCausalLM.from_pretrained(base)
+    model = load_base()
     model.train()
     torch.manual_seed(args.seed)
     MatryoshkaLoRA(r_max=16, max_pass=True, verbose=False, save_adapter=False, rank_eval=None,
@@ -71,13 +63,13 @@ def main() -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     train = dm.splits["train"]
-    total = int(round(args.epochs * math.ceil(len(train) / 32)))
-    sched = Schedule(opt, total)
+    total = int(round(args.epochs * math.ceil(len(train) / BATCH)))
+    sched = warmup_linear_decay(opt, total, max(1, int(WARMUP_RATIO * total)))
     probe = collate(dm.splits["val"][:128], pad)
     g = torch.Generator().manual_seed(args.seed)
     rows, step, t0 = [], 0, time.time()
     while step < total:
-        for idx in torch.randperm(len(train), generator=g).split(32):
+        for idx in torch.randperm(len(train), generator=g).split(BATCH):
             b = collate([train[j] for j in idx], pad)
             begin_step(model, step)
             if step % args.every == 0 or step == total - 1:
@@ -109,7 +101,7 @@ def main() -> None:
             step += 1
             if step >= total:
                 break
-    cmd = " ".join(["python benchmarks/gradient_share.py", *sys.argv[1:]])
+    cmd = " ".join(["python recipes/gradient_share.py", *sys.argv[1:]])
     out = [f"Command: `{cmd}` ({time.time() - t0:.0f} s on one CPU thread). Paired passes (`max_pass=True`), "
            f"lr {args.lr:g}, seed {args.seed}, {total} steps.", "",
            "| step | val loss at r = " + ", ".join(str(k) for k in RANKS) + " | max pass: share of grad² on "

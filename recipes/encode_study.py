@@ -1,9 +1,9 @@
 """Nested training against plain LoRA and the per-rank grid on the recipe's Encode task, at equal steps.
 
-    python benchmarks/encode_study.py METHOD --lr 1e-2 --seed 0 [--epochs 6] [--out docs/encode_study_runs.jsonl]
-    python benchmarks/encode_study.py summary [--out docs/encode_study_runs.jsonl]   # the markdown table
-    python benchmarks/encode_study.py table [--out docs/encode_study_runs.jsonl]  # each method at its chosen lr
-    python benchmarks/encode_study.py plot [--out docs/encode_study_runs.jsonl] [--png docs/encode_study_steps.png]
+    python recipes/encode_study.py METHOD --lr 1e-2 --seed 0 [--epochs 6] [--out docs/encode_study_runs.jsonl]
+    python recipes/encode_study.py summary [--out docs/encode_study_runs.jsonl]   # the markdown table
+    python recipes/encode_study.py table [--out docs/encode_study_runs.jsonl]  # each method at its chosen lr
+    python recipes/encode_study.py plot [--out docs/encode_study_runs.jsonl] [--png docs/encode_study_steps.png]
 
 The recipe's setting (bundled base and Encode data, batch 32, max_length 64, AdamW with 5 % linear warm-up then
 linear decay, weight decay 0, 6 epochs = 678 optimizer steps) in a plain training loop on one CPU thread. After
@@ -18,7 +18,7 @@ METHOD:
   weighted:W1,…,Wn   rowwise with the rows of each batch shared among the train ranks in proportion W
                      (e.g. ``weighted:1,1,1,1,4``: half the rows at r_max)
   svd:F              plain LoRA at r_max for the first F of the steps, then every layer re-ordered by SVD
-                     (``nest_by_svd`` below: each prefix is the layer's best rank-k approximation under the
+                     (``reorder_by_svd`` below: each prefix is the layer's best rank-k approximation under the
                      ``rank`` rule's scales), then rowwise (``--weights``) for the rest with a fresh optimizer
                      (its own warm-up and decay, peak ``--lr2``, default ``--lr``)
   dual               every step: the whole batch at r_max plus the whole batch again with the lower train
@@ -35,6 +35,7 @@ METHOD:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -44,32 +45,20 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-HERE = Path(__file__).resolve().parent
-RECIPES = HERE.parent / "recipes"
-sys.path.insert(0, str(RECIPES))
-sys.path.insert(1, str(HERE.parent))
-
-from lightning_matlora import MatryoshkaLoRA, at_rank, begin_step, paired_loss, set_rank  # noqa: E402
-from lightning_matlora.control import controller_of  # noqa: E402
-from lightning_matlora.inject import adapted_layers  # noqa: E402
-from lightning_matlora.scaling import scale_of_rank  # noqa: E402
+from encode_loop import BATCH, WARMUP_RATIO, exact_match, load_base, load_task, token_accuracy, warmup_linear_decay
+from instruct_encoding import collate
+from lightning_matlora import MatryoshkaLoRA, at_rank, aurac, begin_step, paired_loss, set_rank
+from lightning_matlora.control import controller_of
+from lightning_matlora.inject import adapted_layers
+from lightning_matlora.scaling import scale_of_rank
 
 EVAL_RANKS = [1, 2, 4, 8, 16]
 
 
-def log2_aurac(ranks: list[int], vals: list[float]) -> float:
-    """AURAC (the trapezoid area over the span, the same formula as :func:`lightning_matlora.aurac`) on log2 k."""
-    if len(ranks) == 1:
-        return float(vals[0])
-    t = [math.log2(k) for k in ranks]
-    area = sum((t[i + 1] - t[i]) * (vals[i] + vals[i + 1]) / 2 for i in range(len(t) - 1))
-    return area / (t[-1] - t[0])
-
-
 @torch.no_grad()
-def nest_by_svd(model: torch.nn.Module) -> None:
-    """The study's prototype (kept so that its ``svd:F`` figures reproduce; the library's
-    :func:`lightning_matlora.nesting.nest_by_svd` instead switches a ``sqrt`` adapter to ``scaling="none"`` so that
+def reorder_by_svd(model: torch.nn.Module) -> None:
+    """The study's prototype of the library's SVD nesting (kept so that its ``svd:F`` figures reproduce; the library's
+    :func:`lightning_matlora.nest_by_svd` instead switches a ``sqrt`` adapter to ``scaling="none"`` so that
     every prefix is exactly the best approximation). Re-order every adapted layer so that prefix k (served under the
     ``rank`` rule) is s(k)/s(R) times the best
     rank-k approximation of the layer's rank-R update s(R)·B·A (exactly the best one when s is constant);
@@ -94,16 +83,6 @@ def row_ranks(ranks: list[int], weights: list[float], rows: int, offset: int) ->
     counts[order[:rest]] += 1
     out = torch.repeat_interleave(torch.tensor(ranks), counts)
     return out.roll(offset)
-
-
-class Schedule:
-    def __init__(self, opt, total: int, warmup_ratio: float = 0.05):
-        warm = max(1, int(warmup_ratio * total))
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
-
-    def step(self):
-        self.sched.step()
 
 
 def summary(path: str) -> str:
@@ -244,7 +223,7 @@ def table(path: str, epochs: float = 6, lr: float | None = None) -> str:
         curves = {s: {k: runs[members[k]][s]["curve"][str(k)]["exact_match"] for k in sorted(members)} for s in seeds}
         cells = [ms([runs[members[k]][s]["curve"][str(k)]["exact_match"] for s in runs[members[k]]])
                  for k in EVAL_RANKS if k in members]
-        au = [log2_aurac(sorted(members), [curves[s][k] for k in sorted(members)]) for s in seeds]
+        au = [aurac(sorted(members), [curves[s][k] for k in sorted(members)]) for s in seeds]
         lr_text = ", ".join(f"{lrs[members[k]]:g}" for k in sorted(members))
         rows.append(f"| grid: plain LoRA trained at each rank alone, each at its own rank | {lr_text} | "
                     f"{len(seeds)} | {len(members)} × 1 | " + " | ".join(cells) + f" | {ms(au) if au else '–'} |")
@@ -278,10 +257,7 @@ def report(command: str) -> None:
         print(plot(a.out, a.png, a.lr))
 
 
-def main() -> None:
-    if sys.argv[1:2] and sys.argv[1] in ("summary", "table", "plot"):
-        report(sys.argv[1])
-        return
+def parse_run(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("method")
     ap.add_argument("--lr", type=float, default=1e-2)
@@ -300,137 +276,156 @@ def main() -> None:
                     help="svd: keep one warm-up/decay schedule over all steps; at the switch only the optimizer's "
                          "moments are reset (what a callback can do inside a user's training run)")
     ap.add_argument("--tag", default="")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    from instruct_data import InstructData
-    from instruct_encoding import collate, final_answer
-    from transformers import AutoModelForCausalLM
+    return ap.parse_args(argv)
 
-    torch.manual_seed(args.seed)
-    dm = InstructData(tokenizer=str(RECIPES / "assets" / "base"), max_length=64, batch_size=32)
-    dm.setup("fit")
-    tok = dm.tokenizer
-    model = AutoModelForCausalLM.from_pretrained(str(RECIPES / "assets" / "base"))
-    model.train()
 
-    method, _, arg = args.method.partition(":")
-    r_max = int(arg) if method == "lora" else args.r_max
-    mode = "lora" if method == "lora" else "rowwise"
+@dataclasses.dataclass
+class Run:
+    """One training run of the study: its METHOD (``kind:arg``) and what its steps need."""
+
+    kind: str  # the METHOD's name: lora, rowwise, weighted, svd, dual, distill, paired, distillall
+    arg: str  # what follows the colon ("" when nothing does)
+    r_max: int
+    ranks: list[int]  # the train ranks
+    weights: list[float]  # row shares of the train ranks in rowwise phases
+    total: int  # optimizer steps
+    switch: int  # svd: the step at which the layers are re-ordered (0 otherwise)
+    seed: int
+
+
+def prepare_run(args: argparse.Namespace, model: torch.nn.Module, n_train: int) -> Run:
+    """Apply the METHOD's adapter to ``model`` (seeded by ``--seed``) and describe the run over ``n_train``
+    training examples."""
+    kind, _, arg = args.method.partition(":")
+    r_max = int(arg) if kind == "lora" else args.r_max
+    mode = "lora" if kind == "lora" else "rowwise"
     torch.manual_seed(args.seed)
-    rw = args.rank_weights if args.rank_weights in ("uniform", "half_max") else \
+    rank_weights = args.rank_weights if args.rank_weights in ("uniform", "half_max") else \
         [int(w) for w in args.rank_weights.split(",")]
-    extra = {} if mode == "lora" else {"rank_weights": rw}
-    if method == "paired":
+    extra = {} if mode == "lora" else {"rank_weights": rank_weights}
+    if kind == "paired":
         extra = {"max_pass": True, "distill": float(arg)}
     cb = MatryoshkaLoRA(r_max=r_max, mode=mode, scaling=args.scaling, verbose=False, save_adapter=False,
                         rank_eval=None, seed=args.seed, **extra)
     cb.apply(model)
     ranks = list(cb.config.ranks)
-    weights = [float(w) for w in (arg if method == "weighted" else (args.weights or "")).split(",") if w] \
+    weights = [float(w) for w in (arg if kind == "weighted" else (args.weights or "")).split(",") if w] \
         or [1.0] * len(ranks)
     if len(weights) != len(ranks):
         raise SystemExit(f"--weights needs {len(ranks)} values")
-    params = [p for p in model.parameters() if p.requires_grad]
+    total = int(round(args.epochs * math.ceil(n_train / BATCH)))
+    switch = int(round(float(arg) * total)) if kind == "svd" else 0
+    return Run(kind, arg, r_max, ranks, weights, total, switch, args.seed)
 
-    train = dm.splits["train"]
-    steps_per_epoch = math.ceil(len(train) / 32)
-    total = int(round(args.epochs * steps_per_epoch))
-    switch = int(round(float(arg) * total)) if method == "svd" else 0
+
+def batch_loss(run: Run, model: torch.nn.Module, b: dict[str, torch.Tensor], step: int) -> torch.Tensor:
+    """The training loss of one step of ``run`` on batch ``b``."""
+    rows = b["input_ids"].shape[0]
+    off = int(torch.randint(rows, (1,), generator=torch.Generator().manual_seed(run.seed * 7919 + step)))
+    kind = run.kind
+    if kind == "lora" or (kind == "svd" and step < run.switch):
+        set_rank(model, run.r_max if kind == "svd" else None)
+        return model(**b).loss
+    if kind in ("rowwise", "weighted", "svd"):
+        if run.weights == [1.0] * len(run.ranks):
+            set_rank(model, None)
+            begin_step(model, step)
+        else:
+            set_rank(model, row_ranks(run.ranks, run.weights, rows, off))
+        return model(**b).loss
+    if kind == "paired":
+        begin_step(model, step)
+        return paired_loss(model, lambda: model(**b).loss)
+    if kind in ("dual", "distill", "distillall"):
+        low = [r for r in run.ranks if r < run.r_max]
+        set_rank(model, run.r_max)
+        out_hi = model(**b)
+        set_rank(model, row_ranks(low, [1.0] * len(low), rows, off))
+        out_lo = model(**b)
+        loss = out_hi.loss + out_lo.loss
+        if kind == "distill":  # KL on the answer tokens
+            m = (b["labels"][:, 1:] != -100)
+            t = F.log_softmax(out_hi.logits[:, :-1].detach(), -1)[m]
+            s = F.log_softmax(out_lo.logits[:, :-1], -1)[m]
+            loss = loss + float(run.arg) * F.kl_div(s, t, log_target=True, reduction="batchmean")
+        elif kind == "distillall":  # KL on every position
+            t = F.log_softmax(out_hi.logits.detach(), -1).flatten(0, -2)
+            s = F.log_softmax(out_lo.logits, -1).flatten(0, -2)
+            loss = loss + float(run.arg) * F.kl_div(s, t, log_target=True, reduction="batchmean")
+        return loss
+    raise SystemExit(f"unknown method {kind}:{run.arg}" if run.arg else f"unknown method {kind}")
+
+
+def train(run: Run, args: argparse.Namespace, model: torch.nn.Module, train_set: list, pad_id: int) -> float:
+    """Train ``run.total`` steps (svd: re-order the layers at ``run.switch``); returns the seconds it took."""
+    params = [p for p in model.parameters() if p.requires_grad]
 
     def new_opt(lr, n):
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        return opt, Schedule(opt, n)
+        return opt, warmup_linear_decay(opt, n, max(1, int(WARMUP_RATIO * n)))
 
-    opt, sched = new_opt(args.lr, switch if method == "svd" and not args.one_schedule else total)
-    g = torch.Generator().manual_seed(args.seed)
+    svd = run.kind == "svd"
+    opt, sched = new_opt(args.lr, run.switch if svd and not args.one_schedule else run.total)
+    g = torch.Generator().manual_seed(run.seed)
     step, t0 = 0, time.time()
-    low = [r for r in ranks if r < r_max]
-    while step < total:
-        for idx in torch.randperm(len(train), generator=g).split(32):
-            b = collate([train[j] for j in idx], tok.pad_token_id)
-            rows = b["input_ids"].shape[0]
-            off = int(torch.randint(rows, (1,), generator=torch.Generator().manual_seed(args.seed * 7919 + step)))
-            if method == "lora" or (method == "svd" and step < switch):
-                set_rank(model, r_max if method == "svd" else None)
-                loss = model(**b).loss
-            elif method in ("rowwise", "weighted", "svd"):
-                if weights == [1.0] * len(ranks):
-                    set_rank(model, None)
-                    begin_step(model, step)
-                else:
-                    set_rank(model, row_ranks(ranks, weights, rows, off))
-                loss = model(**b).loss
-            elif method == "paired":
-                begin_step(model, step)
-                loss = paired_loss(model, lambda: model(**b).loss)
-            elif method in ("dual", "distill", "distillall"):
-                set_rank(model, r_max)
-                out_hi = model(**b)
-                set_rank(model, row_ranks(low, [1.0] * len(low), rows, off))
-                out_lo = model(**b)
-                loss = out_hi.loss + out_lo.loss
-                if method == "distill":
-                    m = (b["labels"][:, 1:] != -100)
-                    t = F.log_softmax(out_hi.logits[:, :-1].detach(), -1)[m]
-                    s = F.log_softmax(out_lo.logits[:, :-1], -1)[m]
-                    loss = loss + float(arg) * F.kl_div(s, t, log_target=True, reduction="batchmean")
-                elif method == "distillall":
-                    t = F.log_softmax(out_hi.logits.detach(), -1).flatten(0, -2)
-                    s = F.log_softmax(out_lo.logits, -1).flatten(0, -2)
-                    loss = loss + float(arg) * F.kl_div(s, t, log_target=True, reduction="batchmean")
-            else:
-                raise SystemExit(f"unknown method {args.method}")
+    while step < run.total:
+        for idx in torch.randperm(len(train_set), generator=g).split(BATCH):
+            loss = batch_loss(run, model, collate([train_set[j] for j in idx], pad_id), step)
             loss.backward()
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            if method == "svd" and step == switch:
-                nest_by_svd(model)
+            if svd and step == run.switch:
+                reorder_by_svd(model)
                 if args.one_schedule:
                     opt.state.clear()
                 else:
-                    opt, sched = new_opt(args.lr2 or args.lr, total - switch)
-            if step >= total:
+                    opt, sched = new_opt(args.lr2 or args.lr, run.total - run.switch)
+            if step >= run.total:
                 break
     set_rank(model, None)
-    train_s = time.time() - t0
+    return time.time() - t0
 
+
+def evaluate(model: torch.nn.Module, val: list, tokenizer, r_max: int, num_generate: int) -> dict[int, dict]:
+    """Per eval rank up to ``r_max``: exact match on the first ``num_generate`` validation examples and
+    answer-token accuracy on all of them (%, rounded to 0.01)."""
     model.eval()
-    val = dm.splits["val"]
-    vb = collate(val, tok.pad_token_id)
-    ex = val[:args.num_generate]
+    batch = collate(val, tokenizer.pad_token_id)
     result = {}
     for k in [k for k in EVAL_RANKS if k <= r_max]:
         with torch.no_grad(), at_rank(model, k):
-            lg = model(input_ids=vb["input_ids"], attention_mask=vb["attention_mask"]).logits[:, :-1]
-            lab = vb["labels"][:, 1:]
-            msk = lab != -100
-            acc = 100 * float(((lg.argmax(-1) == lab) & msk).sum() / msk.sum())
-            hits = 0
-            for i in range(0, len(ex), 100):
-                chunk = ex[i:i + 100]
-                n = max(e.n_prompt for e in chunk)
-                ids = torch.full((len(chunk), n), tok.pad_token_id)
-                am = torch.zeros_like(ids)
-                for j, e in enumerate(chunk):
-                    ids[j, n - e.n_prompt:] = torch.tensor(e.input_ids[:e.n_prompt])
-                    am[j, n - e.n_prompt:] = 1
-                gen = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=12, do_sample=False,
-                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-                txt = tok.batch_decode(gen[:, n:], skip_special_tokens=True)
-                hits += sum(final_answer(t) == e.reference for t, e in zip(txt, chunk))
-            em = 100 * hits / len(ex)
+            acc = token_accuracy(model, batch)
+            em = exact_match(model, val[:num_generate], tokenizer)
         result[k] = {"exact_match": round(em, 2), "token_acc": round(acc, 2)}
+    return result
+
+
+def main() -> None:
+    if sys.argv[1:2] and sys.argv[1] in ("summary", "table", "plot"):
+        report(sys.argv[1])
+        return
+    args = parse_run(sys.argv[1:])
+    torch.set_num_threads(1)
+    torch.manual_seed(args.seed)
+    data = load_task()
+    tok = data.tokenizer
+    model = load_base()
+    model.train()
+    train_set = data.splits["train"]
+    run = prepare_run(args, model, len(train_set))
+    train_s = train(run, args, model, train_set, tok.pad_token_id)
+    result = evaluate(model, data.splits["val"], tok, run.r_max, args.num_generate)
     ks = sorted(result)
-    rec = {"method": args.method, "scaling": args.scaling, "weights": args.weights, "rank_weights": args.rank_weights, "lr": args.lr,
-           "lr2": args.lr2, "one_schedule": args.one_schedule, "seed": args.seed, "epochs": args.epochs, "steps": total,
-           "passes": total * passes_per_step(args.method), "r_max": r_max,
-           "curve": {str(k): result[k] for k in ks},
-           "aurac_log2_em": round(log2_aurac(ks, [result[k]["exact_match"] for k in ks]), 2),
-           "aurac_log2_tok": round(log2_aurac(ks, [result[k]["token_acc"] for k in ks]), 2),
+    rec = {"method": args.method, "scaling": args.scaling, "weights": args.weights, "rank_weights": args.rank_weights,
+           "lr": args.lr, "lr2": args.lr2, "one_schedule": args.one_schedule, "seed": args.seed,
+           "epochs": args.epochs, "steps": run.total, "passes": run.total * passes_per_step(args.method),
+           "r_max": run.r_max, "curve": {str(k): result[k] for k in ks},
+           "aurac_log2_em": round(aurac(ks, [result[k]["exact_match"] for k in ks]), 2),
+           "aurac_log2_tok": round(aurac(ks, [result[k]["token_acc"] for k in ks]), 2),
            "train_seconds": round(train_s, 1), "tag": args.tag,
-           "command": "python benchmarks/encode_study.py " + " ".join(sys.argv[1:])}
+           "command": "python recipes/encode_study.py " + " ".join(sys.argv[1:])}
     line = json.dumps(rec)
     print(line, flush=True)
     if args.out:
