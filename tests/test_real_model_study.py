@@ -1,0 +1,55 @@
+"""benchmarks/real_model_study.py end to end at a tiny size: a tiny GGUF Llama with a chat template stands in for
+SmolLM2 (the figures are in docs/results.md, not asserted here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gguf_helpers import tiny_llama_for_gguf, write_gguf
+
+ROOT = Path(__file__).resolve().parents[1]
+pytest.importorskip("gguf")
+
+
+def _run(args: list[str], env: dict) -> str:
+    proc = subprocess.run([sys.executable, "benchmarks/real_model_study.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_study_runs_times_and_reports_at_tiny_size(tmp_path):
+    base = write_gguf(tmp_path / "tiny.gguf", tiny_llama_for_gguf())
+    env = {**os.environ, "LIGHTNING_MATLORA_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "runs.jsonl"
+    common = ["--base", str(base), "--out", str(out), "--n-val", "4"]
+    tiny = ["--steps", "4", "--r-max", "4", "--curve-n", "2", "--curve-at", "0.5"]
+    _run(["base", *common], env)
+    _run(["run", "paired", "--lr", "1e-3", *tiny, *common], env)
+    _run(["run", "uniform", "--lr", "1e-3", *tiny, *common], env)
+    _run(["timing", "--methods", "lora:4,uniform,paired", "--rounds", "1", "--r-max", "4", *common], env)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [d["method"] for d in records] == ["base", "paired", "uniform", "timing"]
+    paired = records[1]
+    assert paired["passes"] == 8 and sorted(map(int, paired["curve"])) == [1, 2, 4]
+    assert [p["step"] for p in paired["training_curve"]] == [2] and set(paired["training_curve"][0]) >= {"1", "4"}
+    assert paired["aurac_log2_em"] == pytest.approx(
+        (1 * (paired["curve"]["1"]["exact_match"] + paired["curve"]["2"]["exact_match"]) / 2 +
+         1 * (paired["curve"]["2"]["exact_match"] + paired["curve"]["4"]["exact_match"]) / 2) / 2)
+    assert records[-1]["ratio_to_lora"]["lora:4"] == 1.0 and set(records[-1]["s_per_step"]) == {"lora:4", "uniform",
+                                                                                                "paired"}
+    md, png = tmp_path / "r.md", tmp_path / "r.png"
+    text = _run(["report", "--out", str(out), "--md", str(md), "--png", str(png)], env)
+    assert md.read_text().strip() == text.strip()
+    for want in ("Base model (no adapter)", "| paired passes (the default) | 0.001 | 4 | 8 | 1 |",
+                 "| one pass, `uniform` | 0.001 | 4 | 4 | 1 |", "Time per training step", "Along training"):
+        assert want in text, want
+    assert png.stat().st_size > 1000
