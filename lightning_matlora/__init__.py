@@ -14,7 +14,11 @@ One fine-tuning run trains a nested adapter; any prefix rank k ≤ r_max of it i
 (1, 4)
 
 The names below are the public API; internals (the rank controller, the per-rank validation loop) stay
-importable from their modules (``lightning_matlora.rank``, ``lightning_matlora.control``, ...).
+importable from their modules (``lightning_matlora.rank``, ``lightning_matlora.adapted_model``, ...).
+
+Lightning is imported only by the names that need a Trainer (``MatryoshkaLoRA``, ``prepare_for_sharding``,
+``AdapterCheckpoint``), when they are first used: a serving box without Lightning can import the package, load an
+adapter into a transformers model, run it at a rank, merge it and export it (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -23,15 +27,13 @@ import importlib
 import warnings
 from typing import Any
 
-from .adapter_checkpoint import AdapterCheckpoint
 from .adapter_format import AdapterFormatError, SavedAdapter, read_adapter
 from .adapter_load import load_adapter
 from .adapter_save import save_adapter
-from .callback import MatryoshkaLoRA, prepare_for_sharding
 from .config import MatLoRAConfig
-from .control import at_rank, begin_step, get_rank, merge, paired_loss, set_rank, set_rank_scale, unmerge
+from .adapted_model import at_rank, begin_step, get_rank, merge, paired_loss, set_rank, set_rank_scale, unmerge
 from .curve import RankCurve, aurac, describe_rank_choice, plot_rank_curves, select_rank
-from .distributed import full_adapter_state_dict
+from .adapter_state import full_adapter_state_dict
 from .export import export_peft, merge_to_base
 from .inject import adapted_layers
 from .layer import MatryoshkaLinear
@@ -40,7 +42,7 @@ from .nest_peft import NestResult, nest_adapter
 from .nesting import NestReport, nest_by_svd
 from .scaling import build_p, default_ranks, scale_of_rank
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     # train
@@ -60,21 +62,36 @@ __all__ = [
     "__version__",
 ]
 
+# The Lightning integration, imported on first use (the package imports without Lightning).
+_LIGHTNING = {
+    "MatryoshkaLoRA": "lightning_matlora.callback",
+    "prepare_for_sharding": "lightning_matlora.callback",
+    "AdapterCheckpoint": "lightning_matlora.adapter_checkpoint",
+}
+
 # Names that left the top level (still importable from their modules); the old spelling warns once per use.
 _MOVED = {
     "RankController": ("lightning_matlora.rank", "RankController"),
     "RankPlan": ("lightning_matlora.rank", "RankPlan"),
-    "controller_of": ("lightning_matlora.control", "controller_of"),
-    "RankCurveValidation": ("lightning_matlora.evaluation", "RankCurveValidation"),
+    "controller_of": ("lightning_matlora.adapted_model", "controller_of"),
+    "RankCurveValidation": ("lightning_matlora.rank_validation", "RankCurveValidation"),
     "format_curve_table": ("lightning_matlora.curve", "format_curve_table"),
     "rank_scale": ("lightning_matlora.scaling", "scale_of_rank"),
 }
 
 
 def __getattr__(name: str) -> Any:
+    if name in _LIGHTNING:
+        value = getattr(importlib.import_module(_LIGHTNING[name]), name)
+        globals()[name] = value  # later lookups are plain attribute reads
+        return value
     if name in _MOVED:
         module, attr = _MOVED[name]
         warnings.warn(f"lightning_matlora.{name} is no longer public API: import {attr} from {module}.",
                       DeprecationWarning, stacklevel=2)
         return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'lightning_matlora' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LIGHTNING))

@@ -31,8 +31,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_directory, fsync_path, interrupted_previous
-from .config import MatLoRAConfig
+from .config import MatLoRAConfig, legacy_values, stored_types
 from .curve import RankCurve
+from .version import __version__
 
 FORMAT = "matryoshka-lora"
 FORMAT_VERSION = 2
@@ -59,8 +60,6 @@ class AdapterFormatError(ValueError):
 
 
 def _library_version() -> str:
-    from . import __version__
-
     return __version__
 
 
@@ -208,18 +207,20 @@ FIELDS_V1: dict[str, _Type] = {**{k: v for k, v in FIELDS.items() if k != "rank_
 #: one entry of ``adapted_layers``.
 LAYER_FIELDS: dict[str, _Type] = {"in_features": POS_INT, "out_features": POS_INT, "conv1d": BOOL}
 _TARGETS = _either(STR, _list(STR))
-#: ``config``: the :class:`MatLoRAConfig` fields (values are then validated by ``MatLoRAConfig`` itself).
-CONFIG_FIELDS: dict[str, _Type] = {
-    "r_max": POS_INT, "ranks": _list(INT), "target_modules": _TARGETS, "exclude_modules": _null(_TARGETS),
-    "modules_to_save": _null(_list(STR)), "scaling": STR, "alpha": NUM, "dropout": NUM, "mode": STR,
-    "rank_scale": STR, "p": _null(_list(NUM)), "eval_ranks": _list(INT), "adapter_dtype": _null(STR), "seed": INT,
-    "rank_weights": _either(STR, _list(INT)), "max_pass": BOOL, "distill": NUM, "distill_module": _null(STR),
+#: the JSON types of :data:`lightning_matlora.config.STORED_TYPES`, by name
+_STORED: dict[str, _Type] = {
+    "pos_int": POS_INT, "int": INT, "num": NUM, "bool": BOOL, "str": STR, "str?": _null(STR), "[int]": _list(INT),
+    "[num]?": _null(_list(NUM)), "[str]?": _null(_list(STR)), "targets": _TARGETS, "targets?": _null(_TARGETS),
+    "str|[int]": _either(STR, _list(INT)),
 }
-#: config fields that only steer training and were added after format version 2 first shipped: a file without
-#: one reads with the field's default (every other config field is required).
-OPTIONAL_CONFIG_FIELDS = ("rank_weights", "max_pass", "distill", "distill_module")
-#: what a file written before each optional field existed was trained with (not today's defaults, which differ)
-LEGACY_CONFIG_VALUES = {"rank_weights": "uniform", "max_pass": False, "distill": 0.0, "distill_module": None}
+#: ``config``: the :class:`MatLoRAConfig` fields, typed as each field declares (``stored`` in its metadata); the
+#: values are then validated by ``MatLoRAConfig`` itself.
+CONFIG_FIELDS: dict[str, _Type] = {name: _STORED[t] for name, t in stored_types().items()}
+#: what a file written before each later-added field existed was trained with (not today's defaults, which
+#: differ); a file without such a field reads with this value (every other config field is required).
+LEGACY_CONFIG_VALUES: dict[str, Any] = legacy_values()
+#: config fields added after format version 2 first shipped (optional in a file).
+OPTIONAL_CONFIG_FIELDS = tuple(LEGACY_CONFIG_VALUES)
 _V1_CURVE_FIELDS = {"metric": STR, "ranks": _list(INT), "scores": _list(_null(NUM))}
 
 

@@ -18,7 +18,7 @@ from .base_model import check_fits, record_of
 from .config import MatLoRAConfig
 from .inject import adapted_layers, find_targets, freeze_base, inject
 from .layer import MatryoshkaLinear
-from .control import controller_of
+from .adapted_model import controller_of
 from .rank import RankController
 
 _RULE_FIELDS = ("r_max", "scaling", "alpha", "rank_scale", "ranks", "p")

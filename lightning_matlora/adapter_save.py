@@ -16,9 +16,9 @@ from torch import nn
 from .adapter_format import LayerInfo, SavedAdapter, _library_version, as_curves, json_metadata, write_adapter
 from .config import MatLoRAConfig
 from .curve import RankCurve
-from .distributed import clean_name, full_adapter_state_dict
+from .adapter_state import clean_name, full_adapter_state_dict
 from .inject import _saved_prefixes, adapted_layers
-from .control import controller_of
+from .adapted_model import controller_of
 
 
 def transformers_types() -> tuple[type, ...]:

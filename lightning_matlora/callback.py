@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import functools
+import inspect
+import typing
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -14,20 +16,18 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
 from .adapter_checkpoint import AdapterCheckpoint, callback_checkpoint, trainer_checkpoints
-from .config import MatLoRAConfig, TargetSpec
+from .config import CallbackSettings, MatLoRAConfig, fields_with_role, legacy_values, options_doc
 from .curve import RankCurve
-from .evaluation import RankCurveValidation, check_rank_eval
+from .rank_validation import RankCurveValidation, check_rank_eval
 from .distributed import check_not_sharded, clean_name, is_deepspeed, prepare_strategy
-from .control import controller_of, run_paired_passes
+from .adapted_model import combine_pass_losses, controller_of, pass_loss, run_paired_passes
+from .isolation import isolated
 from .quantized import check_strategy_for_quantized
 from .inject import adapted_layers, freeze_base, inject, linear_layer_names, no_match_message
 from .rank import RankController
 from .summary import format_summary
 
 _WRAPPED = "_matlora_wrapped_hooks"
-
-# Fields whose change between a checkpoint and the callback changes what the adapter is.
-_IDENTITY_FIELDS = ("r_max", "target_modules", "exclude_modules", "modules_to_save")
 
 
 class MatryoshkaLoRA(pl.Callback):
@@ -37,77 +37,7 @@ class MatryoshkaLoRA(pl.Callback):
     are replaced by :class:`~lightning_matlora.MatryoshkaLinear`, every base parameter is frozen and the
     training diagonal P is built. The user's LightningModule needs no changes.
 
-    Args:
-        r_max: allocated rank R of every adapter (factors ``r_max × in`` and ``out × r_max``).
-        ranks: train ranks S (each in 1…r_max); default the powers of two ≤ r_max, plus r_max.
-        target_modules: ``"all-linear"`` (every Linear/Conv1D but the output head), a list of module-name
-            suffixes such as ``["q_proj", "v_proj"]``, or a regex matched against full module names.
-        exclude_modules: names never adapted (same forms as ``target_modules``).
-        modules_to_save: modules kept fully trainable and saved with the adapter (never adapted).
-        scaling: per-rank scale s(r): ``"none"`` → 1, ``"rank"`` → 1/r, ``"sqrt"`` → 1/√r; times ``alpha``.
-        alpha: factor on every per-rank scale.
-        dropout: dropout probability on the adapter input.
-        mode: training objective: ``"rowwise"`` (default: each row of a batch trains its own train rank, as it
-            will be served), ``"matryoshka"`` (the paper's diagonal P: the sum of all nested adapters),
-            ``"lora"`` (plain LoRA at r_max) or ``"dylora"`` (one rank sampled per optimizer step). The default
-            follows the project's accuracy study (docs/results.md), where the paper's P served with its own rule
-            stayed at the base model's level; ``mode="matryoshka"`` reproduces the paper.
-        rank_weights: ``"rowwise"`` only: how a batch's rows are shared among the train ranks. ``"half_max"``
-            (the default without ``max_pass``): half of the rows at r_max, the other half spread evenly over the
-            other train ranks; ``"uniform"``: the same share for every train rank; or one positive integer per
-            train rank (rank i gets a share ∝ its integer). On the recipe's task (docs/results.md) ``"half_max"``
-            raised r_max in every paired run against ``"uniform"`` (toward a plain LoRA of the same steps), at some
-            cost below r_max. With ``max_pass=True`` it describes the low pass: ``"uniform"`` (the default there)
-            or one positive integer per train rank below r_max (``"half_max"`` is refused).
-        max_pass: ``"rowwise"`` only: run every training step twice on the same batch and optimise
-            ``(L_max + L_low) / 2``: L_max with every row at r_max, L_low with the rows dealt over the train ranks
-            below r_max (the "sandwich rule" of slimmable networks; see docs/method.md). About 2× the compute and
-            activation memory of a step. The callback wraps the module's ``training_step``: its ``self.log`` calls
-            are kept from the max pass only (the low pass's are dropped), and the low pass's loss is logged as
-            ``train/loss_low_ranks``; the step returns the mean. With manual optimization, or in a hand-written
-            loop, compute the loss with :func:`~lightning_matlora.paired_loss` (a training forward outside it
-            trains the one-pass approximation, half of the rows at r_max, and warns). ``None`` (default): True for
-            ``mode="rowwise"`` with no explicit ``rank_weights`` (an explicit ``rank_weights`` keeps its one-pass
-            rule), False otherwise. The default follows docs/results.md: on the recipe's task the paired step
-            beat every one-pass rule at every rank at equal steps.
-        distill: ``max_pass`` only: weight w ≥ 0 of self-distillation: the step optimises
-            ``(L_max + L_low + w·KL) / 2`` with KL(p_max ‖ p_low) between the softmaxes (temperature 1, last dim)
-            of the distilled module's output in the max pass (detached: the teacher gets no gradient) and in the
-            low pass, averaged over every position of that output (see docs/method.md). Logged as
-            ``train/distill_kl``. Keeps one more copy of the output (the logits, float32 or wider) from the max
-            pass to the low pass, and the KL's backward two more until the backward. 0 (the default) turns it off.
-        distill_module: the module whose output (a logits tensor, classes on the last dim) is distilled: ``None``
-            (the output embedding of a transformers model inside the adapted module, e.g. ``lm_head``) or the
-            name of a submodule relative to the adapted module. Checked when the adapter is applied.
-        rank_scale: inference rule at rank k: ``"rank"`` (the paper's, s(k) on the prefix) or ``"trained"``
-            (the prefix p_1…p_k of the training diagonal; warns for ``"rowwise"``/``"dylora"``, which train
-            ``"rank"``).
-        p: explicit training diagonal (length r_max, finite, ≥ 0) instead of Algorithm 1's.
-        eval_ranks: ranks evaluated and reported; default the train ranks.
-        adapter_dtype: dtype of the adapter factors (a floating dtype); default the base weight's, or for a
-            quantized (bitsandbytes) base its compute dtype. The factors are never quantized.
-        seed: seed of the per-step rank draws of ``"dylora"``/``"rowwise"`` (identical on every process) and of
-            the initial factors (layer ``name`` draws ``lora_A`` from a generator seeded with (seed, name)).
-        save_adapter: at the end of ``fit``, save the adapter with :func:`~lightning_matlora.save_adapter` (with
-            the last measured rank curves, ``last_curves``): ``True`` → the run's own directory
-            (``lightning_logs/version_N/matlora_adapter``; without a logger a new
-            ``matlora_adapter/version_N``; never another run's), a path → there (replaced), ``False`` → not at
-            all. The path is logged and kept in ``.adapter_path``. Runs an
-            :class:`~lightning_matlora.AdapterCheckpoint` inside the callback; one in the Trainer's callbacks
-            replaces it.
-        save_best: keep the best adapter of the run in ``<save_adapter dir>_best``, saved after each validation
-            where the monitored metric improves: ``True`` monitors the rank-curve evaluation's ``val/aurac_loss``
-            (minimised), a string names any logged metric (minimised if its name contains "loss", else
-            maximised; see ``save_best_mode``), ``None``/``False`` keeps no best adapter.
-        save_best_mode: ``"auto"`` (as above), ``"min"`` or ``"max"``.
-        rank_eval: rank curves (see :mod:`lightning_matlora.evaluation` and docs/rank-curves.md): every validation
-            (and test) epoch, the loss returned by ``validation_step`` and every
-            :class:`~lightning_matlora.RankCurveMetric` on the module are measured at every eval rank and logged
-            as ``val/<name>@r<k>`` and ``val/aurac_<name>`` (``name``: ``loss``, or the metric's name), plotted
-            (one PNG per metric) and printed as a table at the end of ``fit``/``validate``; ``last_curves`` holds
-            them. ``"auto"`` (one mixed-rank pass when the step returns per-row losses and the module has no
-            ``RankCurveMetric``, else one pass per rank), ``"mixed"``, ``"sequential"``, or ``None`` to turn it
-            off.
+    {options}
 
     Example: adapt without a Trainer (a Trainer does the same at ``setup``)::
 
@@ -122,32 +52,26 @@ class MatryoshkaLoRA(pl.Callback):
     416
     """
 
-    def __init__(self, r_max: int = 64, ranks: Sequence[int] | None = None,
-                 target_modules: TargetSpec = "all-linear", exclude_modules: TargetSpec = ("lm_head",),
-                 modules_to_save: Sequence[str] | None = None, scaling: str = "sqrt", alpha: float = 1.0,
-                 dropout: float = 0.0, mode: str = "rowwise", rank_scale: str = "rank",
-                 p: Sequence[float] | None = None, eval_ranks: Sequence[int] | None = None,
-                 adapter_dtype: str | torch.dtype | None = None, seed: int = 0, verbose: bool = True,
-                 save_adapter: bool | str = True, save_best: bool | str | None = None, save_best_mode: str = "auto",
-                 rank_eval: str | None = "auto", rank_weights: str | Sequence[int] | None = None,
-                 max_pass: bool | None = None, distill: float = 0.0, distill_module: str | None = None) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # the arguments are the fields of MatLoRAConfig and CallbackSettings (see _signature(), the one list)
+        bound = _SIGNATURE.bind(*args, **kwargs)
+        bound.apply_defaults()
+        values = bound.arguments
         super().__init__()
-        self.config = MatLoRAConfig(
-            r_max=r_max, ranks=list(ranks) if ranks is not None else None, target_modules=target_modules,
-            exclude_modules=exclude_modules, modules_to_save=list(modules_to_save) if modules_to_save else None,
-            scaling=scaling, alpha=alpha, dropout=dropout, mode=mode,
-            rank_weights=rank_weights if rank_weights is None or isinstance(rank_weights, str) else list(rank_weights),
-            max_pass=max_pass, distill=distill, distill_module=distill_module, rank_scale=rank_scale,
-            p=list(p) if p is not None else None, eval_ranks=list(eval_ranks) if eval_ranks is not None else None,
-            adapter_dtype=adapter_dtype, seed=seed)
+        self.config = MatLoRAConfig(**{f.name: values[f.name] for f in dataclasses.fields(MatLoRAConfig)})
+        self.settings = CallbackSettings(**{f.name: values[f.name] for f in dataclasses.fields(CallbackSettings)})
         self.controller = RankController(self.config)
-        self.verbose = verbose
+        self.verbose = verbose = self.settings.verbose
         self.adapted: list[str] = []
-        self.save_adapter, self.save_best, self.save_best_mode = save_adapter, save_best, save_best_mode
+        self.save_adapter, self.save_best, self.save_best_mode = (self.settings.save_adapter, self.settings.save_best,
+                                                                  self.settings.save_best_mode)
         # the saving policy (see lightning_matlora.adapter_checkpoint); None when nothing is saved
-        self._saver: AdapterCheckpoint | None = callback_checkpoint(save_adapter, save_best, save_best_mode, verbose)
+        self._saver: AdapterCheckpoint | None = callback_checkpoint(self.save_adapter, self.save_best,
+                                                                    self.save_best_mode, verbose)
         self._saver_active = True  # False when the Trainer has its own AdapterCheckpoint
-        self.rank_eval = (RankCurveValidation(self.config, rank_eval, verbose=verbose)
+        rank_eval = self.settings.rank_eval
+        self.rank_eval = (RankCurveValidation(self.config, rank_eval, verbose=verbose,
+                                              base_scores=self.settings.base_scores)
                           if check_rank_eval(rank_eval) is not None else None)
 
     # ----------------------------------------------------------------------------------------- public API
@@ -167,6 +91,18 @@ class MatryoshkaLoRA(pl.Callback):
     def last_test_curves(self) -> list[RankCurve]:
         """The last ``trainer.test`` run's rank curves (logged as ``test/<name>@r<k>``); empty before any."""
         return list(self.rank_eval.test_curves) if self.rank_eval is not None else []
+
+    @property
+    def base_scores(self) -> dict[str, float] | None:
+        """The base model's scores by curve name, shown in the rank-curve table (a ``base`` row) and plots (a line);
+        settable during the run, e.g. once measured in the module's ``on_fit_start``."""
+        return self.settings.base_scores
+
+    @base_scores.setter
+    def base_scores(self, scores: dict[str, float] | None) -> None:
+        self.settings.base_scores = dict(scores) if scores is not None else None
+        if self.rank_eval is not None:
+            self.rank_eval.base_scores = self.settings.base_scores
 
     @property
     def adapter_path(self) -> str | None:
@@ -262,10 +198,10 @@ class MatryoshkaLoRA(pl.Callback):
             self.controller.set_process(trainer.global_rank, trainer.world_size)
         self.controller.begin_step(trainer.global_step, batch_idx)
 
-    # per-rank validation and test: delegated to lightning_matlora.evaluation
+    # per-rank validation and test: lightning_matlora.rank_validation (one hook serves both stages)
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.rank_eval is not None:
-            self.rank_eval.epoch_start(trainer, pl_module, "validate")
+            self.rank_eval.epoch_start(trainer, pl_module, "test" if trainer.testing else "validate")
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -275,20 +211,12 @@ class MatryoshkaLoRA(pl.Callback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.rank_eval is not None:
             self.rank_eval.epoch_end(trainer, pl_module)
+            if trainer.testing:
+                self.rank_eval.report(trainer, "test")
 
-    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.rank_eval is not None:
-            self.rank_eval.epoch_start(trainer, pl_module, "test")
-
-    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                          batch_idx: int, dataloader_idx: int = 0) -> None:
-        if self.rank_eval is not None:
-            self.rank_eval.batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
-
-    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.rank_eval is not None:
-            self.rank_eval.epoch_end(trainer, pl_module)
-            self.rank_eval.report(trainer, "test")
+    on_test_epoch_start = on_validation_epoch_start
+    on_test_batch_end = on_validation_batch_end
+    on_test_epoch_end = on_validation_epoch_end
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.rank_eval is not None and trainer.state.fn == "validate":
@@ -351,15 +279,14 @@ class MatryoshkaLoRA(pl.Callback):
             raise ValueError(f"The checkpoint's adapter has r_max={saved.get('r_max')} but this MatryoshkaLoRA has "
                              f"r_max={mine['r_max']}: resume with MatryoshkaLoRA(r_max={saved.get('r_max')}, ...) "
                              f"(the same settings as the run that wrote the checkpoint).")
-        for field in _IDENTITY_FIELDS:
+        for field in fields_with_role("adapter"):
             a, b = _norm(saved.get(field)), _norm(mine[field])
             if a != b:
                 raise ValueError(f"The checkpoint's adapter was built with {field}={saved.get(field)!r} but this "
                                  f"MatryoshkaLoRA has {field}={mine[field]!r}: resume with the same {field}.")
-        # fields added later: a checkpoint without one was trained with the default
-        defaults = {"max_pass": False, "distill": 0.0, "distill_module": None}
-        changed = [f for f in ("ranks", "scaling", "alpha", "mode", "p", "max_pass", "distill", "distill_module")
-                   if _norm(saved.get(f, defaults.get(f))) != _norm(mine[f])]
+        # fields added later: a checkpoint without one was trained with its legacy value
+        legacy = legacy_values()
+        changed = [f for f in fields_with_role("objective") if _norm(saved.get(f, legacy.get(f))) != _norm(mine[f])]
         if changed:
             warnings.warn(f"Resuming with a different training objective than the checkpoint's ({', '.join(changed)} "
                           f"changed): the adapter continues training under the new settings.", stacklevel=2)
@@ -423,8 +350,9 @@ def _wrap_hook(pl_module: nn.Module, name: str, before: Callable | None = None, 
 
 def _wrap_training_step(pl_module: pl.LightningModule) -> None:
     """Make the module's ``training_step`` (this instance only, idempotent) a ``max_pass`` step: the user's step runs
-    in the max pass, then again on the same batch in the low pass with its ``self.log``/``self.log_dict`` calls
-    dropped, and returns the combination of both (see :func:`_combine_passes`). Lightning's DDP/FSDP/DeepSpeed
+    in the max pass, then again on the same batch in the low pass, isolated (:func:`~lightning_matlora.isolation.
+    isolated`: its ``self.log`` calls dropped, its torchmetrics updates discarded), and returns the combination of
+    both (see :func:`_combine_passes`). Lightning's DDP/FSDP/DeepSpeed
     wrappers call the module's ``training_step`` attribute, so they run this one."""
     wrapped: set[str] = pl_module.__dict__.setdefault(_WRAPPED, set())
     if "training_step" in wrapped:
@@ -437,63 +365,29 @@ def _wrap_training_step(pl_module: pl.LightningModule) -> None:
         if not ctrl.config.max_pass:  # another callback's adapter on the same module
             return original(*args, **kwargs)
         high, low, kl = run_paired_passes(ctrl, lambda: original(*args, **kwargs),
-                                          low_context=lambda: _logging_dropped(pl_module))
+                                          low_context=lambda: isolated(pl_module))
         return _combine_passes(pl_module, high, low, kl, ctrl.config.distill)
 
     object.__setattr__(pl_module, "training_step", training_step)
     wrapped.add("training_step")
 
 
-@contextlib.contextmanager
-def _logging_dropped(pl_module: pl.LightningModule) -> Iterator[None]:
-    """Inside the block, ``pl_module.log`` and ``pl_module.log_dict`` do nothing (instance attributes shadowing the
-    methods, removed after)."""
-    names = ("log", "log_dict")
-    saved = {n: pl_module.__dict__[n] for n in names if n in pl_module.__dict__}
-    for n in names:
-        object.__setattr__(pl_module, n, _no_log)
-    try:
-        yield
-    finally:
-        for n in names:
-            if n in saved:
-                object.__setattr__(pl_module, n, saved[n])
-            else:
-                pl_module.__dict__.pop(n, None)
-
-
-def _no_log(*args: Any, **kwargs: Any) -> None:
-    return None
-
-
-def _step_loss(out: Any, which: str) -> torch.Tensor:
-    loss = out.get("loss") if isinstance(out, dict) else out
-    if not isinstance(loss, torch.Tensor):
-        got = "a dict without a loss tensor under 'loss'" if isinstance(out, dict) else type(out).__name__
-        raise TypeError(f"max_pass=True combines the losses of the two passes of training_step, but its {which} pass "
-                        f"returned {got}: return the loss tensor, a dict with the loss under 'loss', or None to skip "
-                        f"the step.")
-    return loss
-
-
 def _combine_passes(pl_module: pl.LightningModule, high: Any, low: Any, kl: torch.Tensor | None = None,
                     weight: float = 0.0) -> Any:
     """The value of a ``max_pass`` step from the max pass's output ``high`` and the low pass's ``low``: a tensor →
-    the mean ``(L_max + L_low) / 2`` (plus ``weight·kl / 2`` with a distillation term ``kl``); a dict → ``high`` with
-    ``"loss"`` replaced by that value; ``None`` from either pass → ``None`` (the step is skipped). Logs the low
-    pass's loss as ``train/loss_low_ranks`` and ``kl`` as ``train/distill_kl``."""
+    the paired loss (:func:`~lightning_matlora.adapted_model.combine_pass_losses`); a dict → ``high`` with ``"loss"``
+    replaced by it; ``None`` from either pass → ``None`` (the step is skipped). Logs the low pass's loss as
+    ``train/loss_low_ranks`` and ``kl`` as ``train/distill_kl``."""
     if high is None or low is None:
         return None
-    high_loss, low_loss = _step_loss(high, "max"), _step_loss(low, "low")
+    high_loss, low_loss = pass_loss(high, "max"), pass_loss(low, "low")
     pl_module.log("train/loss_low_ranks", low_loss.detach())
-    total = high_loss + low_loss
     if kl is not None:
         pl_module.log("train/distill_kl", kl.detach())
-        total = total + weight * kl
-    mean = total / 2
+    loss = combine_pass_losses(high_loss, low_loss, kl, weight)
     if isinstance(high, dict):
-        return {**high, "loss": mean}
-    return mean
+        return {**high, "loss": loss}
+    return loss
 
 
 def _drop_frozen_from_optimizers(trainer: pl.Trainer) -> None:
@@ -538,3 +432,24 @@ def prepare_for_sharding(pl_module: pl.LightningModule) -> list[str]:
     if len(callbacks) > 1:
         raise RuntimeError(f"The Trainer has {len(callbacks)} MatryoshkaLoRA callbacks; use one.")
     return callbacks[0].apply(pl_module)
+
+
+def _signature() -> inspect.Signature:
+    """``MatryoshkaLoRA(...)``'s signature, derived from the fields of :class:`MatLoRAConfig` and
+    :class:`CallbackSettings` (names, types, defaults; LightningCLI reads it). The adapter fields that adapter
+    files had from the start may be given by position; the fields added later and the callback's own settings are
+    keyword-only."""
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    for cls in (MatLoRAConfig, CallbackSettings):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            positional = cls is MatLoRAConfig and f.name not in legacy_values()
+            kind = inspect.Parameter.POSITIONAL_OR_KEYWORD if positional else inspect.Parameter.KEYWORD_ONLY
+            params.append(inspect.Parameter(f.name, kind, default=f.default, annotation=hints[f.name]))
+    return inspect.Signature(params, return_annotation=None)
+
+
+MatryoshkaLoRA.__init__.__signature__ = _signature()  # type: ignore[attr-defined]
+_SIGNATURE = inspect.signature(MatryoshkaLoRA)  # without self
+MatryoshkaLoRA.__doc__ = (MatryoshkaLoRA.__doc__ or "").replace(
+    "{options}", options_doc(MatLoRAConfig, CallbackSettings).replace("\n", "\n    "))

@@ -118,8 +118,8 @@ def _check_max_pass(max_pass: Any, mode: str, ranks: list[int], r_max: int) -> l
         return low
     if mode != "rowwise":
         raise ValueError(f"max_pass=True (each step: the whole batch at r_max, then its rows dealt over the lower "
-                         f"train ranks) is a form of mode='rowwise', not mode={mode!r}: use mode='rowwise', or drop "
-                         f"max_pass.")
+                         f"train ranks) is a form of mode='rowwise', not mode={mode!r}: use mode='rowwise', or set "
+                         f"max_pass=None (auto: True for rowwise only) or False.")
     if not low:
         raise ValueError(f"max_pass=True needs at least one train rank below r_max={r_max} for its low pass, but "
                          f"ranks={ranks}: add lower train ranks (or drop `ranks` for the default powers of two), or "
@@ -143,10 +143,44 @@ def _check_distill(distill: Any, distill_module: Any, max_pass: bool) -> float:
     return float(distill)
 
 
+#: What a field means beyond its value (``role`` in its metadata; ``None``: a detail of training or evaluation).
+ROLES = {
+    "adapter": "defines the adapter (its size and its layers): a checkpoint with another value cannot resume",
+    "objective": "defines the training objective: resuming with another value warns that the objective changed",
+    "serving": "defines how a rank is served (its inference rule)",
+}
+#: The JSON types a field may be stored as (``stored`` in its metadata); lightning_matlora.adapter_format turns
+#: each into its schema type.
+STORED_TYPES = ("pos_int", "int", "num", "bool", "str", "str?", "[int]", "[num]?", "[str]?", "targets",
+                "targets?", "str|[int]")
+_NO_LEGACY = object()
+
+
+def option(default: Any, doc: str, *, stored: str | None = None, role: str | None = None,
+           legacy: Any = _NO_LEGACY) -> Any:
+    """A field of :class:`MatLoRAConfig` (or of :class:`CallbackSettings`) with everything the package derives from it.
+
+    Args:
+        default: the default value (what ``MatryoshkaLoRA(...)`` and ``MatLoRAConfig(...)`` use when it is not given).
+        doc: the field's documentation (the ``Args`` of ``MatryoshkaLoRA`` and ``MatLoRAConfig`` are built from it).
+        stored: its JSON type in an adapter file, one of :data:`STORED_TYPES` (``None``: not stored; every
+            :class:`MatLoRAConfig` field is stored).
+        role: one of :data:`ROLES`, or ``None``.
+        legacy: for a field added after adapter files and checkpoints first shipped, the value that a file or a
+            checkpoint without it was trained with (not necessarily today's default). Such a field is optional in an
+            adapter file, and keyword-only in ``MatryoshkaLoRA(...)``.
+    """
+    if stored is not None and stored not in STORED_TYPES:
+        raise ValueError(f"stored={stored!r}: use one of {STORED_TYPES}.")
+    if role is not None and role not in ROLES:
+        raise ValueError(f"role={role!r}: use one of {sorted(ROLES)} or None.")
+    return dataclasses.field(default=default, metadata={"doc": doc, "stored": stored, "role": role, "legacy": legacy})
+
+
 @dataclasses.dataclass
 class MatLoRAConfig:
-    """Settings of a MatryoshkaLoRA adapter, validated at construction. See :class:`lightning_matlora.MatryoshkaLoRA`
-    for each field.
+    """Settings of a MatryoshkaLoRA adapter, validated at construction. Each field is documented below (the same
+    text documents :class:`lightning_matlora.MatryoshkaLoRA`'s arguments).
 
     >>> cfg = MatLoRAConfig(r_max=8, mode="matryoshka")
     >>> cfg.ranks, cfg.eval_ranks
@@ -155,24 +189,79 @@ class MatLoRAConfig:
     True
     """
 
-    r_max: int = 64
-    ranks: list[int] | None = None
-    target_modules: TargetSpec = "all-linear"
-    exclude_modules: TargetSpec = ("lm_head",)
-    modules_to_save: list[str] | None = None
-    scaling: str = "sqrt"
-    alpha: float = 1.0
-    dropout: float = 0.0
-    mode: str = "rowwise"
-    rank_scale: str = "rank"
-    p: list[float] | None = None
-    eval_ranks: list[int] | None = None
-    adapter_dtype: str | None = None
-    seed: int = 0
-    rank_weights: str | list[int] | None = None
-    max_pass: bool | None = None
-    distill: float = 0.0
-    distill_module: str | None = None
+    r_max: int = option(64, "allocated rank R of every adapter (factors ``r_max × in`` and ``out × r_max``).",
+                        stored="pos_int", role="adapter")
+    ranks: Sequence[int] | None = option(None, "train ranks S (each in 1…r_max); default the powers of two ≤ r_max, "
+                                               "plus r_max.", stored="[int]", role="objective")
+    target_modules: TargetSpec = option(
+        "all-linear", "``\"all-linear\"`` (every Linear/Conv1D but the output head), a list of module-name suffixes "
+        "such as ``[\"q_proj\", \"v_proj\"]``, or a regex matched against full module names.",
+        stored="targets", role="adapter")
+    exclude_modules: TargetSpec = option(("lm_head",), "names never adapted (same forms as ``target_modules``).",
+                                         stored="targets?", role="adapter")
+    modules_to_save: Sequence[str] | None = option(
+        None, "modules kept fully trainable and saved with the adapter (never adapted).", stored="[str]?",
+        role="adapter")
+    scaling: str = option("sqrt", "per-rank scale s(r): ``\"none\"`` → 1, ``\"rank\"`` → 1/r, ``\"sqrt\"`` → 1/√r; "
+                                  "times ``alpha``.", stored="str", role="objective")
+    alpha: float = option(1.0, "factor on every per-rank scale.", stored="num", role="objective")
+    dropout: float = option(0.0, "dropout probability on the adapter input.", stored="num")
+    mode: str = option(
+        "rowwise", "training objective: ``\"rowwise\"`` (default: each row of a batch trains its own train rank, "
+        "as it will be served), ``\"matryoshka\"`` (the paper's diagonal P: the sum of all nested adapters), "
+        "``\"lora\"`` (plain LoRA at r_max) or ``\"dylora\"`` (one rank sampled per optimizer step). The default "
+        "follows the project's accuracy study (docs/results.md), where the paper's P served with its own rule stayed "
+        "at the base model's level; ``mode=\"matryoshka\"`` reproduces the paper.", stored="str", role="objective")
+    rank_scale: str = option(
+        "rank", "inference rule at rank k: ``\"rank\"`` (the paper's, s(k) on the prefix) or ``\"trained\"`` (the "
+        "prefix p_1…p_k of the training diagonal; warns for ``\"rowwise\"``/``\"dylora\"``, which train "
+        "``\"rank\"``).", stored="str", role="serving")
+    p: Sequence[float] | None = option(None, "explicit training diagonal (length r_max, finite, ≥ 0) instead of "
+                                             "Algorithm 1's.", stored="[num]?", role="objective")
+    eval_ranks: Sequence[int] | None = option(None, "ranks evaluated and reported; default the train ranks.",
+                                              stored="[int]")
+    adapter_dtype: str | torch.dtype | None = option(
+        None, "dtype of the adapter factors (a floating dtype); default the base weight's, or for a quantized "
+        "(bitsandbytes) base its compute dtype. The factors are never quantized.", stored="str?")
+    seed: int = option(0, "seed of the per-step rank draws of ``\"dylora\"``/``\"rowwise\"`` (identical on every "
+                          "process) and of the initial factors (layer ``name`` draws ``lora_A`` from a generator "
+                          "seeded with (seed, name)).", stored="int")
+    rank_weights: str | Sequence[int] | None = option(
+        None, "``\"rowwise\"`` only: how a batch's rows are shared among the train ranks. ``\"half_max\"`` (the "
+        "default without ``max_pass``): half of the rows at r_max, the other half spread evenly over the other train "
+        "ranks; ``\"uniform\"``: the same share for every train rank; or one positive integer per train rank (rank "
+        "i gets a share ∝ its integer). On the recipe's task (docs/results.md) ``\"half_max\"`` raised r_max in "
+        "every paired run against ``\"uniform\"`` (toward a plain LoRA of the same steps), at some cost below "
+        "r_max. With ``max_pass=True`` it describes the low pass: ``\"uniform\"`` (the default there) or one "
+        "positive integer per train rank below r_max (``\"half_max\"`` is refused).",
+        stored="str|[int]", role="objective", legacy="uniform")
+    max_pass: bool | None = option(
+        None, "``\"rowwise\"`` only: run every training step twice on the same batch and optimise "
+        "``(L_max + L_low) / 2``: L_max with every row at r_max, L_low with the rows dealt over the train ranks below "
+        "r_max (the \"sandwich rule\" of slimmable networks; see docs/method.md). About 2× the compute and "
+        "activation memory of a step. The callback wraps the module's ``training_step``; what the step may rely on "
+        "in the second (low) pass: its ``self.log`` calls are dropped, and the updates of the torchmetrics metrics "
+        "that are submodules of the LightningModule are discarded (the low pass updates copies), so each is counted "
+        "once per step; other side effects (counters, lists, metrics held outside the module) happen twice. The low "
+        "pass's loss is logged as ``train/loss_low_ranks``; the step returns the mean. With manual optimization, or "
+        "in a hand-written loop, compute the loss with :func:`~lightning_matlora.paired_loss` (a training forward "
+        "outside it trains the one-pass approximation, half of the rows at r_max, and warns). ``None`` (default, "
+        "\"auto\"): True for ``mode=\"rowwise\"`` with no explicit ``rank_weights`` (an explicit ``rank_weights`` "
+        "keeps its one-pass rule), False otherwise; ``True`` with another mode is refused. The default follows "
+        "docs/results.md: on the recipe's task the paired step beat every one-pass rule at every rank at equal "
+        "steps.", stored="bool", role="objective", legacy=False)
+    distill: float = option(
+        0.0, "``max_pass`` only: weight w ≥ 0 of self-distillation: the step optimises ``(L_max + L_low + w·KL) / 2`` "
+        "with KL(p_max ‖ p_low) between the softmaxes (temperature 1, last dim) of the distilled module's output in "
+        "the max pass (detached: the teacher gets no gradient) and in the low pass, averaged over every position of "
+        "that output (see docs/method.md). Logged as ``train/distill_kl``. Keeps one more copy of the output (the "
+        "logits, float32 or wider) from the max pass to the low pass, and the KL's backward two more until the "
+        "backward. 0 (the default) turns it off.", stored="num", role="objective", legacy=0.0)
+    distill_module: str | None = option(
+        None, "the module whose output (a logits tensor, classes on the last dim) is distilled: ``None`` (the output "
+        "embedding of a transformers model inside the adapted module, e.g. ``lm_head``) or the name of a submodule "
+        "relative to the adapted module. Checked when the adapter is applied.", stored="str?", role="objective",
+        legacy=None)
 
     def __post_init__(self) -> None:
         check_r_max(self.r_max)
@@ -269,3 +358,87 @@ class MatLoRAConfig:
             raise ValueError(f"Unknown MatryoshkaLoRA config fields {unknown}: this file was written by a newer "
                              f"lightning_matlora; upgrade the package to read it.")
         return cls(**d)
+
+
+@dataclasses.dataclass
+class CallbackSettings:
+    """The :class:`~lightning_matlora.MatryoshkaLoRA` callback's own arguments, beyond the adapter's
+    :class:`MatLoRAConfig`: what it prints, saves and evaluates. They are not part of the adapter (not stored)."""
+
+    verbose: bool = option(True, "print the summary of the adapted model when the adapter is applied, and the rank "
+                                 "curves' table at the end of ``fit``/``validate``/``test``.")
+    save_adapter: bool | str = option(
+        True, "at the end of ``fit``, save the adapter with :func:`~lightning_matlora.save_adapter` (with the last "
+        "measured rank curves, ``last_curves``): ``True`` → the run's own directory "
+        "(``lightning_logs/version_N/matlora_adapter``; without a logger a new ``matlora_adapter/version_N``; never "
+        "another run's), a path → there (replaced), ``False`` → not at all. The path is logged and kept in "
+        "``.adapter_path``. Runs an :class:`~lightning_matlora.AdapterCheckpoint` inside the callback; one in the "
+        "Trainer's callbacks replaces it.")
+    save_best: bool | str | None = option(
+        None, "keep the best adapter of the run in ``<save_adapter dir>_best``, saved after each validation where the "
+        "monitored metric improves: ``True`` monitors the rank-curve evaluation's ``val/aurac_loss`` (minimised), a "
+        "string names any logged metric (minimised if its name contains \"loss\", else maximised; see "
+        "``save_best_mode``), ``None``/``False`` keeps no best adapter.")
+    save_best_mode: str = option("auto", "``\"auto\"`` (as above), ``\"min\"`` or ``\"max\"``.")
+    rank_eval: str | None = option(
+        "auto", "rank curves (see :mod:`lightning_matlora.rank_validation` and docs/rank-curves.md): every validation (and "
+        "test) epoch, the loss returned by ``validation_step`` and every :class:`~lightning_matlora.RankCurveMetric` "
+        "on the module are measured at every eval rank and logged as ``val/<name>@r<k>`` and ``val/aurac_<name>`` "
+        "(``name``: ``loss``, or the metric's name), plotted (one PNG per metric) and printed as a table at the end "
+        "of ``fit``/``validate``; ``last_curves`` holds them. ``\"auto\"`` (one mixed-rank pass when the step "
+        "returns per-row losses and the module has no ``RankCurveMetric``, else one pass per rank), ``\"mixed\"``, "
+        "``\"sequential\"``, or ``None`` to turn it off.")
+    base_scores: dict[str, float] | None = option(
+        None, "the base model's scores (no adapter), by curve name (``\"loss\"``, or a ``RankCurveMetric``'s "
+        "name): a ``base`` row of the rank-curve table and a dashed \"base model\" line on each rank-curve plot. "
+        "Give measured values, or set ``.base_scores`` on the callback during the run (e.g. in the module's "
+        "``on_fit_start``, after measuring the base with the adapter at zero).")
+
+
+# ------------------------------------------------------------------------------------- derived from the fields
+def fields_with_role(role: str) -> tuple[str, ...]:
+    """The names of the :class:`MatLoRAConfig` fields with ``role`` (see :data:`ROLES`), in declaration order.
+
+    >>> fields_with_role("adapter")
+    ('r_max', 'target_modules', 'exclude_modules', 'modules_to_save')
+    """
+    if role not in ROLES:
+        raise ValueError(f"role={role!r}: use one of {sorted(ROLES)}.")
+    return tuple(f.name for f in dataclasses.fields(MatLoRAConfig) if f.metadata["role"] == role)
+
+
+def legacy_values() -> dict[str, Any]:
+    """field → the value a file or checkpoint written before the field existed was trained with (the fields added
+    later; every other field is required in an adapter file).
+
+    >>> legacy_values()
+    {'rank_weights': 'uniform', 'max_pass': False, 'distill': 0.0, 'distill_module': None}
+    """
+    return {f.name: f.metadata["legacy"] for f in dataclasses.fields(MatLoRAConfig)
+            if f.metadata["legacy"] is not _NO_LEGACY}
+
+
+def stored_types() -> dict[str, str]:
+    """field → its JSON type in an adapter file (one of :data:`STORED_TYPES`), for every :class:`MatLoRAConfig`
+    field."""
+    return {f.name: f.metadata["stored"] for f in dataclasses.fields(MatLoRAConfig)}
+
+
+def options_doc(*classes: type) -> str:
+    """The ``Args:`` section documenting the fields of ``classes`` (dataclasses built with :func:`option`)."""
+    lines = ["Args:"]
+    for cls in classes:
+        for f in dataclasses.fields(cls):
+            lines.append(_wrap(f"{f.name}: {f.metadata['doc']}", "    ", "        "))
+    return "\n".join(lines)
+
+
+def _wrap(text: str, first: str, rest: str, width: int = 112) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width, initial_indent=first, subsequent_indent=rest,
+                                    break_on_hyphens=False, break_long_words=False))
+
+
+MatLoRAConfig.__doc__ = (MatLoRAConfig.__doc__ or "").rstrip() + "\n\n    " + \
+    options_doc(MatLoRAConfig).replace("\n", "\n    ") + "\n    "

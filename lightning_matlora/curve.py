@@ -282,10 +282,11 @@ def format_curve_table(curve: Mapping[int, Number], name: str = "loss", higher_i
 
 
 def format_curves_table(curves: Sequence["RankCurve"], tolerance: float = 0.01, title: str | None = None,
-                        axis: str = "log2") -> str:
+                        axis: str = "log2", base: Mapping[str, Number] | None = None) -> str:
     """A plain-text table of several rank curves measured together: one row per rank, one column per metric
     (↓ lower is better, ↑ higher), the AURAC of each, and one sentence of advice per metric
-    (:func:`describe_rank_choice`)."""
+    (:func:`describe_rank_choice`). ``base``: the base model's scores by metric name, shown as a ``base`` row above
+    the ranks (— where a metric has none)."""
     curves = list(curves)
     if not curves:
         raise ValueError("format_curves_table got no curve.")
@@ -299,6 +300,9 @@ def format_curves_table(curves: Sequence["RankCurve"], tolerance: float = 0.01, 
 
     lines = [title or "Rank curves (↓ lower is better, ↑ higher is better):",
              f"  {'rank':>{width}}  " + "  ".join(f"{h:>{w}}" for h, w in zip(heads, cols))]
+    if base:
+        lines.append(f"  {'base':>{width}}  " + "  ".join(
+            cell(_float(base[c.metric]) if c.metric in base else None, w) for c, w in zip(curves, cols)))
     for r in ranks:
         lines.append(f"  {r:>{width}}  " + "  ".join(
             cell(c.score_at(r) if r in c.ranks else None, w) for c, w in zip(curves, cols)))
@@ -311,11 +315,13 @@ def format_curves_table(curves: Sequence["RankCurve"], tolerance: float = 0.01, 
 
 # ------------------------------------------------------------------------------------------------------ plot
 def plot_rank_curves(curves: Mapping[int, Number] | Sequence[Mapping[int, Number]], labels: Sequence[str] | None = None,
-                     ax: Any = None, axis: str = "log2", ylabel: str = "score", title: str | None = None) -> tuple:
+                     ax: Any = None, axis: str = "log2", ylabel: str = "score", title: str | None = None,
+                     base: Number | None = None) -> tuple:
     """Plot one or more rank curves (score against rank), one line each, later curves in brighter colours.
 
     Follows torchmetrics' plotting convention: draws into ``ax`` if given, else into a new figure, and returns
-    ``(figure, axes)``. The rank axis is log2 by default, ticked at the evaluated ranks. Needs matplotlib (no
+    ``(figure, axes)``. The rank axis is log2 by default, ticked at the evaluated ranks. ``base``: the base model's
+    score, drawn as a dashed horizontal line labelled "base model". Needs matplotlib (no
     window opens: the figure is a ``matplotlib.figure.Figure``; save it with ``fig.savefig(path)``).
 
     >>> fig, ax = plot_rank_curves([{1: 0.40, 4: 0.46, 16: 0.48}, {1: 0.42, 4: 0.47, 16: 0.49}],
@@ -350,6 +356,8 @@ def plot_rank_curves(curves: Mapping[int, Number] | Sequence[Mapping[int, Number
         color = cmap(0.15 + 0.7 * i / max(1, len(curves) - 1)) if len(curves) > 1 else "C0"
         ax.plot([r for r, _ in items], [v for _, v in items], marker="o", color=color,
                 label=labels[i] if labels is not None else None)
+    if base is not None:
+        ax.axhline(_float(base), ls="--", color="grey", label="base model")
     if axis == "log2":
         ax.set_xscale("log", base=2)
         ax.minorticks_off()
@@ -361,7 +369,7 @@ def plot_rank_curves(curves: Mapping[int, Number] | Sequence[Mapping[int, Number
     ax.grid(True, alpha=0.3)
     if title:
         ax.set_title(title)
-    if labels is not None:
+    if labels is not None or base is not None:
         ax.legend(fontsize="small")
     return fig, ax
 

@@ -30,10 +30,6 @@ from torch.nn import functional as F
 if TYPE_CHECKING:
     from .rank import RankController
 
-#: The attribute of a :class:`~lightning_matlora.rank.RankController` that holds its :class:`Distiller` (or None).
-DISTILLER_ATTR = "distiller"
-
-
 def output_embedding(root: nn.Module) -> tuple[str, nn.Module] | None:
     """(name relative to ``root``, module) of the output embedding of the first module of ``root``'s tree (root
     included) whose ``get_output_embeddings()`` returns a module, or None.
@@ -169,7 +165,7 @@ def attach_distiller(root: nn.Module, controller: "RankController") -> Distiller
     into) when its config has ``distill`` > 0; idempotent. Raises ``ValueError`` naming ``distill_module`` if the
     module is not found. Returns the :class:`Distiller` (None when ``distill`` is 0)."""
     config = controller.config
-    current: Distiller | None = getattr(controller, DISTILLER_ATTR, None)
+    current: Distiller | None = controller.distiller
     if not config.distill > 0:
         return None
     name, module = find_distill_module(root, config.distill_module)
@@ -178,14 +174,14 @@ def attach_distiller(root: nn.Module, controller: "RankController") -> Distiller
             return current
         current.remove()
     distiller = Distiller(controller, name, module)
-    setattr(controller, DISTILLER_ATTR, distiller)
+    controller.distiller = distiller
     return distiller
 
 
 @contextlib.contextmanager
 def distill_step(controller: "RankController") -> Iterator[Distiller | None]:
     """Open a paired step on ``controller``'s :class:`Distiller` (yields None when the adapter does not distill)."""
-    distiller: Distiller | None = getattr(controller, DISTILLER_ATTR, None)
+    distiller: Distiller | None = controller.distiller
     if not controller.config.distill > 0:
         yield None
         return

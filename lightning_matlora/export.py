@@ -28,7 +28,7 @@ from .adapter_format import SavedAdapter, read_adapter
 from .adapter_load import uncovered_layers
 from .adapter_save import base_model_name, model_root, snapshot, transformers_types
 from .base_model import check_fits, load_base, locate_base, record_of
-from .control import controller_of
+from .adapted_model import controller_of
 from .inject import adapted_layers
 from .layer import MatryoshkaLinear
 from .output_dir import check_output_dir, write_output_dir

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import re
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -41,6 +41,17 @@ class WeightedMean(Metric):
 
     def compute(self) -> torch.Tensor:
         return (self.total / self.weight).float()
+
+
+class RankSource(Protocol):
+    """What a :class:`RankCurveMetric` asks of the code that runs the ranks (the MatryoshkaLoRA callback's per-rank
+    validation, :class:`~lightning_matlora.rank_validation.RankCurveValidation`): the rank an update without a rank
+    counts for now."""
+
+    def active_rank(self, name: str) -> int | None:
+        """The rank that an update of the metric named ``name`` counts for now; ``None``: not counted (Lightning's
+        own call of the step). Raises where such an update is an error, saying why."""
+        ...
 
 
 class RankCurveMetric(WrapperMetric):
@@ -116,9 +127,11 @@ class RankCurveMetric(WrapperMetric):
         self._higher_is_better = higher_is_better
         self.ranks: list[int] | None = None
         self.metrics = nn.ModuleDict()
-        self._evaluator: Any = None  # set by the MatryoshkaLoRA callback that found this metric
+        #: the attribute name under which a callback found this metric (its default ``name``), or None
+        self.found_as: str | None = None
+        self._source: RankSource | None = None  # see follow()
         if ranks is not None:
-            self._set_ranks(ranks)
+            self.use_ranks(ranks)
 
     @property
     def higher_is_better(self) -> bool:  # type: ignore[override]
@@ -128,9 +141,11 @@ class RankCurveMetric(WrapperMetric):
     @property
     def curve_name(self) -> str:
         """The name used in log keys and tables (see ``name``)."""
-        return self.name or getattr(self, "_found_as", None) or self._default_name
+        return self.name or self.found_as or self._default_name
 
-    def _set_ranks(self, ranks: Sequence[int]) -> None:
+    def use_ranks(self, ranks: Sequence[int]) -> None:
+        """Track ``ranks`` (distinct integers ≥ 1): one fresh copy of the base metric per rank. The callback calls
+        it with its eval ranks for a metric built without ``ranks``."""
         self.ranks = sorted(check_curve_ranks(list(ranks)))
         self.metrics = nn.ModuleDict({self._key(r): self._base.clone() for r in self.ranks})
 
@@ -158,18 +173,29 @@ class RankCurveMetric(WrapperMetric):
         return self._metric(rank)
 
     # ------------------------------------------------------------------------------------------------ routing
+    def follow(self, source: RankSource | None) -> None:
+        """Count updates without a rank for the rank ``source`` says is active (``None``: no source; such an update
+        is then an error). The MatryoshkaLoRA callback's per-rank validation makes itself the source of every
+        RankCurveMetric it finds on the module."""
+        self._source = source
+
+    @property
+    def source(self) -> RankSource | None:
+        """The code that runs the ranks for this metric (see :meth:`follow`), or None."""
+        return self._source
+
     @property
     def active_rank(self) -> int | None:
         """The rank an update without a rank would be counted for now, or ``None`` when it would not be counted
         (Lightning's own call of ``validation_step``, or a pass at a rank this metric does not track). Raises
         where such an update is an error (see :meth:`update`)."""
-        if self._evaluator is None:
+        if self._source is None:
             raise RuntimeError(
                 f"RankCurveMetric {self.curve_name!r} got an update without a rank, and no MatryoshkaLoRA callback is "
                 f"evaluating ranks for it. Either train with MatryoshkaLoRA(...) in the Trainer's callbacks (with "
                 f"rank_eval on, the default): it finds the metric on your LightningModule and runs validation_step "
                 f"at every eval rank; or drive the ranks yourself and pass the rank first: update(k, ...).")
-        rank = self._evaluator.active_rank(self.curve_name)
+        rank = self._source.active_rank(self.curve_name)
         if rank is not None and rank not in self._need_ranks():
             return None  # a pass at a rank this metric does not track
         return rank

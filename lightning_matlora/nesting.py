@@ -29,7 +29,7 @@ from torch import nn
 
 from .config import MatLoRAConfig
 from .inject import adapted_layers
-from .control import controller_of
+from .adapted_model import controller_of
 from .scaling import default_ranks
 
 #: singular values at or below this fraction of a layer's largest are treated as zero (padding components)

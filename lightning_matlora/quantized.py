@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .zero_stage import zero_stage
+
 QUANT_EXTRA = "pip install 'lightning_matlora[quant]'"
 QUANTIZE_CHOICES = ("nf4", "fp4", "int8")
 
@@ -213,17 +215,15 @@ def check_strategy_for_quantized(strategy: Any, model: nn.Module) -> None:
     layers = [n for n, m in model.named_modules() if is_quantized(m)]
     if not layers:
         return
-    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
     what = None
     if isinstance(strategy, FSDPStrategy):
         what = "FSDP"
     elif isinstance(strategy, ModelParallelStrategy):
         what = "FSDP2 (ModelParallelStrategy)"
-    elif isinstance(strategy, DeepSpeedStrategy):
-        strategy._init_config_if_needed()
-        if int((strategy.config or {}).get("zero_optimization", {}).get("stage", 0)) == 3:
-            what = "DeepSpeed ZeRO-3"
+    elif zero_stage(strategy) == 3:
+        what = "DeepSpeed ZeRO-3"
     if what is not None:
         kind = describe_layer(model.get_submodule(layers[0]))
         raise ValueError(f"The base model is quantized ({kind}, {len(layers)} layers, e.g. {layers[0]!r}) and {what} "

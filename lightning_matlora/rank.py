@@ -25,7 +25,7 @@ import contextlib
 import dataclasses
 import warnings
 from collections.abc import Iterator
-from typing import Union
+from typing import Any, Union
 
 import torch
 from torch import nn
@@ -62,11 +62,11 @@ class RankController:
     Rank state: the active setting, the per-step draws of ``"dylora"``/``"rowwise"`` and the plan cache. Model
     state: :attr:`layers` (adapted layers by name, relative to the module they were injected into), the
     ``modules_to_save`` modules, :attr:`merged_rank` and :meth:`owned_tensors`. Obtain a model's controller with
-    :func:`lightning_matlora.control.controller_of`.
+    :func:`lightning_matlora.adapted_model.controller_of`.
 
     >>> from torch import nn
     >>> from lightning_matlora import MatryoshkaLoRA
-    >>> from lightning_matlora.control import controller_of
+    >>> from lightning_matlora.adapted_model import controller_of
     >>> model = nn.Sequential(nn.Linear(8, 8))
     >>> _ = MatryoshkaLoRA(r_max=4, verbose=False).apply(model)
     >>> ctrl = controller_of(model)
@@ -96,8 +96,9 @@ class RankController:
         # the adapted model
         self.layers: dict[str, nn.Module] = {}  # name → MatryoshkaLinear
         self.saved_modules: dict[str, nn.Module] = {}
-        # distill > 0: the lightning_matlora.distill.Distiller hooked on the distilled module (set at injection)
-        self.distiller = None
+        # distill > 0: the lightning_matlora.distill.Distiller hooked on the distilled module (set by
+        # lightning_matlora.distill.attach_distiller when the adapter is injected), else None
+        self.distiller: Any = None  # a Distiller (distill.py sits above this module)
 
     # ----------------------------------------------------------------------------------------------- settings
     @property
@@ -348,7 +349,7 @@ class RankController:
     def attach(self, root: nn.Module, layers: dict[str, nn.Module],
                saved_modules: dict[str, nn.Module] | None = None) -> None:
         """Make this the controller of ``root``: record its adapted layers and ``modules_to_save`` (by name,
-        relative to ``root``), store itself on ``root`` (so :func:`~lightning_matlora.control.controller_of` is a
+        relative to ``root``), store itself on ``root`` (so :func:`~lightning_matlora.adapted_model.controller_of` is a
         lookup) and let ``root``'s training forwards draw steps when ``begin_step`` is never called."""
         self.layers = dict(layers)
         self.saved_modules = dict(saved_modules or {})

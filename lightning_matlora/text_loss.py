@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .control import at_rank
+from .adapted_model import at_rank
 
 #: the prompt of a ``{"question", "answer"}`` row (the recipe's format); the loss covers the answer only
 QUESTION_FORMAT = "Question: {question}\nAnswer: "

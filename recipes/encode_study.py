@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from encode_loop import BATCH, WARMUP_RATIO, exact_match, load_base, load_task, token_accuracy, warmup_linear_decay
 from instruct_encoding import collate
 from lightning_matlora import MatryoshkaLoRA, at_rank, aurac, begin_step, paired_loss, set_rank
-from lightning_matlora.control import controller_of
+from lightning_matlora.adapted_model import controller_of
 from lightning_matlora.inject import adapted_layers
 from lightning_matlora.scaling import scale_of_rank
 

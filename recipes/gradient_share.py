@@ -29,7 +29,7 @@ import torch
 from encode_loop import BATCH, WARMUP_RATIO, load_base, load_task, warmup_linear_decay
 from instruct_encoding import collate
 from lightning_matlora import MatryoshkaLoRA, adapted_layers, at_rank, begin_step, paired_loss
-from lightning_matlora.control import controller_of
+from lightning_matlora.adapted_model import controller_of
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 RANKS = [1, 2, 4, 8, 16]

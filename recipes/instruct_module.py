@@ -6,9 +6,9 @@ metrics as :class:`~lightning_matlora.RankCurveMetric`s — the loss and the acc
 forcing) and, for GSM8K-style data, the exact match of the final answer from greedy generation on the first
 ``num_generate`` validation examples — and updates them in ``validation_step`` with no rank argument: the
 callback runs the step at each eval rank and each update goes to the rank that is active. The callback logs
-``val/<metric>@r<k>`` and ``val/aurac_<metric>``, plots the curves and saves the adapter with them; at the end of
-``fit`` this module prints the rank–accuracy table with the base model's row, the AURAC of each metric and the
-rank advice, and plots the accuracy curves against the base model's level.
+``val/<metric>@r<k>`` and ``val/aurac_<metric>``, plots the curves and saves the adapter with them. This module
+measures the base model before training and hands its scores to the callback (``base_scores``), so the callback's
+one end-of-fit table has a base row and its plots a base line; the module then prints the rank to serve.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_matlora import (MatryoshkaLoRA, RankCurveMetric, adapted_layers, at_rank, describe_rank_choice,
-                               load_adapter, plot_rank_curves)
+                               load_adapter)
 from lightning_matlora.curve import RankCurve, ranks_indistinguishable
 
 from instruct_base import load_or_explain
@@ -35,9 +35,7 @@ DEFAULT_BASE = str(RECIPES / "assets" / "base")
 # this machine's absolute path (other local directories and hub names are recorded as given, as PEFT does)
 DEFAULT_BASE_NAME = "recipes/assets/base"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
-METRICS = ("loss", "token_acc", "exact_match")
 HEADS = {"loss": "loss", "token_acc": "token acc %", "exact_match": "exact match %"}
-Y_MARGIN = 4.0  # percentage points of the accuracy plot's y axis beyond 0 and 100
 
 
 def _quantized_loading(quantize: str | None, dtype: str) -> dict[str, Any]:
@@ -86,9 +84,9 @@ class InstructLM(pl.LightningModule):
         max_new_tokens: generation budget per answer (validation and predict).
         rank: the rank ``predict`` generates at (default r_max).
         adapter: a saved adapter directory to load before validate/test/predict.
-        output_dir: where the end of ``fit`` writes ``rank_curve.json`` and ``rank_curve.png`` (default: the
-            logger's directory). On the recipe's command line the adapter goes there too, to ``output_dir/adapter``
-            (unless the callback's ``save_adapter`` names a directory); otherwise where ``save_adapter`` says.
+        output_dir: where the end of ``fit`` writes ``rank_curve.json`` (default: the logger's directory). On the
+            recipe's command line the adapter goes there too, to ``output_dir/adapter`` (unless the callback's
+            ``save_adapter`` names a directory); otherwise where ``save_adapter`` says.
         quantize: load the frozen base quantized with bitsandbytes: ``"nf4"`` or ``"fp4"`` (4-bit, double
             quantization, compute dtype ``dtype``) or ``"int8"`` (LLM.int8); None (default) keeps it unquantized.
             Needs ``pip install 'lightning_matlora[quant]'``.
@@ -114,7 +112,7 @@ class InstructLM(pl.LightningModule):
         self.curves: dict[str, RankCurve] = {}  # the last validation (or test) epoch's curves, by metric
         self.base_metrics: dict[str, float] | None = None
         self.outputs: dict[str, str] = {}
-        self.fit_report = ""  # the end-of-fit table, advice and paths, until printed
+        self.fit_report = ""  # the end-of-fit advice and paths, until printed
         self.defer_report = False  # True: print_fit_report() is called by whoever ran fit (the recipe's CLI)
 
     # ---------------------------------------------------------------------------------------------- helpers
@@ -265,16 +263,20 @@ class InstructLM(pl.LightningModule):
         if not fresh or self.trainer.limit_val_batches == 0:
             return
         self.base_metrics = self.evaluate_base()
+        self.matlora().base_scores = self.base_metrics  # the base row of the callback's table, a line on its plots
         rank_zero_info("Base model before fine-tuning (the adapter starts at zero): "
                        + _fmt_metrics(self.base_metrics))
 
     # ----------------------------------------------------------------------------------------- end of fit
     def on_fit_end(self) -> None:
-        # the callback's on_fit_end ran first: it saved the adapter with its curves (every process took part)
+        # the callback's on_fit_end ran first: it saved the adapter with its curves (every process took part) and
+        # printed the rank-curve table, with the base model's row, and plotted one PNG per metric
         cb = self.matlora()
         adapter = cb.adapter_path
         if adapter:
             self.outputs["adapter"] = adapter
+        key = _advice_metric(self.curves) if self.curves else "token_acc"
+        png = Path(cb.rank_eval.plot_path(self.trainer, key))  # log_dir is a collective under DDP: every process
         if not self.trainer.is_global_zero:
             return
         saved = f"Adapter saved to {adapter}" if adapter else "The adapter was not saved (save_adapter: false)."
@@ -285,16 +287,15 @@ class InstructLM(pl.LightningModule):
             out.mkdir(parents=True, exist_ok=True)
             (out / "rank_curve.json").write_text(json.dumps({"curve": by_rank(self.curves),
                                                              "base": self.base_metrics}, indent=1))
-            png = plot_curve(self.curves, self.base_metrics, out / "rank_curve.png")
-            self.outputs["png"] = str(png) if png else ""
-            self.fit_report = "\n".join(["\n" + format_report(self.curves, self.base_metrics, self.n_generated()),
-                                          saved] + ([f"Rank curve plotted to {png}"] if png else []))
+            self.outputs["png"] = str(png) if png.is_file() else ""
+            self.fit_report = "\n".join(["\n" + format_advice(self.curves, self.n_generated()), saved]
+                                         + ([f"Rank curve plotted to {png}"] if png.is_file() else []))
         if not self.defer_report:
             self.print_fit_report()
 
     def print_fit_report(self) -> None:
-        """Print the end-of-fit table, advice and paths (once; on the main process only). The recipe's command
-        line calls it after ``fit`` returns, so that it comes after the progress bar's last line."""
+        """Print the end-of-fit advice and paths (once; on the main process only). The recipe's command line calls
+        it after ``fit`` returns, so that it comes after the progress bar's last line."""
         if self.fit_report:
             print(self.fit_report)
             self.fit_report = ""
@@ -321,13 +322,7 @@ class InstructLM(pl.LightningModule):
         self.validation_step(batch, batch_idx)
 
     def on_test_epoch_end(self) -> None:
-        self.curves = {c.metric: c for c in self.matlora().last_test_curves}
-        if self.global_rank == 0 and self.curves:
-            print("\n" + format_report(self.curves, None, self.n_generated("test")).replace("(validation)", "(test)"))
-
-    def on_validation_end(self) -> None:
-        if self.trainer.state.fn == "validate" and self.global_rank == 0 and self.curves:
-            print("\n" + format_report(self.curves, None, self.n_generated()))
+        self.curves = {c.metric: c for c in self.matlora().last_test_curves}  # the callback prints their table
 
     def predict_step(self, batch: list[str], batch_idx: int) -> list[dict[str, Any]]:
         k = self.hparams.rank or self.matlora().config.r_max
@@ -396,26 +391,15 @@ def _advice_metric(curves: dict[str, RankCurve]) -> str:
     return "exact_match" if em is not None and any(v > 0 for v in em.scores) else "token_acc"
 
 
-def format_report(curves: dict[str, RankCurve], base: dict[str, float] | None,
-                  n_generated: int | None = None) -> str:
-    """The end-of-fit table: one row per eval rank (and the base), the AURAC of each metric, the rank advice.
+def format_advice(curves: dict[str, RankCurve], n_generated: int | None = None) -> str:
+    """The rank to serve: ``select_rank``'s advice on exact match (or token accuracy) and the ``--model.rank``
+    option that serves it (the table of the curves is the callback's).
 
     ``n_generated``: the validation examples exact match was measured on. When exact match cannot tell the ranks
     apart on that many examples (95% Wilson intervals overlap, :func:`lightning_matlora.curve.select_rank`), the
-    report says so and advises from answer-token accuracy instead."""
-    names = [n for n in METRICS if n in curves]
-    ranks = sorted({r for n in names for r in curves[n].ranks})
-
-    def cells(values: dict[str, float]) -> str:
-        return " ".join(f"{values.get(n, float('nan')):>14.4f}" if n == "loss"
-                        else f"{values.get(n, float('nan')):>14.1f}" for n in names)
-
-    lines = ["Rank curve (validation)", f"{'rank':>6} " + " ".join(f"{HEADS[n]:>14}" for n in names)]
-    if base:
-        lines.append(f"{'base':>6} " + cells(base))
-    lines += [f"{k:>6} " + cells({n: curves[n].score_at(k) for n in names if k in curves[n].ranks}) for k in ranks]
-    lines.append(f"{'AURAC':>6} " + cells({n: curves[n].aurac() for n in names}))
+    advice says so and comes from answer-token accuracy instead."""
     key = _advice_metric(curves)
+    lines = []
     if key == "exact_match" and n_generated and ranks_indistinguishable(curves[key].as_mapping(), n_generated, 100.0):
         lines.append("Advice (select_rank, exact match): " + describe_rank_choice(
             curves[key].as_mapping(), 0.01, True, True, "exact match", n=n_generated, max_score=100.0))
@@ -426,29 +410,3 @@ def format_report(curves: dict[str, RankCurve], base: dict[str, float] | None,
                  + describe_rank_choice(curve.as_mapping(), 0.01, True, curve.higher_is_better, what)
                  + f" Serve it with --model.rank {curve.select_rank(tolerance=0.01)}.")
     return "\n".join(lines)
-
-
-def plot_curve(curves: dict[str, RankCurve], base: dict[str, float] | None, path: Path) -> Path | None:
-    """Accuracy against rank (log2 axis) with the base level dashed; ``None`` if matplotlib is missing."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return None
-    fig, _ = curve_figure(curves, base)
-    fig.savefig(path, dpi=100)
-    return path
-
-
-def curve_figure(curves: dict[str, RankCurve], base: dict[str, float] | None) -> tuple:
-    """The figure of :func:`plot_curve`: ``(figure, axes)`` (needs matplotlib)."""
-    names = [n for n in ("token_acc", "exact_match") if n in curves]
-    labels = {"token_acc": "answer-token accuracy", "exact_match": "exact match"}
-    fig, ax = plot_rank_curves([curves[n].as_mapping() for n in names],
-                               labels=[f"{labels[n]} (AURAC {curves[n].aurac():.1f})" for n in names],
-                               ylabel="%", title="Validation accuracy by adapter rank")
-    for line, n in zip(ax.get_lines(), names):
-        if base and n in base:
-            ax.axhline(base[n], ls="--", color=line.get_color(), alpha=0.8, label=f"base model: {labels[n]}")
-    ax.set_ylim(-Y_MARGIN, 100 + Y_MARGIN)  # a base at 0 % (or 100 %) stays visible, off the frame
-    ax.legend(fontsize=8)
-    return fig, ax

@@ -12,7 +12,7 @@ from torch import nn
 from conftest import tiny_gpt2, tiny_llama
 from lightning_matlora import (MatryoshkaLoRA, adapted_layers, at_rank, begin_step, get_rank, load_adapter, merge,
                                save_adapter, set_rank, set_rank_scale, unmerge)
-from lightning_matlora.control import controller_of
+from lightning_matlora.adapted_model import controller_of
 from lightning_matlora.rank import CONTROLLER_ATTR, RankController
 
 

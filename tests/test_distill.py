@@ -15,7 +15,7 @@ from conftest import tiny_gpt2, tiny_llama
 from lit_helpers import CausalLM, token_loader, trainer
 from lightning_matlora import (MatLoRAConfig, MatryoshkaLoRA, adapted_layers, at_rank, begin_step, load_adapter,
                                paired_loss, read_adapter, save_adapter)
-from lightning_matlora.control import controller_of
+from lightning_matlora.adapted_model import controller_of
 from lightning_matlora.summary import format_summary
 
 R, D_IN, D_HID, C, ROWS, T = 8, 9, 10, 8, 7, 3  # train ranks 1, 2, 4, 8; the low pass deals 1, 2, 4 over 7 rows

@@ -16,7 +16,7 @@ from conftest import tiny_llama
 from lit_helpers import CausalLM, token_loader, trainer
 from lightning_matlora import (MatLoRAConfig, MatryoshkaLoRA, adapted_layers, at_rank, begin_step, load_adapter,
                                paired_loss, read_adapter, save_adapter, set_rank)
-from lightning_matlora.control import controller_of
+from lightning_matlora.adapted_model import controller_of
 from lightning_matlora.rank import RankController
 from lightning_matlora.summary import format_summary
 

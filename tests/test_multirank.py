@@ -15,7 +15,7 @@ from torch import nn
 
 from conftest import tiny_gpt2, tiny_llama
 from lightning_matlora import MatryoshkaLoRA, adapted_layers, set_rank
-from lightning_matlora.evaluation import replicate_batch
+from lightning_matlora.rank_validation import replicate_batch
 
 EVAL = [1, 3, 4, 8]
 

@@ -470,7 +470,7 @@ def test_recipe_cli_fits_on_a_4bit_base(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=300)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-4000:]
-    assert "base quantized: 4-bit NF4 (double quantization) ×21" in out and "Rank curve (validation)" in out
+    assert "base quantized: 4-bit NF4 (double quantization) ×21" in out and "MatryoshkaLoRA rank curves (epoch" in out
     adapter = Path(out.split("Adapter saved to ")[1].split()[0])
     from lightning_matlora import read_adapter
 

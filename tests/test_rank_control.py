@@ -12,7 +12,7 @@ from conftest import tiny_gpt2, tiny_llama
 from dense_ref import adapt_single, base_weights, make_base, p_vector, rank_forward_ref, s, spec_factors
 from lightning_matlora import (MatryoshkaLoRA, adapted_layers, at_rank, begin_step, get_rank, merge,
                                set_rank, unmerge)
-from lightning_matlora.control import controller_of
+from lightning_matlora.adapted_model import controller_of
 
 
 def _tokens(seed=0, shape=(3, 9)):

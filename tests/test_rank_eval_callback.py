@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics import MeanMetric
 
 from lightning_matlora import MatryoshkaLoRA, adapted_layers, at_rank, aurac
-from lightning_matlora.evaluation import batch_rows, replicate_batch, step_loss
+from lightning_matlora.rank_validation import batch_rows, replicate_batch, step_loss
 
 from conftest import tiny_llama
 

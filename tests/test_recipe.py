@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
 import math
 import os
 import subprocess
@@ -33,6 +35,7 @@ CALLBACK = ('--trainer.callbacks=[{"class_path": "lightning_matlora.MatryoshkaLo
             '"ranks": [1, 2, 4], "mode": "rowwise"}}]')
 EVAL = ["--data.max_train_examples", "128", "--data.max_val_examples", "32", "--model.num_generate", "8",
         "--trainer.enable_progress_bar", "false", CALLBACK]
+TABLE = "MatryoshkaLoRA rank curves (epoch"  # the title of the callback's end-of-fit table
 QUICK = ["--trainer.max_steps", "4", "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1", *EVAL]
 
 
@@ -106,10 +109,12 @@ def fitted(tmp_path_factory):
 def test_fit_cli_end_to_end_prints_curve_advice_and_paths(fitted):
     root, out = fitted
     assert "Base model before fine-tuning" in out
-    assert "Rank curve (validation)" in out and "AURAC" in out and "Advice (select_rank" in out and "--model.rank" in out
-    table = out[out.index("Rank curve (validation)"):]
+    assert out.count(TABLE) == 1  # one end-of-fit table: the callback's, with the base model's row
+    assert "AURAC" in out and "Advice (select_rank" in out and "--model.rank" in out
+    table = out[out.index(TABLE):]
+    assert "\n   base  " in table
     for k in (1, 2, 4):
-        assert f"\n{k:>6} " in table
+        assert f"\n  {k:>5}  " in table
     adapter = Path(out.split("Adapter saved to ")[1].split()[0])
     png = Path(out.split("Rank curve plotted to ")[1].split()[0])
     assert adapter.is_dir() and png.is_file() and png.stat().st_size > 1000
@@ -133,7 +138,7 @@ def test_fit_cli_end_to_end_prints_curve_advice_and_paths(fitted):
     acc = [curve["curve"][str(k)]["token_acc"] for k in (1, 2, 4)]
     want = ((acc[0] + acc[1]) / 2 + (acc[1] + acc[2]) / 2) / 2
     aurac_line = [ln for ln in table.splitlines() if ln.strip().startswith("AURAC")][0].split()
-    assert float(aurac_line[2]) == pytest.approx(want, abs=0.051)
+    assert float(aurac_line[3]) == pytest.approx(want, abs=0.051)  # columns: exact_match, loss, token_acc
 
 
 def test_predict_generates_at_the_chosen_rank_from_the_saved_adapter(fitted, tmp_path, capsys):
@@ -178,14 +183,21 @@ def test_validate_with_the_saved_adapter_reproduces_the_fit_curve(fitted, tmp_pa
     adapter = out.split("Adapter saved to ")[1].split()[0]
     png = Path(out.split("Rank curve plotted to ")[1].split()[0])
     want = json.loads((png.parent / "rank_curve.json").read_text())["curve"]
-    cli = instruct.main(["validate", "--model.adapter", adapter, "--trainer.default_root_dir", str(tmp_path),
-                         *EVAL])
+    from lit_helpers import ListHandler
+
+    logged = ListHandler()
+    logging.getLogger("lightning.pytorch").addHandler(logged)
+    try:
+        cli = instruct.main(["validate", "--model.adapter", adapter, "--trainer.default_root_dir", str(tmp_path),
+                             *EVAL])
+    finally:
+        logging.getLogger("lightning.pytorch").removeHandler(logged)
     got = imod.by_rank(cli.model.curves)
     assert sorted(got) == [1, 2, 4] and sorted(cli.model.curves) == ["exact_match", "loss", "token_acc"]
     for k, m in got.items():
         for name, v in m.items():
             assert v == pytest.approx(want[str(k)][name], abs=1e-3), (k, name)
-    assert "Rank curve (validation)" in capsys.readouterr().out
+    assert sum(TABLE in m for m in logged.messages) == 1  # the callback's table, printed once
 
 
 def test_predict_rejects_an_adapter_trained_with_other_settings(fitted, tmp_path):
@@ -376,8 +388,11 @@ def test_fit_twice_prints_the_same_table_and_saves_the_same_adapter(fitted, tmp_
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     again = res.stdout + res.stderr
 
-    def table(text: str) -> str:
-        return text[text.index("Rank curve (validation)"):text.index("Adapter saved to ")]
+    def table(text: str) -> str:  # the callback's table: its title line and the indented lines under it
+        lines = text[text.index(TABLE):].splitlines()
+        body = list(itertools.takewhile(lambda ln: ln.startswith("  "), lines[1:]))
+        assert len(body) >= 6, lines[:10]  # header, base, 3 ranks, AURAC, advice
+        return "\n".join([lines[0], *body])
 
     assert table(again) == table(out)
     first, second = (Path(t.split("Adapter saved to ")[1].split()[0]) for t in (out, again))

@@ -137,29 +137,26 @@ def test_report_says_when_exact_match_cannot_tell_ranks_apart():
     curves = {"loss": RankCurve((1, 16), (1.2, 0.9), "loss", False),
               "token_acc": RankCurve((1, 16), (70.0, 80.0), "token_acc", True),
               "exact_match": RankCurve((1, 16), (10.0, 6.7), "exact_match", True)}
-    text = imod.format_report(curves, None, n_generated=30)
+    text = imod.format_advice(curves, n_generated=30)
     assert "cannot tell the ranks apart on 30 examples" in text
     assert "Serve it with --model.rank 16." in text and "--model.rank 1." not in text
     # on 200 examples a 19 % → 73.5 % curve is real: the advice follows exact match as before
     curves["exact_match"] = RankCurve((1, 16), (19.0, 73.5), "exact_match", True)
-    text = imod.format_report(curves, None, n_generated=200)
+    text = imod.format_advice(curves, n_generated=200)
     assert "cannot tell" not in text and "Advice (select_rank, exact match)" in text
 
 
 def test_plot_keeps_a_zero_base_line_visible(tmp_path):
-    """A base that scores 0 is drawn inside the axes, not on the x-axis frame."""
+    """A base that scores 0 (or 100) is drawn inside the axes, not on the frame: the plot the callback writes per
+    metric (``plot_rank_curves`` with ``base``)."""
     pytest.importorskip("matplotlib")
-    from lightning_matlora.curve import RankCurve
+    from lightning_matlora.curve import plot_rank_curves
 
-    curves = {"token_acc": RankCurve((1, 4), (40.0, 60.0), "token_acc", True),
-              "exact_match": RankCurve((1, 4), (10.0, 30.0), "exact_match", True)}
-    base = {"token_acc": 100.0, "exact_match": 0.0}
-    assert imod.plot_curve(curves, base, tmp_path / "c.png").is_file()
-    fig, ax = imod.curve_figure(curves, base)
-    low, high = ax.get_ylim()
-    base_lines = [ln for ln in ax.get_lines() if ln.get_label().startswith("base model")]
-    assert sorted(float(ln.get_ydata()[0]) for ln in base_lines) == [0.0, 100.0]
-    span = high - low
-    for ln in base_lines:  # at least 3 % of the axis height away from the frame
-        y = float(ln.get_ydata()[0])
-        assert low + 0.03 * span <= y <= high - 0.03 * span
+    for base, curve in ((0.0, {1: 10.0, 4: 30.0}), (100.0, {1: 40.0, 4: 60.0})):
+        fig, ax = plot_rank_curves([curve], labels=["exact match"], base=base)
+        fig.savefig(tmp_path / "c.png")
+        low, high = ax.get_ylim()
+        base_lines = [ln for ln in ax.get_lines() if ln.get_label().startswith("base model")]
+        assert [float(ln.get_ydata()[0]) for ln in base_lines] == [base]
+        span = high - low  # at least 3 % of the axis height away from the frame
+        assert low + 0.03 * span <= base <= high - 0.03 * span
