@@ -72,10 +72,11 @@ LAYERS = {
     "core": {"version", "scaling", "config", "curve", "atomic", "zero_stage", "quantized", "rank", "distill", "layer",
              "inject", "adapted_model", "nesting", "summary", "metric",
              "control"},  # control: the deprecated name of adapted_model
-    "files": {"adapter_format", "adapter_state", "adapter_save", "adapter_load", "peft_lora", "export", "nest_peft"},
+    "files": {"adapter_format", "adapter_state", "adapter_save", "adapter_load", "peft_lora", "export", "nest_peft",
+              "base_model", "output_dir", "text_loss", "gguf_base"},
     "lightning": {"isolation", "distributed", "rank_validation", "adapter_checkpoint", "callback",
                   "evaluation"},  # evaluation: the deprecated name of rank_validation
-    "entry": {"cli"},
+    "entry": {"cli", "quiet"},
 }
 #: imports that break the layering today, each with the issue that removes it
 KNOWN_UPWARD = {("nest_peft", "callback")}  # issue 17 item 5: nest_peft builds a callback to call .apply
