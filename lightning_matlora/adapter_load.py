@@ -15,13 +15,11 @@ from torch import nn
 from .adapter_format import SavedAdapter, read_adapter
 from .adapter_save import model_root
 from .base_model import check_fits, record_of
-from .config import MatLoRAConfig
+from .config import MatLoRAConfig, rule_fields
 from .inject import adapted_layers, find_targets, freeze_base, inject
 from .layer import MatryoshkaLinear
 from .adapted_model import controller_of
 from .rank import RankController
-
-_RULE_FIELDS = ("r_max", "scaling", "alpha", "rank_scale", "ranks", "p")
 
 
 def uncovered_layers(adapter: SavedAdapter, root: nn.Module) -> list[str]:
@@ -114,7 +112,7 @@ def _check_adapted(adapter: SavedAdapter, model: nn.Module) -> tuple[nn.Module, 
     if mine["r_max"] != saved["r_max"]:
         raise ValueError(f"The adapter has r_max={saved['r_max']} but the model is adapted with r_max={mine['r_max']}: "
                          f"load it into a fresh base model, or adapt with r_max={saved['r_max']}.")
-    diff = [f"{f}: adapter {saved[f]!r}, model {mine[f]!r}" for f in _RULE_FIELDS if saved[f] != mine[f]]
+    diff = [f"{f}: adapter {saved[f]!r}, model {mine[f]!r}" for f in rule_fields() if saved[f] != mine[f]]
     if diff:
         raise ValueError(f"The adapter's rank rule differs from the model's adapter ({'; '.join(diff)}): load it into a "
                          f"fresh base model so that it keeps its own settings.")

@@ -157,7 +157,7 @@ _NO_LEGACY = object()
 
 
 def option(default: Any, doc: str, *, stored: str | None = None, role: str | None = None,
-           legacy: Any = _NO_LEGACY) -> Any:
+           legacy: Any = _NO_LEGACY, rule: bool = False) -> Any:
     """A field of :class:`MatLoRAConfig` (or of :class:`CallbackSettings`) with everything the package derives from it.
 
     Args:
@@ -169,12 +169,15 @@ def option(default: Any, doc: str, *, stored: str | None = None, role: str | Non
         legacy: for a field added after adapter files and checkpoints first shipped, the value that a file or a
             checkpoint without it was trained with (not necessarily today's default). Such a field is optional in an
             adapter file, and keyword-only in ``MatryoshkaLoRA(...)``.
+        rule: the field enters the function served at a rank k (the rank rule: the scale s(k) or the prefix of the
+            training diagonal): an adapter loaded into a model that is already adapted must agree with it on it.
     """
     if stored is not None and stored not in STORED_TYPES:
         raise ValueError(f"stored={stored!r}: use one of {STORED_TYPES}.")
     if role is not None and role not in ROLES:
         raise ValueError(f"role={role!r}: use one of {sorted(ROLES)} or None.")
-    return dataclasses.field(default=default, metadata={"doc": doc, "stored": stored, "role": role, "legacy": legacy})
+    return dataclasses.field(default=default, metadata={"doc": doc, "stored": stored, "role": role, "legacy": legacy,
+                                                        "rule": rule})
 
 
 @dataclasses.dataclass
@@ -190,9 +193,9 @@ class MatLoRAConfig:
     """
 
     r_max: int = option(64, "allocated rank R of every adapter (factors ``r_max × in`` and ``out × r_max``).",
-                        stored="pos_int", role="adapter")
+                        stored="pos_int", role="adapter", rule=True)
     ranks: Sequence[int] | None = option(None, "train ranks S (each in 1…r_max); default the powers of two ≤ r_max, "
-                                               "plus r_max.", stored="[int]", role="objective")
+                                               "plus r_max.", stored="[int]", role="objective", rule=True)
     target_modules: TargetSpec = option(
         "all-linear", "``\"all-linear\"`` (every Linear/Conv1D but the output head), a list of module-name suffixes "
         "such as ``[\"q_proj\", \"v_proj\"]``, or a regex matched against full module names.",
@@ -203,8 +206,8 @@ class MatLoRAConfig:
         None, "modules kept fully trainable and saved with the adapter (never adapted).", stored="[str]?",
         role="adapter")
     scaling: str = option("sqrt", "per-rank scale s(r): ``\"none\"`` → 1, ``\"rank\"`` → 1/r, ``\"sqrt\"`` → 1/√r; "
-                                  "times ``alpha``.", stored="str", role="objective")
-    alpha: float = option(1.0, "factor on every per-rank scale.", stored="num", role="objective")
+                                  "times ``alpha``.", stored="str", role="objective", rule=True)
+    alpha: float = option(1.0, "factor on every per-rank scale.", stored="num", role="objective", rule=True)
     dropout: float = option(0.0, "dropout probability on the adapter input.", stored="num")
     mode: str = option(
         "rowwise", "training objective: ``\"rowwise\"`` (default: each row of a batch trains its own train rank, "
@@ -215,9 +218,9 @@ class MatLoRAConfig:
     rank_scale: str = option(
         "rank", "inference rule at rank k: ``\"rank\"`` (the paper's, s(k) on the prefix) or ``\"trained\"`` (the "
         "prefix p_1…p_k of the training diagonal; warns for ``\"rowwise\"``/``\"dylora\"``, which train "
-        "``\"rank\"``).", stored="str", role="serving")
+        "``\"rank\"``).", stored="str", role="serving", rule=True)
     p: Sequence[float] | None = option(None, "explicit training diagonal (length r_max, finite, ≥ 0) instead of "
-                                             "Algorithm 1's.", stored="[num]?", role="objective")
+                                             "Algorithm 1's.", stored="[num]?", role="objective", rule=True)
     eval_ranks: Sequence[int] | None = option(None, "ranks evaluated and reported; default the train ranks.",
                                               stored="[int]")
     adapter_dtype: str | torch.dtype | None = option(
@@ -405,6 +408,16 @@ def fields_with_role(role: str) -> tuple[str, ...]:
     if role not in ROLES:
         raise ValueError(f"role={role!r}: use one of {sorted(ROLES)}.")
     return tuple(f.name for f in dataclasses.fields(MatLoRAConfig) if f.metadata["role"] == role)
+
+
+def rule_fields() -> tuple[str, ...]:
+    """The names of the :class:`MatLoRAConfig` fields that enter the function served at a rank (``rule`` in their
+    :func:`option`), in declaration order: an adapter loaded into an already adapted model must agree on them.
+
+    >>> rule_fields()
+    ('r_max', 'ranks', 'scaling', 'alpha', 'rank_scale', 'p')
+    """
+    return tuple(f.name for f in dataclasses.fields(MatLoRAConfig) if f.metadata["rule"])
 
 
 def legacy_values() -> dict[str, Any]:

@@ -12,11 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import lightning_matlora as lm
 from lightning_matlora import adapter_format
 from lightning_matlora.config import (ROLES, STORED_TYPES, CallbackSettings, MatLoRAConfig, fields_with_role,
-                                      legacy_values)
+                                      legacy_values, rule_fields)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_FIELDS = [f.name for f in dataclasses.fields(MatLoRAConfig)]
@@ -125,3 +126,64 @@ def test_the_default_recipe_config_trains_plain_lora_by_switching_the_mode(tmp_p
                           "--trainer.default_root_dir", str(tmp_path)],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------------- the fields of the rank rule
+#: A valid other value for each field of MatLoRAConfig (a new field needs one here: then mark it ``rule=True``
+#: in config.py if and only if the test below finds that it changes the function served at a rank).
+OTHER_VALUE = {"r_max": 16, "ranks": [1, 8], "target_modules": ["q_proj"], "exclude_modules": None,
+               "modules_to_save": ["lm_head"], "scaling": "rank", "alpha": 2.0, "dropout": 0.1, "mode": "dylora",
+               "rank_scale": "trained", "p": [1.0] * 8, "eval_ranks": [8], "adapter_dtype": "float64", "seed": 5,
+               "rank_weights": "uniform", "max_pass": False, "distill": 1.0, "distill_module": "lm_head"}
+BASES = [dict(r_max=8, ranks=[1, 2, 4, 8], mode="matryoshka", rank_scale=rule) for rule in ("rank", "trained")] + \
+        [dict(r_max=8, ranks=[1, 2, 4, 8], mode="rowwise", rank_scale=rule) for rule in ("rank", "trained")]
+
+
+def _served(cfg: MatLoRAConfig) -> tuple:
+    """What the adapter serves at each rank besides its factors: r_max and the coefficients of every rank k."""
+    from lightning_matlora.rank import RankController
+
+    ctrl = RankController(cfg)
+    return cfg.r_max, tuple(tuple(ctrl.rank_coefficients(k).tolist()) for k in range(1, cfg.r_max + 1))
+
+
+def test_the_rule_fields_are_exactly_the_fields_that_change_what_a_rank_serves():
+    import warnings
+
+    assert set(OTHER_VALUE) == set(CONFIG_FIELDS), "give each new MatLoRAConfig field a valid other value here"
+    changes_serving, tried = set(), set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a rule its mode never trained warns; it is still a valid config
+        for base in BASES:
+            ref = _served(MatLoRAConfig(**base))
+            for name, value in OTHER_VALUE.items():
+                try:
+                    other = MatLoRAConfig(**{**base, name: value})
+                except ValueError:  # not valid with this base (e.g. p outside "matryoshka")
+                    continue
+                tried.add(name)
+                if _served(other) != ref:
+                    changes_serving.add(name)
+    assert tried == set(CONFIG_FIELDS)
+    assert set(rule_fields()) == changes_serving
+    assert list(rule_fields()) == [n for n in CONFIG_FIELDS if n in changes_serving]  # declaration order
+
+
+@pytest.mark.parametrize("field", [f for f in rule_fields() if f != "r_max"])
+def test_loading_into_a_model_adapted_with_another_rule_field_is_refused_naming_it(field, tmp_path):
+    import warnings
+
+    from conftest import tiny_llama
+
+    base = dict(r_max=8, mode="matryoshka", verbose=False, save_adapter=False)
+    model = tiny_llama(num_hidden_layers=1)
+    lm.MatryoshkaLoRA(**base).apply(model)
+    path = lm.save_adapter(model, tmp_path / "ad")
+    other = tiny_llama(num_hidden_layers=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lm.MatryoshkaLoRA(**base, **{field: OTHER_VALUE[field]}).apply(other)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match=f"rank rule differs .*{field}: adapter"):
+        lm.load_adapter(other, path)
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())  # untouched
