@@ -266,6 +266,15 @@ def merge_to_base(adapter: AdapterSource, out_dir: str | os.PathLike, rank: int,
         base = saved.base_model_name_or_path
         protected["the base model"] = _local(base)
         check_output_dir(out, overwrite, protected)
+    base_model = _float_base(saved, base)
+    state = _merged_state(saved, base_model, k)
+    return write_output_dir(out, lambda tmp: _save(base_model, tmp, state, base), kind="merged-model",
+                            overwrite=overwrite, protected=protected)
+
+
+def _float_base(saved: SavedAdapter, base: nn.Module | str | os.PathLike) -> nn.Module:
+    """The plain (unadapted, unquantized) transformers base that ``saved`` is merged into: loaded from a directory
+    or hub name after the adapter's check against its config, or given; every layer and shape is checked to fit."""
     record = record_of(saved)
     base_model = load_base(base, record) if isinstance(base, (str, os.PathLike)) else base
     if not isinstance(base_model, transformers_types()):
@@ -286,6 +295,12 @@ def merge_to_base(adapter: AdapterSource, out_dir: str | os.PathLike, rank: int,
         raise ValueError(f"{len(left)} layers of the base that the adapter's target_modules select have no adapter "
                          f"({', '.join(repr(n) for n in left[:6])}{', …' if len(left) > 6 else ''}): the adapter was "
                          f"trained on a smaller model ({record.made_for()}); merge it into the base it was trained on.")
+    return base_model
+
+
+def _merged_state(saved: SavedAdapter, base_model: nn.Module, k: int) -> dict[str, torch.Tensor]:
+    """``base_model``'s state dict with rank ``k`` of ``saved`` merged into each adapted weight and the adapter's
+    ``modules_to_save`` tensors in place; ``base_model`` itself is not changed (the merged weights are new tensors)."""
     controller = RankController(saved.config)
     modules = dict(base_model.named_modules())
     state = base_model.state_dict()
@@ -299,9 +314,7 @@ def merge_to_base(adapter: AdapterSource, out_dir: str | os.PathLike, rank: int,
             state[f"{name}.weight"] = _merged_weight(layer, k)
         for key in saved.saved_keys:
             state[key] = saved.tensors[key].to(state[key].device, state[key].dtype)
-
-    return write_output_dir(out, lambda tmp: _save(base_model, tmp, state, base), kind="merged-model",
-                            overwrite=overwrite, protected=protected)
+    return state
 
 
 def _merged_weight(layer: MatryoshkaLinear, k: int) -> torch.Tensor:

@@ -205,51 +205,96 @@ def nest_adapter(peft_adapter_dir: str | os.PathLike, base: nn.Module | str | os
     peft = read_peft_lora(src)
     common_scale(peft)  # a zero update is refused before any model is loaded
     record = peft_record(peft)
-    R = peft.r_max
-    if eval_ranks is not None and not list(eval_ranks):
-        raise ValueError("eval_ranks (--ranks) is empty: give at least one rank, e.g. 1,2,4, or leave it out for the "
-                         "default ranks.")
-    ranks = check_ranks(list(eval_ranks), R, what="eval_ranks") if eval_ranks is not None else default_ranks(R)
+    ranks = _eval_ranks(eval_ranks, peft.r_max)
     rows = None
     if eval_data is not None:  # fail on bad data before any model is loaded
         rows = read_rows(eval_data, max_rows)
         for row in rows:
             split_row(row, question_format)
+    base = _base_source(base, peft, src)
+    if isinstance(base, str):
+        check_output_dir(out, overwrite, {"the PEFT adapter": src, "the base model": base}, adapter_only=True)
+    encoded, pad = None, 0
+    if rows is not None:  # the tokenizer before the model: a missing one fails fast
+        encoded, pad = _encode_eval_rows(rows, tokenizer, base, max_length, question_format)
+    model = _plain_base(base, record)
+    curve = unnested = None
+    if encoded is not None:
+        report, curve, unnested = _nest_and_measure(peft, model, encoded, pad, ranks, batch_size)
+    else:
+        report = adapt_like_peft(peft, model)
+    meta = _nest_metadata(peft, src, report, ranks)
+    curves = None
+    if curve is not None:
+        curves = RankCurve(tuple(curve), tuple(curve.values()), metric="loss", higher_is_better=False)
+        meta["unnested_loss"] = {"ranks": list(unnested), "scores": list(unnested.values())}
+        meta["eval_data"] = {"path": str(eval_data), "rows": len(encoded)}
+    path = save_adapter(model, out, curves=curves, metadata=meta)
+    return NestResult(path=Path(path), model=model, report=report, curve=curve, unnested_curve=unnested)
+
+
+def _eval_ranks(eval_ranks: Sequence[int] | None, r_max: int) -> list[int]:
+    """The ranks measured on ``eval_data``: ``eval_ranks`` checked against r_max, or the default ranks."""
+    if eval_ranks is None:
+        return default_ranks(r_max)
+    if not list(eval_ranks):
+        raise ValueError("eval_ranks (--ranks) is empty: give at least one rank, e.g. 1,2,4, or leave it out for the "
+                         "default ranks.")
+    return check_ranks(list(eval_ranks), r_max, what="eval_ranks")
+
+
+def _base_source(base: nn.Module | str | os.PathLike | None, peft: PeftLoRA, src: Path) -> nn.Module | str:
+    """``base`` as a model or a resolved directory/hub name (None: the adapter's ``base_model_name_or_path``)."""
     if base is None:
         base = peft.config.get("base_model_name_or_path")
         if not base:
             raise ValueError(f"{src} does not record its base model: pass base (a model, a local directory or a hub "
                              f"name).")
     if isinstance(base, (str, os.PathLike)):
-        base = resolve_base(base)
-        check_output_dir(out, overwrite, {"the PEFT adapter": src, "the base model": base}, adapter_only=True)
-    encoded = tok = None
-    if rows is not None:  # the tokenizer before the model: a missing one fails fast
-        source = tokenizer or (base if isinstance(base, str) else
-                               getattr(getattr(base, "config", None), "_name_or_path", None))
-        if not source:
-            raise ValueError("eval_data needs a tokenizer: pass tokenizer= (a tokenizer or a directory), or base as a "
-                             "directory that holds one.")
-        tok = load_tokenizer(source)
-        encoded = encode_rows(rows, tok, max_length, question_format)
+        return resolve_base(base)
+    return base
+
+
+def _encode_eval_rows(rows: list[dict[str, Any]], tokenizer: Any, base: nn.Module | str, max_length: int,
+                      question_format: str) -> tuple[list[tuple[list[int], list[int]]], int]:
+    """The ``eval_data`` rows tokenised (with ``tokenizer``, default the base's directory) and the padding id."""
+    source = tokenizer or (base if isinstance(base, str) else
+                           getattr(getattr(base, "config", None), "_name_or_path", None))
+    if not source:
+        raise ValueError("eval_data needs a tokenizer: pass tokenizer= (a tokenizer or a directory), or base as a "
+                         "directory that holds one.")
+    tok = load_tokenizer(source)
+    encoded = encode_rows(rows, tok, max_length, question_format)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    return encoded, pad
+
+
+def _plain_base(base: nn.Module | str, record: BaseRecord) -> nn.Module:
+    """The base model, loaded (a name) or given, checked against the adapter's ``record`` before any weight is
+    loaded; a model already adapted by MatryoshkaLoRA is refused."""
     if isinstance(base, str):
-        model = load_base(base, record)  # checked against the adapter before any weight is loaded
-    else:
-        model = base
-        if adapted_layers(model):
-            raise ValueError("base is already adapted by MatryoshkaLoRA: pass a plain base model.")
-        check_fits(record, model)
-    curve = unnested = None
-    if encoded is not None:
-        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        # first the PEFT adapter truncated to each rank as it was ordered, then the same after nesting in place
-        adapt_like_peft(peft, model, nest=False)
-        unnested = rank_losses(model, encoded, ranks, batch_size, pad)
-        report = nest_by_svd(model)
-        curve = rank_losses(model, encoded, ranks, batch_size, pad)
-    else:
-        report = adapt_like_peft(peft, model)
-    meta: dict[str, Any] = {
+        return load_base(base, record)
+    if adapted_layers(base):
+        raise ValueError("base is already adapted by MatryoshkaLoRA: pass a plain base model.")
+    check_fits(record, base)
+    return base
+
+
+def _nest_and_measure(peft: PeftLoRA, model: nn.Module, encoded: list[tuple[list[int], list[int]]], pad: int,
+                      ranks: list[int], batch_size: int) -> tuple[NestReport, dict[int, float], dict[int, float]]:
+    """Load the PEFT adapter into ``model`` and nest it, measuring the mean loss per rank before (the PEFT adapter
+    truncated to each rank as it was ordered) and after nesting. Returns (report, nested curve, unnested curve)."""
+    adapt_like_peft(peft, model, nest=False)
+    unnested = rank_losses(model, encoded, ranks, batch_size, pad)
+    report = nest_by_svd(model)
+    curve = rank_losses(model, encoded, ranks, batch_size, pad)
+    return report, curve, unnested
+
+
+def _nest_metadata(peft: PeftLoRA, src: Path, report: NestReport, ranks: list[int]) -> dict[str, Any]:
+    """The nested adapter's metadata: where it was nested from (the PEFT adapter's scale settings, its ranks by
+    layer count) and the SVD report at ``ranks``."""
+    return {
         "nested_from": {
             "peft_adapter": str(src),
             "r": peft.config.get("r"), "lora_alpha": peft.config.get("lora_alpha"),
@@ -260,10 +305,3 @@ def nest_adapter(peft_adapter_dir: str | os.PathLike, base: nn.Module | str | os
         },
         "nesting": report.to_dict(ranks),
     }
-    curves = None
-    if curve is not None:
-        curves = RankCurve(tuple(curve), tuple(curve.values()), metric="loss", higher_is_better=False)
-        meta["unnested_loss"] = {"ranks": list(unnested), "scores": list(unnested.values())}
-        meta["eval_data"] = {"path": str(eval_data), "rows": len(encoded)}
-    path = save_adapter(model, out, curves=curves, metadata=meta)
-    return NestResult(path=Path(path), model=model, report=report, curve=curve, unnested_curve=unnested)
