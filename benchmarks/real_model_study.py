@@ -481,33 +481,24 @@ def training_curves(records: list[dict], lrs: dict[str, float]) -> str:
 
 def plot(records: list[dict], lrs: dict[str, float], png: str) -> None:
     """Exact match at r = 1 and r_max against training time (seconds, evaluation excluded), seed 0."""
-    import matplotlib
+    from lightning_matlora.curve import panel_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for d in records:
-        if d["method"] == "base" or d["seed"] != 0 or d["lr"] != lrs.get(d["method"]):
-            continue
-        top = top_rank(d)
-        pts = [(p["train_s"], p) for p in d["training_curve"]] + [(d["train_s"], d["curve"])]
-        name = f"{label(d['method'])}, {d['steps']} steps"
-        for ax, k in ((axes[0], "1"), (axes[1], top)):
-            if k == "1" and top == "16" or k == top and (k == "16" or not d["method"].startswith("lora:")) or \
-                    (k == "1" and d["method"] == "lora:1"):
-                xs = [0.0] + [t for t, p in pts if k in p]
-                ys = [0.0] + [p[k]["exact_match"] for _, p in pts if k in p]
-                ax.plot(xs, ys, marker="o", ms=3, label=name)
-    for ax, title in zip(axes, ("exact match at r = 1", "exact match at r_max = 16")):
-        ax.set_xlabel("training time (s, evaluation excluded)")
-        ax.set_ylabel("exact match %")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle("SmolLM2-135M-Instruct, ISO dates, seed 0: accuracy against training time")
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    with panel_figure(png, ("exact match at r = 1", "exact match at r_max = 16"),
+                      xlabel="training time (s, evaluation excluded)", ylabel="exact match %",
+                      suptitle="SmolLM2-135M-Instruct, ISO dates, seed 0: accuracy against training time",
+                      legend_fontsize=7) as axes:
+        for d in records:
+            if d["method"] == "base" or d["seed"] != 0 or d["lr"] != lrs.get(d["method"]):
+                continue
+            top = top_rank(d)
+            pts = [(p["train_s"], p) for p in d["training_curve"]] + [(d["train_s"], d["curve"])]
+            name = f"{label(d['method'])}, {d['steps']} steps"
+            for ax, k in ((axes[0], "1"), (axes[1], top)):
+                if k == "1" and top == "16" or k == top and (k == "16" or not d["method"].startswith("lora:")) or \
+                        (k == "1" and d["method"] == "lora:1"):
+                    xs = [0.0] + [t for t, p in pts if k in p]
+                    ys = [0.0] + [p[k]["exact_match"] for _, p in pts if k in p]
+                    ax.plot(xs, ys, marker="o", ms=3, label=name)
 
 
 def report(path: str, md: str | None = None, png: str | None = None) -> str:

@@ -8,9 +8,11 @@ and has no Lightning or torchmetrics dependency; :class:`~lightning_matlora.Rank
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Union
 
 import torch
@@ -373,6 +375,37 @@ def plot_rank_curves(curves: Mapping[int, Number] | Sequence[Mapping[int, Number
         ax.legend(fontsize="small")
     return fig, ax
 
+
+
+@contextlib.contextmanager
+def panel_figure(path: str | os.PathLike, titles: Sequence[str], *, xlabel: str, ylabel: str, suptitle: str,
+                 legend_fontsize: float = 8, figsize: tuple[float, float] = (11, 4.2), dpi: int = 110) -> Iterator[Any]:
+    """A row of panels, one per title, that the ``with`` block draws into; then each panel is labelled alike
+    (its title, ``xlabel``, ``ylabel``, a light grid, a legend) and the figure is saved to ``path`` (PNG at
+    ``dpi``). Nothing is saved when the block raises. Needs matplotlib; no window opens.
+
+    >>> import tempfile
+    >>> with panel_figure(tempfile.mkdtemp() + "/p.png", ["r = 1", "r = 16"], xlabel="steps", ylabel="accuracy",
+    ...                   suptitle="accuracy against steps") as axes:
+    ...     for ax in axes:
+    ...         _ = ax.plot([1, 2], [0.4, 0.5], label="rowwise")
+    >>> [ax.get_title() for ax in axes]
+    ['r = 1', 'r = 16']
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    axes = list(fig.subplots(1, len(titles), squeeze=False)[0])
+    yield axes
+    for ax, title in zip(axes, titles):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=legend_fontsize)
+    fig.suptitle(suptitle)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
 
 # ------------------------------------------------------------------------------------------------ log keys
 def log_key(metric: str, rank: int, ranks: Sequence[int] | None = None, prefix: str = "val") -> str:

@@ -49,6 +49,7 @@ from encode_loop import BATCH, WARMUP_RATIO, exact_match, load_base, load_task, 
 from instruct_encoding import collate
 from lightning_matlora import MatryoshkaLoRA, at_rank, aurac, begin_step, paired_loss, set_rank
 from lightning_matlora.adapted_model import controller_of
+from lightning_matlora.curve import panel_figure
 from lightning_matlora.inject import adapted_layers
 from lightning_matlora.scaling import scale_of_rank
 
@@ -149,11 +150,6 @@ def plot(path: str, png: str, lr: float | None = None) -> str:
     plain LoRA trained at that rank alone."""
     import collections
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     records = [json.loads(line) for line in Path(path).read_text().splitlines()]
     lrs = chosen_lrs(records)
     if lr is not None:  # one rate for every method
@@ -169,30 +165,24 @@ def plot(path: str, png: str, lr: float | None = None) -> str:
                  "rowwise (half_max)": "one pass, half_max"}.get(name, name)
         pts[f"{label}, lr {d['lr']:g}"].append((d["epochs"] * passes_per_step(d["method"]),
                                                c.get("1", {}).get("exact_match"), c[top]["exact_match"]))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     shown = []
-    for name, p in sorted(pts.items()):
-        p.sort()
-        if len(p) < 2:
-            continue
-        shown.append(name)
-        for ax, i, skip in ((axes[0], 1, name.startswith(("lora:16,", "plain LoRA at 16,"))),
-                            (axes[1], 2, name.startswith(("lora:", "plain LoRA at ")) and
-                             not name.startswith(("lora:16,", "plain LoRA at 16,")))):
-            if skip:
+    with panel_figure(png, ("exact match at r = 1", "exact match at r_max = 16"),
+                      xlabel="training compute (whole-batch forward-backward passes, in epochs)",
+                      ylabel="exact match %", suptitle="Encode task, seed 0: accuracy against training compute") as axes:
+        for ax in axes:
+            ax.set_xscale("log", base=2)
+        for name, p in sorted(pts.items()):
+            p.sort()
+            if len(p) < 2:
                 continue
-            xs, ys = [q[0] for q in p if q[i] is not None], [q[i] for q in p if q[i] is not None]
-            ax.plot(xs, ys, marker="o", label=name)
-    for ax, title in zip(axes, ("exact match at r = 1", "exact match at r_max = 16")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("training compute (whole-batch forward-backward passes, in epochs)")
-        ax.set_ylabel("exact match %")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("Encode task, seed 0: accuracy against training compute")
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
+            shown.append(name)
+            for ax, i, skip in ((axes[0], 1, name.startswith(("lora:16,", "plain LoRA at 16,"))),
+                                (axes[1], 2, name.startswith(("lora:", "plain LoRA at ")) and
+                                 not name.startswith(("lora:16,", "plain LoRA at 16,")))):
+                if skip:
+                    continue
+                xs, ys = [q[0] for q in p if q[i] is not None], [q[i] for q in p if q[i] is not None]
+                ax.plot(xs, ys, marker="o", label=name)
     return f"wrote {png} ({', '.join(shown)})"
 
 
