@@ -169,3 +169,22 @@ def test_n_is_checked():
         select_rank({1: 2.0, 2: 1.0}, higher_is_better=False, n=30)
     with pytest.raises(ValueError, match="max_score=100 for percentages"):
         select_rank({1: 10.0, 2: 60.0}, n=30)  # percentages given as fractions
+
+
+def test_panel_figure_labels_every_panel_alike_and_saves_only_a_finished_figure(tmp_path):
+    from lightning_matlora.curve import panel_figure
+
+    png = tmp_path / "p.png"
+    with panel_figure(png, ["at r = 1", "at r = 16"], xlabel="steps", ylabel="exact match %", suptitle="study",
+                      legend_fontsize=7) as axes:
+        for i, ax in enumerate(axes):
+            ax.plot([1, 2, 4], [10.0 * i, 20.0, 30.0], label="rowwise")
+    assert [ax.get_title() for ax in axes] == ["at r = 1", "at r = 16"]
+    assert {(ax.get_xlabel(), ax.get_ylabel()) for ax in axes} == {("steps", "exact match %")}
+    assert [t.get_text() for t in axes[1].get_legend().get_texts()] == ["rowwise"]
+    assert axes[0].figure.get_suptitle() == "study" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    broken = tmp_path / "broken.png"
+    with pytest.raises(RuntimeError, match="no data"):
+        with panel_figure(broken, ["one"], xlabel="x", ylabel="y", suptitle="s"):
+            raise RuntimeError("no data")
+    assert not broken.exists()
