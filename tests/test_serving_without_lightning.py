@@ -1,6 +1,6 @@
 """A serving box without Lightning: the package imports, loads a saved adapter into a transformers model, runs it at
-a rank, merges it and exports it to PEFT, with every ``lightning`` import blocked (a meta-path finder that refuses
-them, in a fresh interpreter)."""
+a rank, merges it, saves it again, exports it to PEFT and writes a merged base, with every ``lightning`` import
+blocked (a meta-path finder that refuses them, in a fresh interpreter)."""
 
 from __future__ import annotations
 
@@ -45,11 +45,17 @@ SERVE = BLOCKER + textwrap.dedent('''
         lm.merge(model, 2)
         merged = model(x).logits
     lm.export_peft(adapter_dir, out_dir, rank=2)
+    lm.unmerge(model)
+    resaved = lm.read_adapter(lm.save_adapter(model, out_dir + "_resaved"))
+    merged_dir = lm.merge_to_base(adapter_dir, out_dir + "_merged", rank=2, base=base_dir)
+    with torch.no_grad():
+        from_merged = AutoModelForCausalLM.from_pretrained(merged_dir)(x).logits
     try:
         lm.MatryoshkaLoRA
     except ImportError as err:
         trainer_part = str(err)
-    torch.save({"at2": at2, "merged": merged}, out_dir + "/logits.pt")
+    torch.save({"at2": at2, "merged": merged, "from_merged": from_merged,
+                "resaved_layers": sorted(resaved.layers)}, out_dir + "/logits.pt")
     loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("lightning", "pytorch_lightning"))
     print(json.dumps({"lightning_modules": loaded, "trainer_part": trainer_part}))
 ''')
@@ -95,5 +101,7 @@ def test_load_run_merge_and_export_without_lightning(tmp_path):
     got = torch.load(tmp_path / "peft" / "logits.pt")
     torch.testing.assert_close(got["at2"], expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got["merged"], expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got["from_merged"], expected, rtol=1e-4, atol=1e-4)  # merge_to_base's directory
+    assert got["resaved_layers"] == sorted(lm.adapted_layers(model))  # save_adapter without Lightning
     assert (tmp_path / "peft" / "adapter_config.json").is_file()
     assert (tmp_path / "peft" / "adapter_model.safetensors").is_file()
