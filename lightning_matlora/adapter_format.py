@@ -59,10 +59,6 @@ class AdapterFormatError(ValueError):
     """
 
 
-def _library_version() -> str:
-    return __version__
-
-
 # ------------------------------------------------------------------------------------------------ in memory
 @dataclasses.dataclass(frozen=True)
 class LayerInfo:
@@ -324,7 +320,7 @@ def write_adapter(adapter: SavedAdapter, path: str | os.PathLike) -> Path:
         doc = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "library_version": adapter.library_version or _library_version(),
+            "library_version": adapter.library_version or __version__,
             "config": adapter.config.to_dict(),
             "adapted_layers": {n: dataclasses.asdict(i) for n, i in adapter.layers.items()},
             "modules_to_save": list(adapter.saved_modules),
@@ -458,7 +454,7 @@ def _check_header(doc: Any, cfg_path: Path) -> int:
                                  f"{_show(version) if 'format_version' in doc else 'nothing (missing)'}.")
     if version > FORMAT_VERSION:
         raise AdapterFormatError(f"{cfg_path}: adapter format version {version}, newer than this lightning_matlora "
-                                 f"({_library_version()}) reads (version {FORMAT_VERSION}): upgrade lightning_matlora "
+                                 f"({__version__}) reads (version {FORMAT_VERSION}): upgrade lightning_matlora "
                                  f"(pip install -U lightning_matlora) to load it (written by version "
                                  f"{doc.get('library_version')}).")
     return version

@@ -13,12 +13,13 @@ from typing import Any
 
 from torch import nn
 
-from .adapter_format import LayerInfo, SavedAdapter, _library_version, as_curves, json_metadata, write_adapter
+from .adapter_format import LayerInfo, SavedAdapter, as_curves, json_metadata, write_adapter
 from .config import MatLoRAConfig
 from .curve import RankCurve
 from .adapter_state import clean_name, full_adapter_state_dict
 from .inject import _saved_prefixes, adapted_layers
 from .adapted_model import controller_of
+from .version import __version__
 
 
 def transformers_types() -> tuple[type, ...]:
@@ -102,7 +103,7 @@ def snapshot(model: nn.Module, *, curves: RankCurve | Sequence[RankCurve] | None
         saved_modules=[m[len(prefix):] for m in saved_prefixes],
         base_model_name_or_path=base_model_name(root), base_model_class=type(root).__name__,
         task_type=task_type_of(root), peft_target_modules=peft_target_modules(root, list(infos)),
-        curves=curves, metadata=metadata, library_version=_library_version())
+        curves=curves, metadata=metadata, library_version=__version__)
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, *,

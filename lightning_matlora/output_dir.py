@@ -25,8 +25,9 @@ import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from .adapter_format import CONFIG_NAME, FORMAT, OWN_FILES, _library_version
+from .adapter_format import CONFIG_NAME, FORMAT, OWN_FILES
 from .atomic import atomic_directory
+from .version import __version__
 
 MARK = "matlora_output.json"
 _CARD_TITLE = "exported from a MatryoshkaLoRA nested adapter"
@@ -151,7 +152,7 @@ def write_output_dir(out: str | os.PathLike, write: Callable[[Path], None], *, k
 
     def marked(tmp: Path) -> None:
         write(tmp)
-        doc = {"written_by": "lightning_matlora", "library_version": _library_version(), "kind": kind, "files": _files(tmp)}
+        doc = {"written_by": "lightning_matlora", "library_version": __version__, "kind": kind, "files": _files(tmp)}
         (tmp / MARK).write_text(json.dumps(doc, indent=2) + "\n")
 
     atomic_directory(out, marked, replace=overwrite)

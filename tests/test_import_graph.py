@@ -143,6 +143,21 @@ def test_no_module_writes_another_objects_private_attributes():
     assert offending == [], offending
 
 
+#: private names a module still imports from another, each with why it is left (none may be added)
+KNOWN_PRIVATE_IMPORTS = {("inject", "_saved_prefixes")}  # the modules_to_save prefixes: inject.py is being reworked
+
+
+def test_no_module_imports_another_modules_private_names():
+    """``from .x import _y`` reaches into ``x``'s internals: a name another module needs is public in ``x``."""
+    found = set()
+    for path in sorted(PKG.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                found |= {(node.module, a.name) for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")}
+    assert found <= KNOWN_PRIVATE_IMPORTS, sorted(found - KNOWN_PRIVATE_IMPORTS)
+
+
 def test_renamed_modules_still_import_with_a_deprecation_warning():
     import importlib
     import sys
