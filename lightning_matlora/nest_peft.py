@@ -28,7 +28,7 @@ from torch import nn
 
 from .adapter_format import LayerInfo, SavedAdapter
 from .adapter_load import load_adapter
-from .adapter_save import save_adapter, task_type_of
+from .adapter_save import base_model_name, save_adapter, task_type_of
 from .base_model import BaseRecord, LayerShape, check_fits, is_conv1d, load_base, resolve_base
 from .config import MatLoRAConfig
 from .curve import RankCurve
@@ -258,8 +258,7 @@ def _base_source(base: nn.Module | str | os.PathLike | None, peft: PeftLoRA, src
 def _encode_eval_rows(rows: list[dict[str, Any]], tokenizer: Any, base: nn.Module | str, max_length: int,
                       question_format: str) -> tuple[list[tuple[list[int], list[int]]], int]:
     """The ``eval_data`` rows tokenised (with ``tokenizer``, default the base's directory) and the padding id."""
-    source = tokenizer or (base if isinstance(base, str) else
-                           getattr(getattr(base, "config", None), "_name_or_path", None))
+    source = tokenizer or (base if isinstance(base, str) else base_model_name(base))
     if not source:
         raise ValueError("eval_data needs a tokenizer: pass tokenizer= (a tokenizer or a directory), or base as a "
                          "directory that holds one.")

@@ -58,7 +58,7 @@ def load_model(name_or_path: str, dtype: str, trust_remote_code: bool, quantize:
                             trust_remote_code=trust_remote_code, **_quantized_loading(quantize, dtype))
     model.train()  # from_pretrained returns eval mode; Lightning switches modes per stage from here
     if name_or_path == DEFAULT_BASE:
-        model.config._name_or_path = DEFAULT_BASE_NAME  # transformers records the path it was given
+        model.config.name_or_path = DEFAULT_BASE_NAME  # transformers records the path it was given
     return model
 
 
