@@ -187,3 +187,38 @@ def test_loading_into_a_model_adapted_with_another_rule_field_is_refused_naming_
     with pytest.raises(ValueError, match=f"rank rule differs .*{field}: adapter"):
         lm.load_adapter(other, path)
     assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())  # untouched
+
+
+# ----------------------------------------------------------------------------------- the pages that list them
+def _table_rows(page: str, after: str) -> list[tuple[list[str], str]]:
+    """(the backticked names of the first cell, the rest of the row) of the first table after ``after`` in a page."""
+    import re
+
+    text = (ROOT / page).read_text()
+    rows = []
+    for line in text[text.index(after):].splitlines()[1:]:
+        if rows and not line.startswith("|"):
+            break
+        if line.startswith("| `"):
+            first, rest = line[1:].split("|", 1)
+            rows.append((re.findall(r"`(\w+)`", first), rest))
+    return rows
+
+
+def test_the_api_page_documents_every_option_once():
+    names = [n for cells, _ in _table_rows("docs/api.md", "| argument | meaning |") for n in cells]
+    assert sorted(names) == sorted(CONFIG_FIELDS + SETTINGS_FIELDS)
+
+
+def test_the_adapter_file_page_lists_every_config_field_and_the_legacy_values():
+    rows = _table_rows("docs/adapters.md", "`config` (every `MatLoRAConfig` field")
+    assert sorted(n for cells, _ in rows for n in cells) == sorted(CONFIG_FIELDS)
+    legacy = legacy_values()
+    for cells, rest in rows:
+        for name in cells:
+            assert ("optional" in rest) == (name in legacy), name
+            if name in legacy:
+                value = legacy[name]
+                shown = "null" if value is None else str(value).lower() if isinstance(value, bool) else \
+                    f'"{value}"' if isinstance(value, str) else f"{value:g}"
+                assert f"reads as {shown}" in rest, (name, rest)
