@@ -15,6 +15,7 @@ from .scaling import build_p, check_p, check_r_max, check_ranks, check_scaling, 
 
 MODES = ("matryoshka", "lora", "dylora", "rowwise")
 RANK_WEIGHT_RULES = ("half_max", "uniform")
+INIT_RULES = ("shared", "per_rank")
 RANK_SCALES = ("rank", "trained")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -100,13 +101,6 @@ def _rank_weights(spec: Any, ranks: list[int], mode: str, max_pass: bool = False
         raise ValueError(f"rank_weights (how rowwise shares a batch's rows among the train ranks) only applies to "
                          f"mode='rowwise', not mode={mode!r}: drop rank_weights or switch mode.")
     return items
-
-
-def default_max_pass(mode: str, ranks: list[int], r_max: int, rank_weights: Any) -> bool:
-    """``max_pass=None`` resolves to True for ``mode="rowwise"`` with train ranks below r_max and no explicit
-    ``rank_weights`` (the project's measured default, docs/results.md); an explicit ``rank_weights`` keeps the
-    one-pass rule it names, and every other mode trains one pass."""
-    return mode == "rowwise" and rank_weights is None and any(r < r_max for r in ranks)
 
 
 def _check_max_pass(max_pass: Any, mode: str, ranks: list[int], r_max: int) -> list[int]:
@@ -263,6 +257,16 @@ class MatLoRAConfig:
         "relative to the adapted module. Checked when the adapter is applied.", stored="str?", role="objective",
         legacy=None)
 
+    init: str | None = option(
+        None, "initialisation of ``lora_A`` (``lora_B`` starts at 0, so the adapted model starts equal to the base): "
+        "``\"shared\"`` (the reference code's: every row of A from U(−1/√r_max, 1/√r_max)) or ``\"per_rank\"`` "
+        "(the rows r_(b−1)+1…r_b that train rank r_b adds to the train rank below it from U(−1/√r_b, 1/√r_b): each "
+        "train rank's newest components start at the scale of a LoRA of that rank alone; with one train rank it is "
+        "``\"shared\"``). ``None`` (default): ``\"per_rank\"`` for ``mode=\"rowwise\"``, ``\"shared\"`` for the "
+        "other modes (the paper's and DyLoRA's own initialisation). On the real pretrained model "
+        "(docs/results.md) ``\"per_rank\"`` let rank 1 learn as fast as a LoRA of rank 1 alone, where "
+        "``\"shared\"`` left it far behind in the first steps.", stored="str", legacy="shared")
+
     def __post_init__(self) -> None:
         check_r_max(self.r_max)
         if self.mode not in MODES:
@@ -286,13 +290,19 @@ class MatLoRAConfig:
                 raise ValueError(f"mode='lora' trains plain LoRA at r_max (S = {{{self.r_max}}}) but ranks="
                                  f"{self.ranks} was given: drop `ranks`, or use mode='matryoshka' for nested ranks.")
         if self.max_pass is None:  # resolved here (stored), so that to_dict/from_dict keep the objective
-            self.max_pass = default_max_pass(self.mode, self.ranks, self.r_max, self.rank_weights)
+            self.max_pass = False
         low = _check_max_pass(self.max_pass, self.mode, self.ranks, self.r_max)
         self.distill = _check_distill(self.distill, self.distill_module, self.max_pass)
         if self.rank_weights is None:  # resolved here, so that to_dict/from_dict keep the rule
-            self.rank_weights = "uniform" if self.max_pass else "half_max"
+            self.rank_weights = "uniform"
         self.rank_weights = _rank_weights(self.rank_weights, low if self.max_pass else self.ranks, self.mode,
                                           self.max_pass)
+        if self.init is None:  # resolved here (stored), so that to_dict/from_dict keep the initialisation
+            self.init = "per_rank" if self.mode == "rowwise" else "shared"
+        if self.init not in INIT_RULES:
+            raise ValueError(f"Unknown init {self.init!r}: use 'per_rank' (each train rank's newest rows of lora_A at "
+                             f"the scale of a LoRA of that rank alone), 'shared' (every row at 1/√r_max, the "
+                             f"reference code's) or None (auto: 'per_rank' for mode='rowwise').")
         if self.eval_ranks is None:
             self.eval_ranks = default_ranks(self.r_max) if self.mode == "lora" else list(self.ranks)
         else:
@@ -343,6 +353,20 @@ class MatLoRAConfig:
         if self.p is not None:
             return torch.tensor(self.p, dtype=torch.float64)
         return build_p(self.ranks, self.r_max, self.scaling, self.alpha)
+
+    @property
+    def init_bounds(self) -> torch.Tensor:
+        """The bound b_i (float64, length r_max) of row i of ``lora_A`` at initialisation, A[i] ~ U(−b_i, b_i):
+        1/√r_max for every row (``init="shared"``), or 1/√r_b with r_b the smallest train rank ≥ i + 1
+        (``init="per_rank"``; rows above the largest train rank take r_max).
+
+        >>> MatLoRAConfig(r_max=8, init="per_rank").init_bounds.pow(-2).round().int().tolist()
+        [1, 2, 4, 4, 8, 8, 8, 8]
+        """
+        if self.init == "shared":
+            return torch.full((self.r_max,), self.r_max ** -0.5, dtype=torch.float64)
+        owner = [min([r for r in self.ranks if r >= i + 1] or [self.r_max]) for i in range(self.r_max)]
+        return torch.tensor(owner, dtype=torch.float64).rsqrt()
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -412,7 +436,7 @@ def legacy_values() -> dict[str, Any]:
     later; every other field is required in an adapter file).
 
     >>> legacy_values()
-    {'rank_weights': 'uniform', 'max_pass': False, 'distill': 0.0, 'distill_module': None}
+    {'rank_weights': 'uniform', 'max_pass': False, 'distill': 0.0, 'distill_module': None, 'init': 'shared'}
     """
     return {f.name: f.metadata["legacy"] for f in dataclasses.fields(MatLoRAConfig)
             if f.metadata["legacy"] is not _NO_LEGACY}
