@@ -20,7 +20,7 @@ spent so far).
 
 METHOD:
   lora:R       plain LoRA at rank R (``mode="lora"``, r_max R): plain LoRA at r_max (R = 16) or one grid member
-  paired       paired passes (the default until 0.2): ``mode="rowwise"``, ``max_pass=True`` (two forward-backward
+  paired       paired passes (the default before `init`): ``mode="rowwise"``, ``max_pass=True`` (two forward-backward
                passes per step)
   uniform      one pass, ``rank_weights="uniform"`` (every train rank an equal share of the rows)
   half_max     one pass, ``rank_weights="half_max"`` (half of the rows at r_max)

@@ -221,13 +221,11 @@ class MatLoRAConfig:
                           "process) and of the initial factors (layer ``name`` draws ``lora_A`` from a generator "
                           "seeded with (seed, name)).", stored="int")
     rank_weights: str | Sequence[int] | None = option(
-        None, "``\"rowwise\"`` only: how a batch's rows are shared among the train ranks. ``\"half_max\"`` (the "
-        "default without ``max_pass``): half of the rows at r_max, the other half spread evenly over the other train "
-        "ranks; ``\"uniform\"``: the same share for every train rank; or one positive integer per train rank (rank "
-        "i gets a share ∝ its integer). On the recipe's task (docs/results.md) ``\"half_max\"`` raised r_max in "
-        "every paired run against ``\"uniform\"`` (toward a plain LoRA of the same steps), at some cost below "
-        "r_max. With ``max_pass=True`` it describes the low pass: ``\"uniform\"`` (the default there) or one "
-        "positive integer per train rank below r_max (``\"half_max\"`` is refused).",
+        None, "``\"rowwise\"`` only: how a batch's rows are shared among the train ranks. ``\"uniform\"`` (the "
+        "default): the same share for every train rank; ``\"half_max\"``: half of the rows at r_max, the other half "
+        "spread evenly over the other train ranks; or one positive integer per train rank (rank i gets a share ∝ its "
+        "integer). With ``max_pass=True`` it describes the low pass: ``\"uniform\"`` or one positive integer per "
+        "train rank below r_max (``\"half_max\"`` is refused). docs/results.md compares the rules.",
         stored="str|[int]", role="objective", legacy="uniform")
     max_pass: bool | None = option(
         None, "``\"rowwise\"`` only: run every training step twice on the same batch and optimise "
@@ -239,11 +237,11 @@ class MatLoRAConfig:
         "once per step; other side effects (counters, lists, metrics held outside the module) happen twice. The low "
         "pass's loss is logged as ``train/loss_low_ranks``; the step returns the mean. With manual optimization, or "
         "in a hand-written loop, compute the loss with :func:`~lightning_matlora.paired_loss` (a training forward "
-        "outside it trains the one-pass approximation, half of the rows at r_max, and warns). ``None`` (default, "
-        "\"auto\"): True for ``mode=\"rowwise\"`` with no explicit ``rank_weights`` (an explicit ``rank_weights`` "
-        "keeps its one-pass rule), False otherwise; ``True`` with another mode is refused. The default follows "
-        "docs/results.md: on the recipe's task the paired step beat every one-pass rule at every rank at equal "
-        "steps.", stored="bool", role="objective", legacy=False)
+        "outside it trains the one-pass approximation, half of the rows at r_max, and warns). ``None``/``False`` "
+        "(the default): one pass per step, at a plain LoRA step's cost; ``True`` with another mode is "
+        "refused. On the real pretrained model (docs/results.md, section 0) one pass kept r_max within a point of "
+        "plain LoRA at the same training time and the paired passes did not; on the bundled toy model they raise "
+        "every rank at equal steps, at 2× the compute.", stored="bool", role="objective", legacy=False)
     distill: float = option(
         0.0, "``max_pass`` only: weight w ≥ 0 of self-distillation: the step optimises ``(L_max + L_low + w·KL) / 2`` "
         "with KL(p_max ‖ p_low) between the softmaxes (temperature 1, last dim) of the distilled module's output in "

@@ -23,7 +23,7 @@ from lightning_matlora.summary import format_summary
 
 # --------------------------------------------------------------------------------------------------- config
 def test_max_pass_defaults_off_and_rank_weights_to_uniform():
-    """Since 0.2 the default trains one pass (docs/results.md: on the real model one pass with init="per_rank" kept
+    """The default trains one pass (docs/results.md: on the real model one pass with init="per_rank" kept
     r_max within a point of plain LoRA at the same training time); paired passes are opted into."""
     assert MatLoRAConfig(r_max=8).max_pass is False and MatLoRAConfig(r_max=8).rank_weights == "uniform"
     assert MatLoRAConfig(r_max=8, max_pass=None).max_pass is False  # None (the old "auto") reads as the default
