@@ -333,9 +333,12 @@ def plan(a: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- report
-LABELS = {"lora:16": "plain LoRA at 16", "paired": "paired passes (the default)", "uniform": "one pass, `uniform`",
-          "half_max": "one pass, `half_max`", "matryoshka": "the paper (`mode=\"matryoshka\"`, `rank` rule)",
-          "curriculum": "one pass, rank 1 then `half_max`", "uniform_init": "one pass, `uniform`, A scaled per rank"}
+LABELS = {"lora:16": "plain LoRA at 16", "paired": "paired passes (`max_pass=True`)",
+          "uniform": "one pass, `uniform`, `init=\"shared\"`", "half_max": "one pass, `half_max`, `init=\"shared\"`",
+          "matryoshka": "the paper (`mode=\"matryoshka\"`, `rank` rule)",
+          "curriculum": "one pass, rank 1 then `half_max`",
+          "uniform_init": "one pass, `uniform`, `init=\"per_rank\"` (the default)",
+          "half_max_init": "one pass, `half_max`, `init=\"per_rank\"`"}
 
 
 def label(method: str) -> str:
@@ -427,7 +430,7 @@ def main_table(records: list[dict], lrs: dict[str, float], metric: str = "exact_
             runs[(d["method"], d["steps"])].append(d)
     out = [f"| training | lr | steps | passes | seeds | " + " | ".join(f"r={k}" for k in EVAL_RANKS) +
            " | log2 AURAC | training s per step |", "|---" * (len(EVAL_RANKS) + 7) + "|"]
-    order = ["lora:16", "paired", "uniform", "half_max", "curriculum", "matryoshka"]
+    order = ["lora:16", "uniform_init", "half_max_init", "paired", "uniform", "half_max", "curriculum", "matryoshka"]
     for (m, steps), ds in sorted(runs.items(), key=lambda kv: (order.index(kv[0][0]) if kv[0][0] in order
                                                                else len(order) + int(kv[0][0].split(":")[-1]
                                                                                      if ":" in kv[0][0] else 0),
