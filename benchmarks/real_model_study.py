@@ -20,15 +20,18 @@ spent so far).
 
 METHOD:
   lora:R       plain LoRA at rank R (``mode="lora"``, r_max R): plain LoRA at r_max (R = 16) or one grid member
-  paired       the library default: ``mode="rowwise"``, ``max_pass=True`` (two forward-backward passes per step)
+  paired       paired passes (the default before `init`): ``mode="rowwise"``, ``max_pass=True`` (two forward-backward
+               passes per step)
   uniform      one pass, ``rank_weights="uniform"`` (every train rank an equal share of the rows)
   half_max     one pass, ``rank_weights="half_max"`` (half of the rows at r_max)
   matryoshka   the paper: ``mode="matryoshka"``, served with its ``rank`` rule
   curriculum   one pass; the first half of the steps as plain LoRA at rank 1, the rest ``half_max`` (low-to-high:
                the higher components fit what rank 1 leaves)
-  uniform_init ``uniform``, with the rows of A of the components (r_b/2, r_b] of each train rank r_b scaled by
-               √(r_max/r_b) at the start: every rank's newest block starts at the scale of a LoRA of that rank alone
-               (the library draws all of A from U(−1/√r_max, 1/√r_max); a LoRA of rank 1 from U(−1, 1))
+  uniform_init ``uniform`` with ``init="per_rank"``: the rows of A that train rank r_b adds to the rank below it
+               drawn from U(−1/√r_b, 1/√r_b), so that every rank's newest block starts at the scale of a LoRA of
+               that rank alone (``init="shared"``, used by every other method here, draws all of A from
+               U(−1/√r_max, 1/√r_max); a LoRA of rank 1 draws from U(−1, 1))
+  half_max_init  ``half_max`` with ``init="per_rank"``
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "recipes" / "assets" / "data" / "iso_dates.jsonl"
 OUT = "docs/real_model_runs.jsonl"
 EVAL_RANKS = [1, 2, 4, 8, 16]
-METHODS = ("lora", "paired", "uniform", "half_max", "matryoshka", "curriculum", "uniform_init")
+METHODS = ("lora", "paired", "uniform", "half_max", "matryoshka", "curriculum", "uniform_init", "half_max_init")
 TWO_PASSES = ("paired",)
 
 
@@ -175,22 +178,12 @@ def build(method: str, r_max: int, seed: int):
     if name == "lora":
         return MatryoshkaLoRA(r_max=int(arg), mode="lora", **common)
     if name == "paired":
-        return MatryoshkaLoRA(r_max=r_max, mode="rowwise", max_pass=True, **common)
+        return MatryoshkaLoRA(r_max=r_max, mode="rowwise", max_pass=True, init="shared", **common)
     if name == "matryoshka":
         return MatryoshkaLoRA(r_max=r_max, mode="matryoshka", rank_scale="rank", **common)
-    rw = {"curriculum": "half_max", "uniform_init": "uniform"}.get(name, name)
-    return MatryoshkaLoRA(r_max=r_max, mode="rowwise", rank_weights=rw, **common)
-
-
-@torch.no_grad()
-def init_by_rank(model, ranks: list[int]) -> None:
-    """Scale row i of every A (component i + 1) by √(r_max / r_b), r_b the smallest train rank ≥ i + 1."""
-    from lightning_matlora import adapted_layers
-
-    r_max = ranks[-1]
-    factor = torch.tensor([math.sqrt(r_max / min(r for r in ranks if r >= i + 1)) for i in range(r_max)])
-    for layer in adapted_layers(model).values():
-        layer.lora_A.mul_(factor.to(layer.lora_A.dtype)[:, None])
+    rw = {"curriculum": "half_max", "uniform_init": "uniform", "half_max_init": "half_max"}.get(name, name)
+    init = "per_rank" if name.endswith("_init") else "shared"
+    return MatryoshkaLoRA(r_max=r_max, mode="rowwise", rank_weights=rw, max_pass=False, init=init, **common)
 
 
 def run(a: argparse.Namespace) -> dict:
@@ -202,8 +195,6 @@ def run(a: argparse.Namespace) -> dict:
     cb = build(a.method, a.r_max, a.seed)
     torch.manual_seed(a.seed)
     cb.apply(model)
-    if name == "uniform_init":
-        init_by_rank(model, list(cb.config.ranks))
     model.train()
     r_top = cb.config.r_max
     ranks = [k for k in EVAL_RANKS if k <= r_top] if name != "lora" else [r_top]
@@ -342,9 +333,12 @@ def plan(a: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- report
-LABELS = {"lora:16": "plain LoRA at 16", "paired": "paired passes (the default)", "uniform": "one pass, `uniform`",
-          "half_max": "one pass, `half_max`", "matryoshka": "the paper (`mode=\"matryoshka\"`, `rank` rule)",
-          "curriculum": "one pass, rank 1 then `half_max`", "uniform_init": "one pass, `uniform`, A scaled per rank"}
+LABELS = {"lora:16": "plain LoRA at 16", "paired": "paired passes (`max_pass=True`)",
+          "uniform": "one pass, `uniform`, `init=\"shared\"`", "half_max": "one pass, `half_max`, `init=\"shared\"`",
+          "matryoshka": "the paper (`mode=\"matryoshka\"`, `rank` rule)",
+          "curriculum": "one pass, rank 1 then `half_max`",
+          "uniform_init": "one pass, `uniform`, `init=\"per_rank\"` (the default)",
+          "half_max_init": "one pass, `half_max`, `init=\"per_rank\"`"}
 
 
 def label(method: str) -> str:
@@ -436,7 +430,7 @@ def main_table(records: list[dict], lrs: dict[str, float], metric: str = "exact_
             runs[(d["method"], d["steps"])].append(d)
     out = [f"| training | lr | steps | passes | seeds | " + " | ".join(f"r={k}" for k in EVAL_RANKS) +
            " | log2 AURAC | training s per step |", "|---" * (len(EVAL_RANKS) + 7) + "|"]
-    order = ["lora:16", "paired", "uniform", "half_max", "curriculum", "matryoshka"]
+    order = ["lora:16", "uniform_init", "half_max_init", "paired", "uniform", "half_max", "curriculum", "matryoshka"]
     for (m, steps), ds in sorted(runs.items(), key=lambda kv: (order.index(kv[0][0]) if kv[0][0] in order
                                                                else len(order) + int(kv[0][0].split(":")[-1]
                                                                                      if ":" in kv[0][0] else 0),

@@ -33,6 +33,8 @@ from transformers.pytorch_utils import Conv1D
 
 from .adapter_format import SavedAdapter
 from .adapter_save import model_root
+from .gguf_base import gguf_path
+from .gguf_base import resolve_base as resolve_gguf
 from .layer import MatryoshkaLinear, is_supported, layer_dims
 
 #: PEFT ``task_type`` → the transformers auto class that loads a base for it (causal LM when unknown)
@@ -164,15 +166,20 @@ def _looks_like_path(text: str) -> bool:
 
 
 def resolve_base(base: str | os.PathLike) -> str:
-    """What ``from_pretrained`` should read for ``base``: an existing local directory (returned as given), or a
-    hub name (returned as is; transformers resolves it, from its cache when offline).
+    """What ``from_pretrained`` should read for ``base``: an existing local directory (returned as given), a GGUF
+    file (``*.gguf``, or the alias ``"smollm2"``; its converted directory in the cache, converted on first use by
+    :func:`lightning_matlora.gguf_base.resolve_base`), or a hub name (returned as is; transformers resolves it, from
+    its cache when offline).
 
     The one place a base path is resolved. Raises ``FileNotFoundError`` for a local path that does not exist or
-    is a symlink loop, and ``ValueError`` for a file that is not a model directory.
+    is a symlink loop, ``ValueError`` for a file that is not a model directory or a model GGUF file
+    (:class:`~lightning_matlora.gguf_base.GGUFError` for a GGUF adapter or an architecture transformers cannot read).
     """
     text = os.fspath(base)
     if not text.strip():
-        raise ValueError("The base model is an empty string: give a local directory or a hub model name.")
+        raise ValueError("The base model is an empty string: give a local directory, a GGUF file or a hub model name.")
+    if gguf_path(text) is not None:
+        return resolve_gguf(text)
     path = Path(text).expanduser()
     if path.is_dir():
         return str(path)

@@ -15,6 +15,7 @@ from .scaling import build_p, check_p, check_r_max, check_ranks, check_scaling, 
 
 MODES = ("matryoshka", "lora", "dylora", "rowwise")
 RANK_WEIGHT_RULES = ("half_max", "uniform")
+INIT_RULES = ("shared", "per_rank")
 RANK_SCALES = ("rank", "trained")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -100,13 +101,6 @@ def _rank_weights(spec: Any, ranks: list[int], mode: str, max_pass: bool = False
         raise ValueError(f"rank_weights (how rowwise shares a batch's rows among the train ranks) only applies to "
                          f"mode='rowwise', not mode={mode!r}: drop rank_weights or switch mode.")
     return items
-
-
-def default_max_pass(mode: str, ranks: list[int], r_max: int, rank_weights: Any) -> bool:
-    """``max_pass=None`` resolves to True for ``mode="rowwise"`` with train ranks below r_max and no explicit
-    ``rank_weights`` (the project's measured default, docs/results.md); an explicit ``rank_weights`` keeps the
-    one-pass rule it names, and every other mode trains one pass."""
-    return mode == "rowwise" and rank_weights is None and any(r < r_max for r in ranks)
 
 
 def _check_max_pass(max_pass: Any, mode: str, ranks: list[int], r_max: int) -> list[int]:
@@ -230,13 +224,11 @@ class MatLoRAConfig:
                           "process) and of the initial factors (layer ``name`` draws ``lora_A`` from a generator "
                           "seeded with (seed, name)).", stored="int")
     rank_weights: str | Sequence[int] | None = option(
-        None, "``\"rowwise\"`` only: how a batch's rows are shared among the train ranks. ``\"half_max\"`` (the "
-        "default without ``max_pass``): half of the rows at r_max, the other half spread evenly over the other train "
-        "ranks; ``\"uniform\"``: the same share for every train rank; or one positive integer per train rank (rank "
-        "i gets a share ∝ its integer). On the recipe's task (docs/results.md) ``\"half_max\"`` raised r_max in "
-        "every paired run against ``\"uniform\"`` (toward a plain LoRA of the same steps), at some cost below "
-        "r_max. With ``max_pass=True`` it describes the low pass: ``\"uniform\"`` (the default there) or one "
-        "positive integer per train rank below r_max (``\"half_max\"`` is refused).",
+        None, "``\"rowwise\"`` only: how a batch's rows are shared among the train ranks. ``\"uniform\"`` (the "
+        "default): the same share for every train rank; ``\"half_max\"``: half of the rows at r_max, the other half "
+        "spread evenly over the other train ranks; or one positive integer per train rank (rank i gets a share ∝ its "
+        "integer). With ``max_pass=True`` it describes the low pass: ``\"uniform\"`` or one positive integer per "
+        "train rank below r_max (``\"half_max\"`` is refused). docs/results.md compares the rules.",
         stored="str|[int]", role="objective", legacy="uniform")
     max_pass: bool | None = option(
         None, "``\"rowwise\"`` only: run every training step twice on the same batch and optimise "
@@ -248,11 +240,11 @@ class MatLoRAConfig:
         "once per step; other side effects (counters, lists, metrics held outside the module) happen twice. The low "
         "pass's loss is logged as ``train/loss_low_ranks``; the step returns the mean. With manual optimization, or "
         "in a hand-written loop, compute the loss with :func:`~lightning_matlora.paired_loss` (a training forward "
-        "outside it trains the one-pass approximation, half of the rows at r_max, and warns). ``None`` (default, "
-        "\"auto\"): True for ``mode=\"rowwise\"`` with no explicit ``rank_weights`` (an explicit ``rank_weights`` "
-        "keeps its one-pass rule), False otherwise; ``True`` with another mode is refused. The default follows "
-        "docs/results.md: on the recipe's task the paired step beat every one-pass rule at every rank at equal "
-        "steps.", stored="bool", role="objective", legacy=False)
+        "outside it trains the one-pass approximation, half of the rows at r_max, and warns). ``None``/``False`` "
+        "(the default): one pass per step, at a plain LoRA step's cost; ``True`` with another mode is "
+        "refused. On the real pretrained model (docs/results.md, section 0) one pass kept r_max within a point of "
+        "plain LoRA at the same training time and the paired passes did not; on the bundled toy model they raise "
+        "every rank at equal steps, at 2× the compute.", stored="bool", role="objective", legacy=False)
     distill: float = option(
         0.0, "``max_pass`` only: weight w ≥ 0 of self-distillation: the step optimises ``(L_max + L_low + w·KL) / 2`` "
         "with KL(p_max ‖ p_low) between the softmaxes (temperature 1, last dim) of the distilled module's output in "
@@ -265,6 +257,16 @@ class MatLoRAConfig:
         "embedding of a transformers model inside the adapted module, e.g. ``lm_head``) or the name of a submodule "
         "relative to the adapted module. Checked when the adapter is applied.", stored="str?", role="objective",
         legacy=None)
+
+    init: str | None = option(
+        None, "initialisation of ``lora_A`` (``lora_B`` starts at 0, so the adapted model starts equal to the base): "
+        "``\"shared\"`` (the reference code's: every row of A from U(−1/√r_max, 1/√r_max)) or ``\"per_rank\"`` "
+        "(the rows r_(b−1)+1…r_b that train rank r_b adds to the train rank below it from U(−1/√r_b, 1/√r_b): each "
+        "train rank's newest components start at the scale of a LoRA of that rank alone; with one train rank it is "
+        "``\"shared\"``). ``None`` (default): ``\"per_rank\"`` for ``mode=\"rowwise\"``, ``\"shared\"`` for the "
+        "other modes (the paper's and DyLoRA's own initialisation). On the real pretrained model "
+        "(docs/results.md) ``\"per_rank\"`` let rank 1 learn as fast as a LoRA of rank 1 alone, where "
+        "``\"shared\"`` left it far behind in the first steps.", stored="str", legacy="shared")
 
     def __post_init__(self) -> None:
         check_r_max(self.r_max)
@@ -289,13 +291,19 @@ class MatLoRAConfig:
                 raise ValueError(f"mode='lora' trains plain LoRA at r_max (S = {{{self.r_max}}}) but ranks="
                                  f"{self.ranks} was given: drop `ranks`, or use mode='matryoshka' for nested ranks.")
         if self.max_pass is None:  # resolved here (stored), so that to_dict/from_dict keep the objective
-            self.max_pass = default_max_pass(self.mode, self.ranks, self.r_max, self.rank_weights)
+            self.max_pass = False
         low = _check_max_pass(self.max_pass, self.mode, self.ranks, self.r_max)
         self.distill = _check_distill(self.distill, self.distill_module, self.max_pass)
         if self.rank_weights is None:  # resolved here, so that to_dict/from_dict keep the rule
-            self.rank_weights = "uniform" if self.max_pass else "half_max"
+            self.rank_weights = "uniform"
         self.rank_weights = _rank_weights(self.rank_weights, low if self.max_pass else self.ranks, self.mode,
                                           self.max_pass)
+        if self.init is None:  # resolved here (stored), so that to_dict/from_dict keep the initialisation
+            self.init = "per_rank" if self.mode == "rowwise" else "shared"
+        if self.init not in INIT_RULES:
+            raise ValueError(f"Unknown init {self.init!r}: use 'per_rank' (each train rank's newest rows of lora_A at "
+                             f"the scale of a LoRA of that rank alone), 'shared' (every row at 1/√r_max, the "
+                             f"reference code's) or None (auto: 'per_rank' for mode='rowwise').")
         if self.eval_ranks is None:
             self.eval_ranks = default_ranks(self.r_max) if self.mode == "lora" else list(self.ranks)
         else:
@@ -346,6 +354,20 @@ class MatLoRAConfig:
         if self.p is not None:
             return torch.tensor(self.p, dtype=torch.float64)
         return build_p(self.ranks, self.r_max, self.scaling, self.alpha)
+
+    @property
+    def init_bounds(self) -> torch.Tensor:
+        """The bound b_i (float64, length r_max) of row i of ``lora_A`` at initialisation, A[i] ~ U(−b_i, b_i):
+        1/√r_max for every row (``init="shared"``), or 1/√r_b with r_b the smallest train rank ≥ i + 1
+        (``init="per_rank"``; rows above the largest train rank take r_max).
+
+        >>> MatLoRAConfig(r_max=8, init="per_rank").init_bounds.pow(-2).round().int().tolist()
+        [1, 2, 4, 4, 8, 8, 8, 8]
+        """
+        if self.init == "shared":
+            return torch.full((self.r_max,), self.r_max ** -0.5, dtype=torch.float64)
+        owner = [min([r for r in self.ranks if r >= i + 1] or [self.r_max]) for i in range(self.r_max)]
+        return torch.tensor(owner, dtype=torch.float64).rsqrt()
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -425,7 +447,7 @@ def legacy_values() -> dict[str, Any]:
     later; every other field is required in an adapter file).
 
     >>> legacy_values()
-    {'rank_weights': 'uniform', 'max_pass': False, 'distill': 0.0, 'distill_module': None}
+    {'rank_weights': 'uniform', 'max_pass': False, 'distill': 0.0, 'distill_module': None, 'init': 'shared'}
     """
     return {f.name: f.metadata["legacy"] for f in dataclasses.fields(MatLoRAConfig)
             if f.metadata["legacy"] is not _NO_LEGACY}

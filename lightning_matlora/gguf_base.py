@@ -71,7 +71,7 @@ def gguf_path(name_or_path: str | os.PathLike, gguf_file: str | None = None) -> 
         return f
     if str(name_or_path) == SMOLLM2_ALIAS and not p.exists():
         return smollm2_gguf()
-    if p.suffix.lower() == ".gguf":
+    if p.suffix.lower() == ".gguf" and not p.is_dir():  # a model directory may be named *.gguf
         if not p.is_file():
             raise FileNotFoundError(f"The GGUF file {str(p)!r} does not exist.")
         return p

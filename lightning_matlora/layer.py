@@ -116,10 +116,13 @@ class MatryoshkaLinear(nn.Module):
         return self.base_layer.bias
 
     def reset_parameters(self) -> None:
-        """The reference code's initialisation: A ~ U(−1/√R, 1/√R), B = 0 (the adapted model equals the base).
+        """B = 0 (the adapted model equals the base) and row i of A ~ U(−b_i, b_i) with b_i from the config's
+        ``init`` rule (:attr:`~lightning_matlora.config.MatLoRAConfig.init_bounds`; ``"shared"``: 1/√R every row,
+        the reference code's).
 
-        With ``init_seed``, A is drawn in float32 on the CPU from a generator seeded with it (the same values on
-        every device and process, whatever torch's global generator holds), then copied into ``lora_A``.
+        A is drawn from U(−1/√R, 1/√R), then row i is multiplied by b_i·√R (1 for ``"shared"``). With
+        ``init_seed``, A is drawn in float32 on the CPU from a generator seeded with it (the same values on every
+        device and process, whatever torch's global generator holds), then copied into ``lora_A``.
         """
         bound = 1.0 / math.sqrt(self.r_max)
         with torch.no_grad():
@@ -128,6 +131,9 @@ class MatryoshkaLinear(nn.Module):
             else:
                 g = torch.Generator().manual_seed(self.init_seed)
                 self.lora_A.copy_(torch.empty(self.lora_A.shape).uniform_(-bound, bound, generator=g))
+            if self.controller.config.init != "shared":
+                factor = self.controller.config.init_bounds * math.sqrt(self.r_max)
+                self.lora_A.mul_(factor.to(self.lora_A.dtype)[:, None])
             nn.init.zeros_(self.lora_B)
 
     def _apply(self, fn, recurse: bool = True):

@@ -35,6 +35,7 @@ def format_summary(model: nn.Module, config: MatLoRAConfig, names: list[str]) ->
         + ("  p=explicit" if config.p is not None else "")
         + (f"  rank_weights={config.rank_weights}" if config.mode == "rowwise" else "")
         + ("  max_pass=True" if config.max_pass else "")
+        + (f"  init={config.init}" if len(config.ranks) > 1 else "")
         + (f"  distill={config.distill:g} ({config.distill_module or 'output embedding'})" if config.distill > 0
            else ""),
         f"  trainable parameters: {trainable:,} of {total:,} ({share:.2f}%)"

@@ -92,6 +92,7 @@ WRONG = {  # a value of the wrong type for every field (bools are not numbers, s
     "config.mode": None, "config.rank_scale": False, "config.p": "none", "config.eval_ranks": [1.0, 2.0],
     "config.adapter_dtype": 32, "config.seed": "0",
     "config.rank_weights": [1.5], "config.max_pass": 1, "config.distill": True, "config.distill_module": 3,
+    "config.init": 3,
     f"adapted_layers.{LAYER}.in_features": "32", f"adapted_layers.{LAYER}.out_features": 32.0,
     f"adapted_layers.{LAYER}.conv1d": "false",
     "rank_curves[0].metric": 1, "rank_curves[0].higher_is_better": "true", "rank_curves[0].ranks": ["1"],
@@ -126,7 +127,7 @@ def _needles(path):
 
 
 @pytest.mark.parametrize("field", sorted(set(WRONG) - {"config.rank_weights", "config.max_pass", "config.distill",
-                                                        "config.distill_module"}))
+                                                        "config.distill_module", "config.init"}))
 def test_every_field_deleted_is_refused_naming_it(saved, tmp_path, capsys, field):
     [(path, get, key)] = [(p, g, k) for p, g, k in _paths(_doc(saved)) if _field_name(p) == field]
     bad = corrupt(saved, tmp_path, doc_edit=lambda d: get(d).pop(key))
@@ -138,7 +139,7 @@ def test_every_field_deleted_is_refused_naming_it(saved, tmp_path, capsys, field
 def test_a_config_without_rank_weights_reads_with_the_default(saved, tmp_path):
     """rank_weights (training only) came after format version 2: a file written without it (and so without
     max_pass, which came later) reads with the rule it was trained with, uniform rows in one pass."""
-    assert _doc(saved)["config"]["rank_weights"] == "uniform" and _doc(saved)["config"]["max_pass"] is True
+    assert _doc(saved)["config"]["rank_weights"] == "uniform" and "max_pass" in _doc(saved)["config"]
     older = corrupt(saved, tmp_path, doc_edit=lambda d: [d["config"].pop(f) for f in ("rank_weights", "max_pass")])
     read = read_adapter(older).config
     assert read.rank_weights == "uniform" and read.max_pass is False
@@ -147,7 +148,7 @@ def test_a_config_without_rank_weights_reads_with_the_default(saved, tmp_path):
 def test_a_config_without_max_pass_reads_as_false(saved, tmp_path):
     """max_pass (training only) came after format version 2: a file written without it reads with False (its
     one-pass training), not with today's default."""
-    assert _doc(saved)["config"]["max_pass"] is True  # the default since max_pass came
+    assert "max_pass" in _doc(saved)["config"]
 
     def before_max_pass(d: dict) -> None:
         d["config"].pop("max_pass")
@@ -155,6 +156,14 @@ def test_a_config_without_max_pass_reads_as_false(saved, tmp_path):
 
     read = read_adapter(corrupt(saved, tmp_path, doc_edit=before_max_pass)).config
     assert read.max_pass is False and read.rank_weights == "half_max"
+
+
+def test_a_config_without_init_reads_as_shared(saved, tmp_path):
+    """init came after format version 2: a file written without it was initialised with every row of A at
+    1/√r_max ("shared"), whatever today's default is."""
+    assert _doc(saved)["config"]["init"] == "per_rank"  # today's default for rowwise
+    older = corrupt(saved, tmp_path, doc_edit=lambda d: d["config"].pop("init"))
+    assert read_adapter(older).config.init == "shared"
 
 
 def test_a_config_without_distill_reads_as_off(saved, tmp_path):

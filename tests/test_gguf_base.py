@@ -121,3 +121,39 @@ def test_interrupted_conversion_leaves_no_cache_entry(cache, tiny_file, monkeypa
     with pytest.raises(KeyboardInterrupt):
         resolve_base(path)
     assert list((cache / "gguf").iterdir()) == []
+
+
+def test_merge_and_nest_take_a_gguf_base(cache, tiny_file, tmp_path, capsys):
+    """`matlora merge/nest --base FILE.gguf`: the base is the converted file (converted once, then from the cache);
+    the merged model gives the adapter's logits at the merged rank on that base."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lightning_matlora import MatryoshkaLoRA, at_rank, save_adapter
+    from lightning_matlora.cli import main
+
+    path, _ = tiny_file
+    base_dir = resolve_base(str(path))
+    model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    MatryoshkaLoRA(r_max=4, target_modules=["q_proj", "v_proj"], verbose=False).apply(model)
+    with torch.no_grad():
+        for layer in [m for m in model.modules() if hasattr(m, "lora_B")]:
+            layer.lora_B.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    adapter = save_adapter(model, tmp_path / "adapter")
+    assert main(["merge", str(adapter), "--base", str(path), "--rank", "2", "--out", str(tmp_path / "m")]) == 0
+    x = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(0))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    with torch.no_grad(), at_rank(model, 2):
+        torch.testing.assert_close(merged(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
+    assert [p.name for p in (cache / "gguf").iterdir()] == [Path(base_dir).name]  # one conversion, reused
+
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
+                                LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "peft")
+    assert main(["nest", str(tmp_path / "peft"), "--base", str(path), "--out", str(tmp_path / "nested")]) == 0
+    from lightning_matlora import read_adapter
+    assert read_adapter(tmp_path / "nested").r_max == 2
+
+    adapter_gguf = write_gguf(tmp_path / "lora.gguf", tiny_llama_for_gguf(), kind="adapter")
+    assert main(["merge", str(adapter), "--base", str(adapter_gguf), "--rank", "2", "--out", str(tmp_path / "m2")]) == 2
+    assert "holds a LoRA adapter" in capsys.readouterr().err and not (tmp_path / "m2").exists()

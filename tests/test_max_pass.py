@@ -22,16 +22,18 @@ from lightning_matlora.summary import format_summary
 
 
 # --------------------------------------------------------------------------------------------------- config
-def test_max_pass_defaults_on_for_rowwise_and_resolves_rank_weights():
-    assert MatLoRAConfig(r_max=8).max_pass is True and MatLoRAConfig(r_max=8).rank_weights == "uniform"
-    # an explicit rank_weights keeps the one-pass rule it names; other modes and a lone train rank train one pass
+def test_max_pass_defaults_off_and_rank_weights_to_uniform():
+    """The default trains one pass (docs/results.md: on the real model one pass with init="per_rank" kept
+    r_max within a point of plain LoRA at the same training time); paired passes are opted into."""
+    assert MatLoRAConfig(r_max=8).max_pass is False and MatLoRAConfig(r_max=8).rank_weights == "uniform"
+    assert MatLoRAConfig(r_max=8, max_pass=None).max_pass is False  # None (the old "auto") reads as the default
     assert MatLoRAConfig(r_max=8, rank_weights="half_max").max_pass is False
-    assert MatLoRAConfig(r_max=8, rank_weights="uniform").max_pass is False
-    assert MatLoRAConfig(r_max=8, max_pass=False).rank_weights == "half_max"
+    assert MatLoRAConfig(r_max=8, max_pass=False).rank_weights == "uniform"
+    assert MatLoRAConfig(r_max=8).row_cycle == [1, 2, 4, 8]
     for kw in (dict(mode="lora"), dict(mode="matryoshka"), dict(mode="dylora"), dict(ranks=[8])):
         assert MatLoRAConfig(r_max=8, **kw).max_pass is False
     cfg = MatLoRAConfig(r_max=8)
-    assert MatLoRAConfig.from_dict(cfg.to_dict()) == cfg and cfg.to_dict()["max_pass"] is True
+    assert MatLoRAConfig.from_dict(cfg.to_dict()) == cfg and cfg.to_dict()["max_pass"] is False
     cfg = MatLoRAConfig(r_max=8, max_pass=True)
     assert cfg.rank_weights == "uniform"  # the default of the low pass
     assert cfg.low_ranks == [1, 2, 4]
@@ -65,7 +67,7 @@ def test_max_pass_round_trips_and_old_configs_read_without_it():
     assert back == cfg and back.max_pass is True and back.row_cycle == [1, 2, 2, 4]
     uniform = MatLoRAConfig.from_dict(MatLoRAConfig(r_max=8, max_pass=True).to_dict())
     assert uniform.rank_weights == "uniform" and uniform.max_pass is True
-    old = MatLoRAConfig(r_max=8, max_pass=False).to_dict()
+    old = MatLoRAConfig(r_max=8, max_pass=False, rank_weights="half_max").to_dict()
     del old["max_pass"]  # written before max_pass existed: its explicit rank_weights keeps the one-pass rule
     read = MatLoRAConfig.from_dict(old)
     assert read.max_pass is False and read.rank_weights == "half_max"
@@ -93,8 +95,8 @@ def test_resuming_with_another_max_pass_warns_and_an_old_checkpoint_counts_as_fa
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         plain._check_config(old)  # a checkpoint from before max_pass trained with max_pass=False
-    with pytest.warns(UserWarning, match="max_pass"):  # today's default pairs the passes: the objective changes
-        MatryoshkaLoRA(r_max=8, verbose=False)._check_config(old)
+    with pytest.warns(UserWarning, match="max_pass"):  # the paired passes are asked for: the objective changes
+        MatryoshkaLoRA(r_max=8, max_pass=True, verbose=False)._check_config(old)
 
 
 def test_adapter_save_and_load_keep_max_pass(tmp_path):
@@ -444,8 +446,8 @@ def test_manual_optimization_computes_the_paired_loss_in_its_own_training_step()
             opt.step()
 
     for paired in (True, False):
-        cb = MatryoshkaLoRA(r_max=4, target_modules=["q_proj"], verbose=False, save_adapter=False, rank_eval=None)
-        assert cb.config.max_pass is True  # the default
+        cb = MatryoshkaLoRA(r_max=4, target_modules=["q_proj"], max_pass=True, verbose=False, save_adapter=False,
+                            rank_eval=None)
         module = Manual(tiny_llama().train(), paired)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

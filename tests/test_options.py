@@ -59,7 +59,8 @@ def test_the_adapter_format_schema_and_legacy_values_come_from_the_fields():
     assert adapter_format.LEGACY_CONFIG_VALUES == legacy_values()
     assert set(adapter_format.OPTIONAL_CONFIG_FIELDS) == set(legacy_values())
     # the values the format reads a file without the field with are the ones a resumed checkpoint assumes
-    assert legacy_values() == {"rank_weights": "uniform", "max_pass": False, "distill": 0.0, "distill_module": None}
+    assert legacy_values() == {"rank_weights": "uniform", "max_pass": False, "distill": 0.0, "distill_module": None,
+                               "init": "shared"}
     # each stored type accepts the value a default config stores
     doc = MatLoRAConfig(r_max=8).to_dict()
     for name, t in adapter_format.CONFIG_FIELDS.items():
@@ -94,14 +95,15 @@ def test_a_checkpoint_without_a_later_field_is_read_with_its_legacy_value():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cb._check_config(old)  # trained with uniform rows, one pass: the same objective
-    half = lm.MatryoshkaLoRA(r_max=8, mode="rowwise", max_pass=False, verbose=False)  # "half_max"
+    half = lm.MatryoshkaLoRA(r_max=8, mode="rowwise", max_pass=False, rank_weights="half_max", verbose=False)
     with pytest.warns(UserWarning, match="rank_weights"):
         half._check_config(old)
 
 
-# ---------------------------------------------------------------------------------------- max_pass "auto"
-def test_max_pass_resolves_itself_from_the_mode():
-    assert lm.MatryoshkaLoRA(r_max=8, verbose=False).config.max_pass is True
+# ---------------------------------------------------------------------------------------- max_pass default
+def test_max_pass_defaults_to_one_pass_in_every_mode():
+    assert lm.MatryoshkaLoRA(r_max=8, verbose=False).config.max_pass is False
+    assert lm.MatryoshkaLoRA(r_max=8, max_pass=None, verbose=False).config.max_pass is False
     assert lm.MatryoshkaLoRA(r_max=8, rank_weights="half_max", verbose=False).config.max_pass is False
     for mode in ("lora", "matryoshka", "dylora"):
         assert lm.MatryoshkaLoRA(r_max=8, mode=mode, verbose=False).config.max_pass is False
