@@ -136,9 +136,11 @@ def test_the_default_recipe_config_trains_plain_lora_by_switching_the_mode(tmp_p
 OTHER_VALUE = {"r_max": 16, "ranks": [1, 8], "target_modules": ["q_proj"], "exclude_modules": None,
                "modules_to_save": ["lm_head"], "scaling": "rank", "alpha": 2.0, "dropout": 0.1, "mode": "dylora",
                "rank_scale": "trained", "p": [1.0] * 8, "eval_ranks": [8], "adapter_dtype": "float64", "seed": 5,
-               "rank_weights": "uniform", "max_pass": False, "distill": 1.0, "distill_module": "lm_head"}
+               "rank_weights": "uniform", "max_pass": False, "distill": 1.0, "distill_module": "lm_head",
+               "init": "shared"}
 BASES = [dict(r_max=8, ranks=[1, 2, 4, 8], mode="matryoshka", rank_scale=rule) for rule in ("rank", "trained")] + \
-        [dict(r_max=8, ranks=[1, 2, 4, 8], mode="rowwise", rank_scale=rule) for rule in ("rank", "trained")]
+        [dict(r_max=8, ranks=[1, 2, 4, 8], mode="rowwise", rank_scale=rule, max_pass=paired)
+         for rule in ("rank", "trained") for paired in (False, True)]  # distill needs the paired passes
 
 
 def _served(cfg: MatLoRAConfig) -> tuple:
