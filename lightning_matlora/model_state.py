@@ -93,7 +93,7 @@ class ModelState:
     def layer_ranks(self, mapping: Mapping[str, object]) -> LayerRanks:
         """A rank per adapted layer from ``{layer name or pattern: k}`` (see :mod:`lightning_matlora.layer_ranks`);
         raises ``ValueError`` naming the fix before anything changes."""
-        if isinstance(mapping, LayerRanks) and set(mapping) == set(self.layers):
+        if isinstance(mapping, LayerRanks) and mapping.covers(self.layers):
             return mapping
         ranks = resolve_layer_ranks(self.layers, mapping, self.controller.r_max)
         return LayerRanks(ranks, self.layers)

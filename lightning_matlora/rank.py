@@ -62,6 +62,10 @@ class LayerRanks(Mapping):
         """The rank of ``layer`` (one of the layers this mapping was built for)."""
         return self._by_id[id(layer)]
 
+    def covers(self, layers: Mapping[str, nn.Module]) -> bool:
+        """True when this mapping was built for exactly ``layers`` (the same names and layer objects)."""
+        return set(self._by_name) == set(layers) and all(id(m) in self._by_id for m in layers.values())
+
     def uniform(self) -> int | None:
         """The rank when every layer has the same one, else None."""
         ranks = set(self._by_name.values())
