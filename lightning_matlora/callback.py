@@ -261,7 +261,8 @@ class MatryoshkaLoRA(pl.Callback):
         return bool(layers) and all(m.controller is self.controller for m in layers.values())
 
     def _inject(self, module: nn.Module) -> list[str]:
-        if ModelState.of_controller(self.controller) is not None and not adapted_layers(module):
+        state = ModelState.of_controller(self.controller)
+        if state is not None and state.layers and not adapted_layers(module):
             # this callback already adapted another model: the new one gets a controller of its own
             self.controller = RankController(self.config)
         return inject(module, self.config, self.controller)

@@ -17,6 +17,7 @@ The result never holds more adapter parameters (Σ k·(in + out) over the layers
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -85,11 +86,38 @@ def budget_parameters(budget: int | str, dims: Mapping[str, tuple[int, int]], r_
     return budget
 
 
+@dataclasses.dataclass
+class Allocation:
+    """What :func:`plan_allocation` measured and chose.
+
+    ranks: the answer (a rank per layer: the greedy plan or the uniform rank, whichever measured better).
+    greedy: the greedy plan by the additive prediction, before the final check.
+    uniform_rank: the largest uniform rank within the budget.
+    metric_full, metric_greedy, metric_uniform: the metric at r_max everywhere, for ``greedy`` and at
+        ``uniform_rank`` (``metric_greedy`` is None when the greedy plan was the uniform one).
+    sensitivity: group → {candidate rank: metric increase with that group cut to it, the others at r_max}.
+    groups: group → its layer names. budget, parameters: the budget and the answer's size (parameters).
+    evaluations: how many times the metric was averaged over the data.
+    """
+
+    ranks: dict[str, int]
+    greedy: dict[str, int]
+    uniform_rank: int
+    metric_full: float
+    metric_greedy: float | None
+    metric_uniform: float
+    sensitivity: dict[str, dict[int, float]]
+    groups: dict[str, list[str]]
+    budget: int
+    parameters: int
+    evaluations: int
+
+
 def allocate_ranks(model: nn.Module, budget: int | str, data: Iterable[Any], metric: Metric | None = None, *,
                    candidates: Iterable[int] | None = None, group: str | Callable[[str], str] = "type",
                    ) -> dict[str, int]:
     """A rank per adapted layer of ``model`` whose adapter fits ``budget``, chosen on ``data`` (see the module
-    docstring for the search).
+    docstring for the search; :func:`plan_allocation` returns what it measured as well).
 
     Args:
         model: an adapted model (not merged). Its rank setting is restored after.
@@ -113,6 +141,23 @@ def allocate_ranks(model: nn.Module, budget: int | str, data: Iterable[Any], met
     >>> sorted(ranks), sum(k * 16 for k in ranks.values()) <= 2 * 32
     (['0', '1'], True)
     """
+    return plan_allocation(model, budget, data, metric, candidates=candidates, group=group).ranks
+
+
+def plan_allocation(model: nn.Module, budget: int | str, data: Iterable[Any], metric: Metric | None = None, *,
+                    candidates: Iterable[int] | None = None, group: str | Callable[[str], str] = "type",
+                    ) -> Allocation:
+    """:func:`allocate_ranks` with what it measured: an :class:`Allocation` (the same arguments).
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from lightning_matlora import MatryoshkaLoRA
+    >>> model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    >>> _ = MatryoshkaLoRA(r_max=4, verbose=False).apply(model)
+    >>> found = plan_allocation(model, "rank:2", [torch.randn(4, 8)], metric=lambda m, x: m(x).pow(2).mean())
+    >>> found.uniform_rank, found.parameters <= found.budget, found.evaluations
+    (2, True, 7)
+    """
     state = model_state_of(model)
     state.check_unmerged("allocating ranks")
     ctrl = state.controller
@@ -133,7 +178,11 @@ def allocate_ranks(model: nn.Module, budget: int | str, data: Iterable[Any], met
         groups.setdefault(group_key(n, group), []).append(n)
     width = {g: sum(dims[n][0] + dims[n][1] for n in names) for g, names in groups.items()}
 
+    evaluations = 0
+
     def measure(ranks: Mapping[str, int]) -> float:
+        nonlocal evaluations
+        evaluations += 1
         with torch.no_grad(), at_rank(model, ranks):
             return sum(float(metric(model, b)) for b in batches) / len(batches)
 
@@ -161,9 +210,12 @@ def allocate_ranks(model: nn.Module, budget: int | str, data: Iterable[Any], met
             break
         _, g, c, extra = best
         chosen[g], used = c, used + extra
-    allocated = expand(chosen)
+    greedy = expand(chosen)
     uniform_k = max(k for k in range(1, r_max + 1) if layer_parameters(dims, k) <= limit)
     uniform = {n: uniform_k for n in state.layers}
-    if allocated == uniform or measure(allocated) <= measure(uniform):
-        return allocated
-    return uniform
+    at_uniform = measure(uniform)
+    at_greedy = None if greedy == uniform else measure(greedy)
+    ranks = greedy if at_greedy is not None and at_greedy <= at_uniform else uniform
+    return Allocation(ranks=ranks, greedy=greedy, uniform_rank=uniform_k, metric_full=full, metric_greedy=at_greedy,
+                      metric_uniform=at_uniform, sensitivity=delta, groups=groups, budget=limit,
+                      parameters=layer_parameters(dims, ranks), evaluations=evaluations)

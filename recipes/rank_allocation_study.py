@@ -23,7 +23,8 @@ import torch
 from encode_loop import exact_match, load_base, load_task, token_accuracy
 from encode_study import parse_run, prepare_run, train
 from instruct_encoding import collate
-from lightning_matlora import adapted_layers, allocate_ranks, at_rank
+from lightning_matlora import adapted_layers, at_rank
+from lightning_matlora.rank_allocation import plan_allocation
 
 BUDGETS = [1, 2, 4, 8]
 CALIBRATION_ROWS = 64
@@ -56,17 +57,27 @@ def run(seed: int, out: str, num_generate: int, epochs: float = 6) -> None:
     names = list(adapted_layers(model))
     for k in BUDGETS:
         t0 = time.time()
-        plan = allocate_ranks(model, f"rank:{k}", calib)
+        found = plan_allocation(model, f"rank:{k}", calib)
         alloc_s = time.time() - t0
+        plan = found.ranks
         uniform = {n: k for n in names}
-        by_type: dict[str, list[int]] = {}
-        for n, r in plan.items():
-            by_type.setdefault(n.rsplit(".", 1)[-1], []).append(r)
+        uniform_score = score(model, k, val, tok, num_generate)
         rec = {"seed": seed, "budget_rank": k, "budget": parameters(model, uniform),
                "plan_parameters": parameters(model, plan),
-               "plan_by_type": {t: sorted(set(rs)) for t, rs in sorted(by_type.items())},
-               "uniform": score(model, k, val, tok, num_generate),
-               "allocated": score(model, plan, val, tok, num_generate),
+               "greedy_by_type": {g: found.greedy[ns[0]] for g, ns in sorted(found.groups.items())},
+               "greedy_parameters": parameters(model, found.greedy),
+               "calibration_loss": {"full": round(found.metric_full, 4), "uniform": round(found.metric_uniform, 4),
+                                    "greedy": None if found.metric_greedy is None else round(found.metric_greedy, 4),
+                                    "predicted_greedy": round(found.metric_full + sum(
+                                        found.sensitivity[g][found.greedy[ns[0]]] for g, ns in found.groups.items()),
+                                        4)},
+               "sensitivity": {g: {str(c): round(v, 4) for c, v in sorted(d.items())}
+                               for g, d in sorted(found.sensitivity.items())},
+               "chose": "greedy" if plan == found.greedy and found.greedy != uniform else "uniform",
+               "uniform": uniform_score,
+               "allocated": uniform_score if plan == uniform else score(model, plan, val, tok, num_generate),
+               "greedy": uniform_score if found.greedy == uniform else score(model, found.greedy, val, tok,
+                                                                              num_generate),
                "allocate_seconds": round(alloc_s, 1), "train_seconds": round(train_s, 1),
                "command": "python recipes/rank_allocation_study.py " + " ".join(sys.argv[1:])}
         line = json.dumps(rec)
@@ -77,22 +88,29 @@ def run(seed: int, out: str, num_generate: int, epochs: float = 6) -> None:
 
 
 def summary(out: str) -> str:
+    """Per budget, mean ± sd over the seeds: exact match (EM) of the uniform rank, the greedy plan and the answer
+    (after the final check); the calibration loss of the uniform rank, the greedy plan as predicted (additive
+    sensitivities) and as measured; how often the greedy plan was chosen."""
     recs = [json.loads(line) for line in open(out) if line.strip()]
-    lines = ["| budget (= uniform rank) | parameters | seeds | uniform EM | allocated EM | uniform tok. acc | "
-             "allocated tok. acc | allocated − uniform EM |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| budget (= uniform rank) | parameters | seeds | EM uniform | EM greedy plan | EM allocated | "
+             "calib. loss uniform | greedy predicted | greedy measured | greedy chosen |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
 
-    def ms(xs):
-        return f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f}" if len(xs) > 1 else f"{xs[0]:.1f}"
+    def ms(xs, digits=1):
+        xs = [x for x in xs if x is not None]
+        if not xs:
+            return "—"
+        return (f"{statistics.mean(xs):.{digits}f} ± {statistics.stdev(xs):.{digits}f}" if len(xs) > 1
+                else f"{xs[0]:.{digits}f}")
     for k in BUDGETS:
         rs = [r for r in recs if r["budget_rank"] == k]
         if not rs:
             continue
-        diff = [r["allocated"]["exact_match"] - r["uniform"]["exact_match"] for r in rs]
+        loss = [r["calibration_loss"] for r in rs]
         lines.append(f"| rank {k} | {rs[0]['budget']:,} | {len(rs)} | {ms([r['uniform']['exact_match'] for r in rs])} | "
-                     f"{ms([r['allocated']['exact_match'] for r in rs])} | "
-                     f"{ms([r['uniform']['token_acc'] for r in rs])} | {ms([r['allocated']['token_acc'] for r in rs])} | "
-                     f"{ms(diff)} |")
+                     f"{ms([r['greedy']['exact_match'] for r in rs])} | {ms([r['allocated']['exact_match'] for r in rs])} | "
+                     f"{ms([x['uniform'] for x in loss], 3)} | {ms([x['predicted_greedy'] for x in loss], 3)} | "
+                     f"{ms([x['greedy'] for x in loss], 3)} | {sum(r['chose'] == 'greedy' for r in rs)}/{len(rs)} |")
     return "\n".join(lines)
 
 

@@ -12,7 +12,7 @@ import torch
 from conftest import tiny_llama
 from lightning_matlora import adapted_layers, allocate_ranks, at_rank, get_rank, save_adapter
 from lightning_matlora.cli import main
-from lightning_matlora.rank_allocation import budget_parameters
+from lightning_matlora.rank_allocation import budget_parameters, plan_allocation
 from test_adapter_io import X, trained
 
 R = 8
@@ -58,7 +58,13 @@ def test_the_budget_goes_to_the_only_layers_that_matter_and_beats_uniform():
             if not name.endswith("q_proj"):
                 m.lora_B.zero_()
     metric = _distance_to_full(model)
-    ranks = allocate_ranks(model, "rank:2", [None], metric=metric)
+    found = plan_allocation(model, "rank:2", [None], metric=metric)
+    ranks = found.ranks
+    assert ranks == allocate_ranks(model, "rank:2", [None], metric=metric) == found.greedy
+    assert found.evaluations == 1 + 7 * 3 + 2 and found.metric_full == 0.0  # 7 module types, candidates 1, 2, 4
+    assert all(v == 0.0 for g, d in found.sensitivity.items() if g != "q_proj" for v in d.values())
+    assert all(v > 0 for v in found.sensitivity["q_proj"].values() if v != found.sensitivity["q_proj"][R])
+    assert found.metric_greedy < found.metric_uniform and found.uniform_rank == 2
     assert all(k == R for n, k in ranks.items() if n.endswith("q_proj"))
     assert all(k == 1 for n, k in ranks.items() if not n.endswith("q_proj"))
     with torch.no_grad(), at_rank(model, ranks):
