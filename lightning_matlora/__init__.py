@@ -40,6 +40,7 @@ from .layer import MatryoshkaLinear
 from .metric import RankCurveMetric
 from .nest_peft import NestResult, nest_adapter
 from .nesting import NestReport, nest_by_svd
+from .rank_allocation import allocate_ranks
 from .scaling import build_p, default_ranks, scale_of_rank
 
 from .version import __version__
@@ -49,7 +50,7 @@ __all__ = [
     "MatryoshkaLoRA", "MatLoRAConfig", "MatryoshkaLinear", "adapted_layers", "prepare_for_sharding",
     # run at a rank
     "set_rank", "get_rank", "at_rank", "set_rank_scale", "merge", "unmerge", "begin_step",
-    "paired_loss",
+    "paired_loss", "allocate_ranks",
     # the method's quantities
     "build_p", "default_ranks", "scale_of_rank",
     # rank curves

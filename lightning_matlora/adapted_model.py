@@ -1,8 +1,9 @@
 """Rank control on a whole adapted model: ``set_rank``, ``at_rank``, ``merge``, ``unmerge``, ``begin_step``,
 ``paired_loss``.
 
-Each function finds the model's :class:`~lightning_matlora.rank.RankController` (attached to the model when the
-adapter was injected) with :func:`controller_of` and acts through it; none of them searches the module tree.
+Each function finds the model's :class:`~lightning_matlora.model_state.ModelState` (attached to the model when the
+adapter was injected) with :func:`model_state_of`, and acts through it or through its
+:class:`~lightning_matlora.rank.RankController` (:func:`controller_of`); none of them searches the module tree.
 """
 
 from __future__ import annotations
@@ -10,19 +11,24 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, ContextManager
+from typing import Any, ContextManager, Union
 
 import torch
 from torch import nn
 
 from .distill import distill_step
 from .inject import adapted_layers
+from .model_state import STATE_ATTR, ModelState
 from .quantized import merge_warning
-from .rank import CONTROLLER_ATTR, RankController, RankSetting
+from .rank import RankController, RankSetting
+
+#: what ``set_rank``/``at_rank`` accept: a :data:`~lightning_matlora.rank.RankSetting` or ``{name or pattern: k}``
+RankArg = Union[RankSetting, Mapping[str, int]]
 
 
-def controller_of(model: nn.Module) -> RankController:
-    """The one :class:`~lightning_matlora.rank.RankController` of the adapted ``model``.
+def model_state_of(model: nn.Module) -> ModelState:
+    """The one :class:`~lightning_matlora.model_state.ModelState` of the adapted ``model`` (its layers by name, what
+    is merged, the tensors it owns; its ``controller`` is the rank state).
 
     A lookup for the module the adapter was injected into (``MatryoshkaLoRA.apply``, the callback,
     ``load_adapter``); for an enclosing or inner module, or a model adapted by hand, one scan of its module tree.
@@ -31,12 +37,12 @@ def controller_of(model: nn.Module) -> RankController:
     >>> from lightning_matlora import MatryoshkaLoRA
     >>> model = nn.Sequential(nn.Linear(8, 8))
     >>> _ = MatryoshkaLoRA(r_max=4, verbose=False).apply(model)
-    >>> controller_of(model).r_max
-    4
+    >>> list(model_state_of(model).layers)
+    ['0']
     """
-    ctrl = getattr(model, CONTROLLER_ATTR, None)
-    if isinstance(ctrl, RankController):
-        return ctrl
+    state = getattr(model, STATE_ATTR, None)
+    if isinstance(state, ModelState):
+        return state
     layers = adapted_layers(model)
     if not layers:
         raise ValueError("The model has no MatryoshkaLoRA layers: adapt it first with MatryoshkaLoRA(...).apply(model), "
@@ -46,18 +52,42 @@ def controller_of(model: nn.Module) -> RankController:
         raise ValueError(f"The model holds layers of {len(controllers)} different MatryoshkaLoRA adapters; "
                          "rank control needs a model adapted once.")
     ctrl = next(iter(controllers.values()))
-    if not ctrl.layers:  # layers built by hand, never injected: this model is the one they belong to
-        ctrl.attach(model, layers)
-    return ctrl
+    state = ModelState.of_controller(ctrl)
+    if state is None:  # layers built by hand, never injected: this model is the one they belong to
+        state = ModelState.attach(model, ctrl, layers)
+    return state
 
 
-def set_rank(model: nn.Module, rank: RankSetting) -> None:
+def controller_of(model: nn.Module) -> RankController:
+    """The one :class:`~lightning_matlora.rank.RankController` (the rank state) of the adapted ``model``.
+
+    >>> from torch import nn
+    >>> from lightning_matlora import MatryoshkaLoRA
+    >>> model = nn.Sequential(nn.Linear(8, 8))
+    >>> _ = MatryoshkaLoRA(r_max=4, verbose=False).apply(model)
+    >>> controller_of(model).r_max
+    4
+    """
+    return model_state_of(model).controller
+
+
+def _setting(state: ModelState, rank: RankArg) -> RankSetting:
+    """``rank`` as a controller setting: a mapping becomes a rank per layer (checked before anything changes)."""
+    return state.layer_ranks(rank) if isinstance(rank, Mapping) else rank
+
+
+def set_rank(model: nn.Module, rank: RankArg) -> None:
     """Select the forward of every adapted layer of ``model``.
 
     Args:
         rank: ``None`` for the training forward; an ``int`` k in 1…r_max for inference at rank k (the
             configured ``rank_scale`` rule); a 1-D integer tensor with one rank per row of the batch (rows are
-            the first dimension of each adapted layer's input), evaluated in one forward.
+            the first dimension of each adapted layer's input), evaluated in one forward; or a mapping
+            ``{layer name or pattern: k}`` for a rank per layer. Keys are matched as PEFT's ``rank_pattern`` (a
+            regex for the whole layer name or a dotted suffix of it, e.g. ``"q_proj"``); a layer matched by two
+            keys is an error, and every layer needs a rank: ``"*": k`` gives it to the layers no other key
+            matches (see :mod:`lightning_matlora.layer_ranks`). ``get_rank`` then returns the rank of every
+            layer by name.
 
     >>> import torch
     >>> from torch import nn
@@ -67,11 +97,13 @@ def set_rank(model: nn.Module, rank: RankSetting) -> None:
     >>> set_rank(model, 2); get_rank(model)
     2
     >>> set_rank(model, torch.tensor([1, 4, 2])); y = model(torch.ones(3, 8))   # one rank per row
+    >>> set_rank(model, {"0": 3}); get_rank(model)   # a rank per layer, by name or pattern
+    LayerRanks({'0': 3})
     >>> set_rank(model, None)   # back to the training forward
     """
-    ctrl = controller_of(model)
-    ctrl.check_unmerged("changing the rank")
-    ctrl.set(rank)
+    state = model_state_of(model)
+    state.check_unmerged("changing the rank")
+    state.controller.set(_setting(state, rank))
 
 
 def get_rank(model: nn.Module) -> RankSetting:
@@ -88,8 +120,9 @@ def get_rank(model: nn.Module) -> RankSetting:
 
 
 @contextlib.contextmanager
-def at_rank(model: nn.Module, rank: RankSetting) -> Iterator[nn.Module]:
-    """Context manager: run ``model`` at ``rank`` inside the block and restore the previous setting after.
+def at_rank(model: nn.Module, rank: RankArg) -> Iterator[nn.Module]:
+    """Context manager: run ``model`` at ``rank`` (anything :func:`set_rank` takes, per-layer ranks included)
+    inside the block and restore the previous setting after.
 
     >>> import torch
     >>> from torch import nn
@@ -103,10 +136,12 @@ def at_rank(model: nn.Module, rank: RankSetting) -> Iterator[nn.Module]:
     >>> get_rank(model) is None
     True
     """
-    ctrl = controller_of(model)
-    ctrl.check_unmerged("changing the rank")
+    state = model_state_of(model)
+    state.check_unmerged("changing the rank")
+    ctrl = state.controller
+    setting = _setting(state, rank)
     previous = ctrl.setting
-    ctrl.set(rank)
+    ctrl.set(setting)
     try:
         yield model
     finally:
@@ -127,13 +162,13 @@ def set_rank_scale(model: nn.Module, rank_scale: str) -> None:
     >>> set_rank_scale(model, "trained"); cb.config.rank_scale
     'trained'
     """
-    ctrl = controller_of(model)
-    ctrl.check_unmerged("changing its inference rule")
-    ctrl.set_rule(rank_scale)
+    model_state_of(model).check_unmerged("changing its inference rule")
+    controller_of(model).set_rule(rank_scale)
 
 
-def merge(model: nn.Module, rank: int) -> None:
-    """Fold rank ``rank`` (under the ``rank_scale`` rule) into every adapted layer's base weight.
+def merge(model: nn.Module, rank: int | Mapping[str, int]) -> None:
+    """Fold rank ``rank`` (under the ``rank_scale`` rule) into every adapted layer's base weight: one int k for every
+    layer, or a ``{layer name or pattern: k}`` mapping as :func:`set_rank` takes it (each layer at its own rank).
 
     Afterwards each adapted layer costs what its base layer costs; ``unmerge(model)`` restores the weights. The
     merge computes in float32, or in float64 for float64 weights. On a quantized (bitsandbytes) base each weight
@@ -154,12 +189,12 @@ def merge(model: nn.Module, rank: int) -> None:
     )
     >>> unmerge(model)
     """
-    ctrl = controller_of(model)
-    ctrl.check_merge(rank)
-    quantized = [m for m in ctrl.layers.values() if m.quantized]
+    state = model_state_of(model)
+    state.merge_ranks(rank)  # checked before any layer changes
+    quantized = [m for m in state.layers.values() if m.quantized]
     if quantized:
         warnings.warn(merge_warning(quantized[0].base_layer), UserWarning, stacklevel=2)
-    ctrl.merge(rank)
+    state.merge(rank)
 
 
 def unmerge(model: nn.Module) -> None:
@@ -174,7 +209,7 @@ def unmerge(model: nn.Module) -> None:
     >>> _ = MatryoshkaLoRA(r_max=4, verbose=False).apply(model)
     >>> unmerge(model)   # nothing merged: nothing to do
     """
-    controller_of(model).unmerge()
+    model_state_of(model).unmerge()
 
 
 def begin_step(model: nn.Module, step: int, micro_step: int = 0, process_index: int = 0,
@@ -244,21 +279,23 @@ def paired_loss(model: nn.Module, compute: Callable[[], torch.Tensor]) -> torch.
                            f"callback already runs twice (automatic optimization). Compute the plain loss there; "
                            f"call paired_loss only around one step's loss, in a hand-written loop or under manual "
                            f"optimization.")
-    ctrl.check_unmerged("training")
+    state = model_state_of(model)
+    state.check_unmerged("training")
     if ctrl.setting is not None:
         raise ValueError(f"paired_loss trains the training forward, but the model is set to rank {ctrl.setting!r}: "
                          f"call set_rank(model, None) first.")
-    high, low, kl = run_paired_passes(ctrl, compute)
+    high, low, kl = run_paired_passes(state, compute)
     return combine_pass_losses(pass_loss(high, "max", "compute"), pass_loss(low, "low", "compute"), kl,
                                ctrl.config.distill)
 
 
-def run_paired_passes(ctrl: RankController, compute: Callable[[], Any],
+def run_paired_passes(state: ModelState, compute: Callable[[], Any],
                       low_context: Callable[[], ContextManager] = contextlib.nullcontext) -> tuple[Any, Any, Any]:
     """The two passes of one ``max_pass`` step (the one home of their order): ``compute()`` in the max pass, then
     inside ``low_context()`` in the low pass. Returns ``(high, low, kl)``: the two results and the distillation
     term (a tensor), which is None when the adapter does not distill or a pass returned None."""
-    with distill_step(ctrl) as distiller:
+    ctrl = state.controller
+    with distill_step(state.distiller, ctrl.config) as distiller:
         with ctrl.in_pass("max"):
             high = compute()
         with ctrl.in_pass("low"), low_context():

@@ -18,7 +18,7 @@ from .base_model import check_fits, record_of
 from .config import MatLoRAConfig, rule_fields
 from .inject import adapted_layers, find_targets, freeze_base, inject
 from .layer import MatryoshkaLinear
-from .adapted_model import controller_of
+from .adapted_model import controller_of, model_state_of
 from .rank import RankController
 
 
@@ -70,7 +70,7 @@ def load_adapter(model: nn.Module, adapter: str | os.PathLike | SavedAdapter, *,
     adapter = adapter if isinstance(adapter, SavedAdapter) else read_adapter(adapter, allow_nonfinite=allow_nonfinite)
     existing = adapted_layers(model)
     if existing:
-        controller_of(model).check_unmerged("loading an adapter into it (loading into merged weights would serve the "
+        model_state_of(model).check_unmerged("loading an adapter into it (loading into merged weights would serve the "
                                             "old adapter and corrupt the base at the next unmerge)")
     if existing:
         root, layers = _check_adapted(adapter, model)

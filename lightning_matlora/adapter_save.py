@@ -18,7 +18,7 @@ from .config import MatLoRAConfig
 from .curve import RankCurve
 from .adapter_state import clean_name, full_adapter_state_dict
 from .inject import _saved_prefixes, adapted_layers
-from .adapted_model import controller_of
+from .adapted_model import controller_of, model_state_of
 from .version import __version__
 
 
@@ -86,7 +86,7 @@ def snapshot(model: nn.Module, *, curves: RankCurve | Sequence[RankCurve] | None
     """
     ctrl = controller_of(model)
     layers = adapted_layers(model)
-    ctrl.check_unmerged("saving or exporting its adapter (the factors are saved, not merged weights)")
+    model_state_of(model).check_unmerged("saving or exporting its adapter (the factors are saved, not merged weights)")
     curves, metadata = as_curves(curves), json_metadata(metadata)
     # the full adapter on every process (gathers FSDP/FSDP2/ZeRO-3 shards: a collective), wrapper names cleaned
     state = full_adapter_state_dict(model)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .adapted_model import controller_of
+from .adapted_model import model_state_of
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -51,9 +51,9 @@ def _module_of(target: Any) -> tuple[nn.Module, Any]:
 
 
 def adapter_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(clean name, tensor) of every adapter-owned tensor of ``module`` (:meth:`RankController.owned_tensors`), in a
+    """(clean name, tensor) of every adapter-owned tensor of ``module`` (:meth:`ModelState.owned_tensors`), in a
     fixed order, without calling ``state_dict`` (whose hooks would gather the whole sharded model)."""
-    for name, t in controller_of(module).owned_tensors(module):
+    for name, t in model_state_of(module).owned_tensors(module):
         yield clean_name(name), t
 
 

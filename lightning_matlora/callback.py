@@ -20,10 +20,11 @@ from .config import CallbackSettings, MatLoRAConfig, fields_with_role, legacy_va
 from .curve import RankCurve
 from .rank_validation import RankCurveValidation, check_rank_eval
 from .distributed import check_not_sharded, clean_name, is_deepspeed, prepare_strategy
-from .adapted_model import combine_pass_losses, controller_of, pass_loss, run_paired_passes
+from .adapted_model import combine_pass_losses, controller_of, model_state_of, pass_loss, run_paired_passes
 from .isolation import isolated
 from .quantized import check_strategy_for_quantized
 from .inject import adapted_layers, freeze_base, inject, linear_layer_names, no_match_message
+from .model_state import ModelState
 from .rank import RankController
 from .summary import format_summary
 
@@ -170,7 +171,7 @@ class MatryoshkaLoRA(pl.Callback):
         self._finish(pl_module, announce=bool(names))
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        merged = controller_of(pl_module).merged_rank
+        merged = model_state_of(pl_module).merged_rank
         if merged is not None:
             raise RuntimeError(f"The model is merged at rank {merged}: a merged adapter does not train. Call "
                                f"lightning_matlora.unmerge(model) before trainer.fit.")
@@ -260,7 +261,8 @@ class MatryoshkaLoRA(pl.Callback):
         return bool(layers) and all(m.controller is self.controller for m in layers.values())
 
     def _inject(self, module: nn.Module) -> list[str]:
-        if self.controller.layers and not adapted_layers(module):
+        state = ModelState.of_controller(self.controller)
+        if state is not None and state.layers and not adapted_layers(module):
             # this callback already adapted another model: the new one gets a controller of its own
             self.controller = RankController(self.config)
         return inject(module, self.config, self.controller)
@@ -313,7 +315,7 @@ class MatryoshkaLoRA(pl.Callback):
 
 def _owned_keys(pl_module: nn.Module) -> set[str]:
     """The state-dict keys of the tensors the adapter owns, without the components wrappers insert."""
-    return {clean_name(k) for k, _ in controller_of(pl_module).owned_tensors(pl_module)}
+    return {clean_name(k) for k, _ in model_state_of(pl_module).owned_tensors(pl_module)}
 
 
 def _norm(v: Any) -> Any:
@@ -361,10 +363,11 @@ def _wrap_training_step(pl_module: pl.LightningModule) -> None:
 
     @functools.wraps(original)
     def training_step(*args: Any, **kwargs: Any) -> Any:
-        ctrl = controller_of(pl_module)
+        state = model_state_of(pl_module)
+        ctrl = state.controller
         if not ctrl.config.max_pass:  # another callback's adapter on the same module
             return original(*args, **kwargs)
-        high, low, kl = run_paired_passes(ctrl, lambda: original(*args, **kwargs),
+        high, low, kl = run_paired_passes(state, lambda: original(*args, **kwargs),
                                           low_context=lambda: isolated(pl_module))
         return _combine_passes(pl_module, high, low, kl, ctrl.config.distill)
 

@@ -21,6 +21,9 @@ a base model is checked against the adapter before it is loaded.
   matlora info    ADAPTER                                 settings, layers and the measured rank curve
   matlora export  ADAPTER --rank K --out DIR              rank K as a standard PEFT LoRA adapter
   matlora export  ADAPTER --rank all --out DIR            one PEFT adapter per train rank, DIR/rank_<k>/
+  matlora export  ADAPTER --rank-pattern PLAN --out DIR   a rank per layer (PEFT rank_pattern) from a plan
+  matlora allocate ADAPTER --base MODEL --data FILE --budget N|rank:K --out PLAN
+                                                          a rank per layer within N adapter parameters
   matlora merge   ADAPTER --base MODEL --rank K --out DIR  a plain transformers model with rank K merged in
   matlora nest    PEFT_ADAPTER --base MODEL --out DIR     a PEFT LoRA adapter reordered by SVD into a nested one
                   [--data FILE] [--num-threads N]         (and its loss per rank on FILE, with N CPU threads)
@@ -44,6 +47,8 @@ def add_info(sub: Any) -> None:
                           description="Print the adapter's configuration, train ranks, adapted layers, base model and "
                                       "the measured rank curve (score per rank, AURAC) if the run stored one.")
     info.add_argument("adapter", metavar="ADAPTER", help="a saved adapter directory")
+    info.add_argument("--plan", metavar="PLAN", default=None,
+                      help="a rank plan (from `matlora allocate`): show its parameter count beside the uniform ranks'")
 
 
 def add_export(sub: Any) -> None:
@@ -53,8 +58,12 @@ def add_export(sub: Any) -> None:
                                         "--rank all, one adapter per train rank goes to OUT/rank_<k>/ with a README.md "
                                         "card giving the measured score at that rank.")
     export.add_argument("adapter", metavar="ADAPTER", help="a saved adapter directory")
-    export.add_argument("--rank", required=True, metavar="K|all",
-                        help="rank to export, 1 ≤ K ≤ r_max (need not be a train rank), or 'all' for every train rank")
+    which = export.add_mutually_exclusive_group(required=True)
+    which.add_argument("--rank", metavar="K|all",
+                       help="rank to export, 1 ≤ K ≤ r_max (need not be a train rank), or 'all' for every train rank")
+    which.add_argument("--rank-pattern", metavar="PLAN", default=None,
+                       help="a rank per layer: a plan file written by `matlora allocate` (or a JSON object of layer "
+                            "names or patterns to ranks); written as PEFT's r plus rank_pattern/alpha_pattern")
     export.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist)")
     export.add_argument("--overwrite", action="store_true",
                         help="replace DIR if it holds an export, merged model or adapter this library wrote")
@@ -83,8 +92,9 @@ def add_merge(sub: Any) -> None:
                        help="replace DIR if it holds a merged model, export or adapter this library wrote")
 
 
-def format_info(path: str) -> str:
-    """The text ``matlora info`` prints: settings, layers, and every recorded rank curve with its AURAC."""
+def format_info(path: str, plan: str | None = None) -> str:
+    """The text ``matlora info`` prints: settings, layers, and every recorded rank curve with its AURAC; with
+    ``plan`` (a rank plan file), the plan's parameter count beside the uniform ranks'."""
     from .adapter_format import read_adapter
 
     a = read_adapter(path)
@@ -118,20 +128,103 @@ def format_info(path: str) -> str:
         lines.append(f"  AURAC  {curve.aurac():.4f}")
     if a.metadata:
         lines += ["", "  metadata " + ", ".join(f"{k}={v!r}" for k, v in sorted(a.metadata.items()))]
+    if plan is not None:
+        lines += ["", *format_plan_sizes(a, plan)]
     return "\n".join(lines)
 
 
+def format_plan_sizes(adapter: Any, plan: str) -> list[str]:
+    """Lines comparing a rank plan's adapter parameters with the uniform ranks' (the plan is checked first)."""
+    from .layer_ranks import resolve_layer_ranks
+    from .rank_plan import plan_parameters, read_plan
+
+    ranks = resolve_layer_ranks(sorted(adapter.layers), read_plan(plan), adapter.r_max)
+    n = plan_parameters(adapter, ranks)
+    lines = [f"  Rank plan {plan}: ranks {min(ranks.values())}…{max(ranks.values())}, {n:,} adapter parameters",
+             f"  {'rank':>6}  {'parameters':>12}"]
+    uniform = sorted(set(adapter.config.ranks) | {adapter.r_max})
+    for k in uniform:
+        lines.append(f"  {k:>6}  {plan_parameters(adapter, k):>12,}")
+    fits = [k for k in uniform if plan_parameters(adapter, k) <= n]
+    if fits:
+        lines.append(f"  the plan is the size of uniform rank {fits[-1]}" if plan_parameters(adapter, fits[-1]) == n
+                     else f"  the plan's size lies between uniform rank {fits[-1]} and the next rank")
+    return lines
+
+
 def run_info(args: argparse.Namespace) -> str:
-    return format_info(args.adapter)
+    return format_info(args.adapter, args.plan)
 
 
 def run_export(args: argparse.Namespace) -> str:
     from .export import export_peft
 
-    out = export_peft(args.adapter, args.out, rank=args.rank, overwrite=args.overwrite, fold_scale=args.fold_scale,
+    rank: Any = args.rank
+    if args.rank_pattern is not None:
+        from .rank_plan import read_plan
+
+        rank = read_plan(args.rank_pattern)
+    out = export_peft(args.adapter, args.out, rank=rank, overwrite=args.overwrite, fold_scale=args.fold_scale,
                       base=args.base, base_name=args.base_name)
-    what = "one PEFT adapter per train rank" if args.rank.strip().lower() == "all" else f"rank {args.rank}"
+    what = ("a rank per layer (rank_pattern)" if args.rank_pattern is not None else
+            "one PEFT adapter per train rank" if args.rank.strip().lower() == "all" else f"rank {args.rank}")
     return f"Wrote {what} to {out}"
+
+
+def add_allocate(sub: Any) -> None:
+    allocate = sub.add_parser("allocate", help="choose a rank per layer within a parameter budget",
+                              description="Measure the loss on FILE with each group of layers (by module type) cut "
+                                          "to each train rank, choose a rank per layer within the budget (greedy "
+                                          "by loss decrease per parameter, checked against the best uniform rank "
+                                          "that fits) and write the plan as JSON. `matlora export --rank-pattern "
+                                          "PLAN` exports it; `matlora info ADAPTER --plan PLAN` shows its size.")
+    allocate.add_argument("adapter", metavar="ADAPTER", help="a saved adapter directory")
+    allocate.add_argument("--base", metavar="MODEL", default=None,
+                          help="base model: a local directory or hub name (default: the base recorded in the adapter)")
+    allocate.add_argument("--data", required=True, metavar="FILE",
+                          help="JSON Lines rows ({\"text\"}, {\"question\", \"answer\"} or {\"prompt\", "
+                               "\"completion\"}) to measure the loss on")
+    allocate.add_argument("--budget", required=True, metavar="N|rank:K",
+                          help="adapter parameters (Σ k·(in + out) over the layers), or rank:K for the size of rank K "
+                               "everywhere")
+    allocate.add_argument("--out", required=True, metavar="PLAN", help="the plan file to write (JSON)")
+    allocate.add_argument("--group", choices=("type", "block", "layer"), default="type",
+                          help="layers sharing one rank (default: type, e.g. every q_proj)")
+    allocate.add_argument("--max-rows", type=int, default=64, metavar="N", help="rows of --data used (default 64)")
+    allocate.add_argument("--overwrite", action="store_true", help="replace PLAN if it exists")
+
+
+def run_allocate(args: argparse.Namespace) -> str:
+    from pathlib import Path
+
+    from .adapter_format import read_adapter
+    from .adapter_load import load_adapter
+    from .base_model import load_base, record_of
+    from .rank_allocation import allocate_ranks, budget_parameters
+    from .rank_plan import adapter_dims, plan_document, plan_parameters, write_plan
+    from .text_loss import encode_rows, load_tokenizer, loss_batches, read_rows
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"{out} exists: choose another --out, or pass --overwrite to replace it.")
+    if out.exists() and out.is_dir():
+        raise ValueError(f"{out} is a directory: --out names the plan file to write.")
+    if args.max_rows < 1:
+        raise ValueError(f"--max-rows must be ≥ 1, got {args.max_rows}.")
+    adapter = read_adapter(args.adapter)
+    budget = budget_parameters(args.budget, adapter_dims(adapter), adapter.r_max)  # before any model is loaded
+    base = args.base or adapter.base_model_name_or_path
+    if not base:
+        raise ValueError("The adapter does not record its base model: pass --base MODEL.")
+    rows = read_rows(args.data, args.max_rows)
+    tok = load_tokenizer(base)
+    batches = loss_batches(encode_rows(rows, tok), pad_id=tok.pad_token_id or 0)
+    model = load_adapter(load_base(base, record_of(adapter)), adapter).eval()
+    ranks = allocate_ranks(model, budget, batches, group=args.group)
+    n = plan_parameters(adapter, ranks)
+    write_plan(out, plan_document(ranks, adapter.r_max, n, budget=budget, metric="loss"))
+    return (f"Wrote a rank plan ({n:,} adapter parameters within a budget of {budget:,}; ranks "
+            f"{min(ranks.values())}…{max(ranks.values())}) to {out}")
 
 
 def run_merge(args: argparse.Namespace) -> str:
@@ -194,7 +287,7 @@ def run_nest(args: argparse.Namespace) -> str:
 #: subcommand → (adds its parser, runs it and returns what to print); a new subcommand is one more entry
 COMMANDS: dict[str, tuple[Callable[[Any], None], Callable[[argparse.Namespace], str]]] = {
     "info": (add_info, run_info), "export": (add_export, run_export), "merge": (add_merge, run_merge),
-    "nest": (add_nest, run_nest)}
+    "nest": (add_nest, run_nest), "allocate": (add_allocate, run_allocate)}
 
 
 def error_line(command: str, err: BaseException, path: str | None) -> str:

@@ -12,7 +12,7 @@ the submodule named by ``distill_module``; its output must be a tensor of logits
 dimension. Every position of that output counts (prompt and padding included: the module does not see labels).
 
 A :class:`Distiller` is a forward hook on that module, registered when the adapter is injected
-(:func:`attach_distiller`), and idle outside a paired step opened with :func:`distill_step`. Between the two passes
+(:func:`make_distiller`, held by the model state), and idle outside a paired step opened with :func:`distill_step`. Between the two passes
 it keeps the max pass's output (detached, float32 or wider): one more logits-sized tensor per step, released when
 the step ends.
 """
@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 if TYPE_CHECKING:
+    from .config import MatLoRAConfig
     from .rank import RankController
 
 def output_embedding(root: nn.Module) -> tuple[str, nn.Module] | None:
@@ -160,36 +161,34 @@ class Distiller:
         self._teachers, self._matched, self._kl_sum, self._positions = [], 0, None, 0
 
 
-def attach_distiller(root: nn.Module, controller: "RankController") -> Distiller | None:
-    """Register the distillation hook of ``controller``'s adapter on ``root`` (the module the adapter was injected
-    into) when its config has ``distill`` > 0; idempotent. Raises ``ValueError`` naming ``distill_module`` if the
-    module is not found. Returns the :class:`Distiller` (None when ``distill`` is 0)."""
+def make_distiller(root: nn.Module, controller: "RankController", current: Distiller | None = None
+                  ) -> Distiller | None:
+    """The distillation hook of ``controller``'s adapter on ``root`` (the module the adapter was injected into) when
+    its config has ``distill`` > 0, else None. ``current``: the hook registered before, kept when it is on the same
+    module and removed otherwise. Raises ``ValueError`` naming ``distill_module`` if the module is not found. The
+    model state (:class:`lightning_matlora.model_state.ModelState`) holds the result."""
     config = controller.config
-    current: Distiller | None = controller.distiller
     if not config.distill > 0:
-        return None
+        return current
     name, module = find_distill_module(root, config.distill_module)
     if current is not None:
         if current.module is module:
             return current
         current.remove()
-    distiller = Distiller(controller, name, module)
-    controller.distiller = distiller
-    return distiller
+    return Distiller(controller, name, module)
 
 
 @contextlib.contextmanager
-def distill_step(controller: "RankController") -> Iterator[Distiller | None]:
-    """Open a paired step on ``controller``'s :class:`Distiller` (yields None when the adapter does not distill)."""
-    distiller: Distiller | None = controller.distiller
-    if not controller.config.distill > 0:
+def distill_step(distiller: Distiller | None, config: "MatLoRAConfig") -> Iterator[Distiller | None]:
+    """Open a paired step on the model's :class:`Distiller` (yields None when ``config`` does not distill)."""
+    if not config.distill > 0:
         yield None
         return
     if distiller is None:
-        raise RuntimeError(f"distill={controller.config.distill!r} but no distillation hook is registered: the "
-                           f"adapter's layers were not injected by MatryoshkaLoRA(...).apply(model) or the callback, which "
-                           f"register it, or load_adapter() found no distill_module={controller.config.distill_module!r} "
-                           f"in the model it loaded into (a serving model needs none); to train on, resume the run's "
-                           f"checkpoint with the callback.")
+        raise RuntimeError(f"distill={config.distill!r} but no distillation hook is registered: the adapter's layers "
+                           f"were not injected by MatryoshkaLoRA(...).apply(model) or the callback, which register it, "
+                           f"or load_adapter() found no distill_module={config.distill_module!r} in the model it "
+                           f"loaded into (a serving model needs none); to train on, resume the run's checkpoint with "
+                           f"the callback.")
     with distiller.step():
         yield distiller

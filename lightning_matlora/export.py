@@ -17,6 +17,9 @@ import dataclasses
 import json
 import math
 import os
+import re
+from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Union
 
@@ -28,11 +31,13 @@ from .adapter_format import SavedAdapter, read_adapter
 from .adapter_load import uncovered_layers
 from .adapter_save import base_model_name, model_root, snapshot, transformers_types
 from .base_model import check_fits, load_base, locate_base, record_of
-from .adapted_model import controller_of
+from .adapted_model import model_state_of
 from .inject import adapted_layers
 from .layer import MatryoshkaLinear
+from .layer_ranks import layer_parameters, pattern_matches, resolve_layer_ranks
 from .output_dir import check_output_dir, write_output_dir
 from .quantized import is_quantized
+from .rank_plan import adapter_dims
 from .rank import RankController
 
 AdapterSource = Union[str, os.PathLike, nn.Module, SavedAdapter]
@@ -61,35 +66,56 @@ def _local(path: Any) -> str | os.PathLike | None:
 
 
 # --------------------------------------------------------------------------------------------------- PEFT
-def peft_rank_k(adapter: SavedAdapter, rank: int, fold_scale: bool = False
-                ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The PEFT ``adapter_config.json`` dict and ``adapter_model.safetensors`` tensors of rank ``rank``."""
-    cfg = adapter.config
-    k = check_rank(rank, cfg.r_max)
-    coef = RankController(cfg).rank_coefficients(k)  # the rank_scale rule's coefficients (float32, length k)
-    fold = fold_scale or cfg.rank_scale != "rank"
-    use_rslora = False
+def _peft_alpha(cfg, k: int, fold: bool) -> tuple[float, bool]:
+    """(lora_alpha, use_rslora) under which PEFT's scaling of a rank-k layer is the rule's coefficient: 1 when the
+    coefficients are folded into ``lora_B``, else s(k) (see the module docstring)."""
     if fold:
-        lora_alpha = float(k)  # PEFT scaling lora_alpha / r = 1; the coefficients live in lora_B
+        return float(k), False  # PEFT scaling lora_alpha / r = 1; the coefficients live in lora_B
+    if cfg.scaling == "sqrt":
+        lora_alpha, use_rslora = cfg.alpha, True
+    elif cfg.scaling == "rank":
+        lora_alpha, use_rslora = cfg.alpha, False
     else:
-        s = float(coef[0])
-        base = cfg.alpha
-        if cfg.scaling == "sqrt":
-            lora_alpha, use_rslora = base, True
-        elif cfg.scaling == "rank":
-            lora_alpha = base
-        else:
-            lora_alpha = base * k
-        peft_scaling = lora_alpha / (math.sqrt(k) if use_rslora else k)
-        if not math.isclose(peft_scaling, s, rel_tol=1e-6):  # pragma: no cover - guards the mapping above
-            raise AssertionError(f"PEFT scaling {peft_scaling} differs from s({k}) = {s}.")
-    if float(lora_alpha).is_integer():
-        lora_alpha = int(lora_alpha)  # servers that type lora_alpha as an int read 1, not 1.0
+        lora_alpha, use_rslora = cfg.alpha * k, False
+    s = float(RankController(cfg).rank_coefficients(k)[0])
+    peft_scaling = lora_alpha / (math.sqrt(k) if use_rslora else k)
+    if not math.isclose(peft_scaling, s, rel_tol=1e-6):  # pragma: no cover - guards the mapping above
+        raise AssertionError(f"PEFT scaling {peft_scaling} differs from s({k}) = {s}.")
+    return lora_alpha, use_rslora
+
+
+def _json_number(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else x  # servers that type lora_alpha as an int read 1, not 1.0
+
+
+def _peft_patterns(ranks: Mapping[str, int], default: Any, value) -> dict[str, Any]:
+    """PEFT ``rank_pattern``/``alpha_pattern`` entries: ``{"^name": value(k)}`` for each layer whose value differs
+    from ``default``. PEFT matches a key as ``re.match(rf"(.*\.)?({key})$", name)``, so ``^name`` names exactly one
+    layer; a name that another layer's key would also match is written regex-escaped."""
+    names = list(ranks)
+    keys = {n: "^" + n for n in names}
+    if any(pattern_matches(keys[a], b) for a in names for b in names if a != b):
+        keys = {n: "^" + re.escape(n) for n in names}
+    return {keys[n]: value(k) for n, k in ranks.items() if value(k) != default}
+
+
+def peft_layer_ranks(adapter: SavedAdapter, ranks: Mapping[str, int], fold_scale: bool = False
+                     ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The PEFT ``adapter_config.json`` dict and ``adapter_model.safetensors`` tensors of the adapter cut to a rank
+    per layer (``ranks``: every layer of ``adapter`` by name, each in 1…r_max). ``r`` is the most common rank; the
+    other layers' ranks go in ``rank_pattern`` and their ``lora_alpha`` in ``alpha_pattern`` when it differs."""
+    cfg = adapter.config
+    fold = fold_scale or cfg.rank_scale != "rank"
+    counts = Counter(ranks.values())
+    r = max(counts, key=lambda k: (counts[k], k))
+    lora_alpha, use_rslora = _peft_alpha(cfg, r, fold)
     tensors: dict[str, torch.Tensor] = {}
     for name in sorted(adapter.layers):
+        k = ranks[name]
         A, B = adapter.factors(name)
         A_k, B_k = A[:k].contiguous(), B[:, :k]
         if fold:
+            coef = RankController(cfg).rank_coefficients(k)  # the rank_scale rule's coefficients (length k)
             B_k = (B_k.float() * coef).to(B.dtype)
         tensors[f"base_model.model.{name}.lora_A.weight"] = A_k.clone()
         tensors[f"base_model.model.{name}.lora_B.weight"] = B_k.contiguous().clone()
@@ -99,8 +125,8 @@ def peft_rank_k(adapter: SavedAdapter, rank: int, fold_scale: bool = False
         "peft_type": "LORA",
         "task_type": adapter.task_type,
         "base_model_name_or_path": adapter.base_model_name_or_path,
-        "r": k,
-        "lora_alpha": lora_alpha,
+        "r": r,
+        "lora_alpha": _json_number(lora_alpha),
         "use_rslora": use_rslora,
         "lora_dropout": cfg.dropout,
         "target_modules": adapter.peft_target_modules or sorted({n.rsplit(".", 1)[-1] for n in adapter.layers}),
@@ -111,20 +137,41 @@ def peft_rank_k(adapter: SavedAdapter, rank: int, fold_scale: bool = False
         "inference_mode": True,
         "use_dora": False,
     }
+    if len(counts) > 1:
+        config["rank_pattern"] = _peft_patterns(ranks, r, lambda k: k)
+        config["alpha_pattern"] = _peft_patterns(ranks, config["lora_alpha"],
+                                                 lambda k: _json_number(_peft_alpha(cfg, k, fold)[0]))
     return config, tensors
 
 
-def _card(adapter: SavedAdapter, k: int) -> str:
+def peft_rank_k(adapter: SavedAdapter, rank: int, fold_scale: bool = False
+                ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The PEFT ``adapter_config.json`` dict and ``adapter_model.safetensors`` tensors of rank ``rank``."""
+    k = check_rank(rank, adapter.config.r_max)
+    return peft_layer_ranks(adapter, {n: k for n in adapter.layers}, fold_scale)
+
+
+def _card(adapter: SavedAdapter, rank: int | Mapping[str, int]) -> str:
     cfg = adapter.config
-    lines = [f"# Rank-{k} LoRA adapter (exported from a MatryoshkaLoRA nested adapter)", "",
+    if isinstance(rank, Mapping):
+        k = None
+        params = layer_parameters(adapter_dims(adapter), rank)
+        title = "Per-layer-rank LoRA adapter"
+        what = (f"- ranks per layer: {min(rank.values())}…{max(rank.values())} of r_max={cfg.r_max} over "
+                f"{len(rank)} layers, {params:,} adapter parameters (`rank_pattern` in adapter_config.json)")
+    else:
+        k = rank
+        title = f"Rank-{k} LoRA adapter"
+        what = f"- rank: {k} of r_max={cfg.r_max}"
+    lines = [f"# {title} (exported from a MatryoshkaLoRA nested adapter)", "",
              f"- base model: `{adapter.base_model_name_or_path or 'unknown'}`",
-             f"- rank: {k} of r_max={cfg.r_max} (train ranks {cfg.ranks}; rule `rank_scale={cfg.rank_scale}`, "
+             f"{what} (train ranks {cfg.ranks}; rule `rank_scale={cfg.rank_scale}`, "
              f"scaling `{cfg.scaling}`, alpha {cfg.alpha})"]
-    for curve in adapter.curves:
+    for curve in adapter.curves if k is not None else ():
         score = curve.score_at(k) if k in curve.ranks else None
         lines.append(f"- measured {curve.metric} at rank {k}: " + (f"{score:.4g}" if score is not None else "not measured")
                      + f" (AURAC of the full nested adapter: {curve.aurac():.4g})")
-    if not adapter.curves:
+    if k is not None and not adapter.curves:
         lines.append("- no measured rank curve was recorded with the adapter")
     lines += ["", "A standard PEFT LoRA adapter (`adapter_config.json` + `adapter_model.safetensors`):", "",
               "```python", "from peft import PeftModel",
@@ -132,15 +179,19 @@ def _card(adapter: SavedAdapter, k: int) -> str:
     return "\n".join(lines)
 
 
-def _write_peft(adapter: SavedAdapter, out: Path, k: int, fold_scale: bool) -> None:
-    config, tensors = peft_rank_k(adapter, k, fold_scale)
+def _write_peft(adapter: SavedAdapter, out: Path, rank: int | Mapping[str, int], fold_scale: bool) -> None:
+    if isinstance(rank, Mapping):
+        config, tensors = peft_layer_ranks(adapter, rank, fold_scale)
+    else:
+        config, tensors = peft_rank_k(adapter, rank, fold_scale)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (out / "README.md").write_text(_card(adapter, k))
+    (out / "README.md").write_text(_card(adapter, rank))
 
 
-def export_peft(adapter: AdapterSource, out_dir: str | os.PathLike, rank: int | str, *, overwrite: bool = False,
+def export_peft(adapter: AdapterSource, out_dir: str | os.PathLike, rank: int | str | Mapping[str, int], *,
+                overwrite: bool = False,
                 fold_scale: bool = False, base: nn.Module | str | os.PathLike | None = None,
                 base_name: str | None = None) -> Path:
     """Write rank ``rank`` of a nested adapter as a standard PEFT LoRA adapter in ``out_dir``.
@@ -150,7 +201,10 @@ def export_peft(adapter: AdapterSource, out_dir: str | os.PathLike, rank: int | 
             No base model is needed.
         out_dir: the output directory (``adapter_config.json``, ``adapter_model.safetensors``, ``README.md``).
         rank: k in 1…r_max, or ``"all"``: one adapter per train rank in ``out_dir/rank_<k>/``, each with a README
-            card stating the measured score at that rank when the adapter stores a rank curve.
+            card stating the measured score at that rank when the adapter stores a rank curve; or a rank per layer,
+            ``{layer name or pattern: k}`` as :func:`~lightning_matlora.set_rank` takes it (e.g. the plan of
+            :func:`~lightning_matlora.allocate_ranks`): one adapter whose ``adapter_config.json`` holds ``r`` (the
+            most common rank) plus PEFT's ``rank_pattern`` and ``alpha_pattern`` for the other layers.
         overwrite: replace an existing ``out_dir`` that this library wrote (an export, a merged model or an
             adapter); any other directory is refused, and so is ``out_dir`` being or containing the source adapter
             or ``base``.
@@ -162,7 +216,8 @@ def export_peft(adapter: AdapterSource, out_dir: str | os.PathLike, rank: int | 
             used); default ``base`` when it is a directory or name, else the one the nested adapter recorded, i.e.
             what its base was loaded from, as given.
 
-    Load with ``peft.PeftModel.from_pretrained(base, out_dir)``; the logits equal the nested model at rank k.
+    Load with ``peft.PeftModel.from_pretrained(base, out_dir)``; the logits equal the nested model at rank k (at
+    the same per-layer ranks, for a mapping).
 
     Example:
         >>> import json, tempfile
@@ -188,7 +243,12 @@ def export_peft(adapter: AdapterSource, out_dir: str | os.PathLike, rank: int | 
         saved = dataclasses.replace(saved, base_model_name_or_path=os.fspath(base))
     if base_name is not None:
         saved = dataclasses.replace(saved, base_model_name_or_path=base_name.strip())
-    if isinstance(rank, str) and rank.strip().lower() == "all":
+    if isinstance(rank, Mapping):
+        ranks = resolve_layer_ranks(sorted(saved.layers), rank, saved.r_max)
+
+        def write(tmp: Path) -> None:
+            _write_peft(saved, tmp, ranks, fold_scale)
+    elif isinstance(rank, str) and rank.strip().lower() == "all":
         ranks = list(saved.config.ranks)
 
         def write(tmp: Path) -> None:
@@ -347,7 +407,7 @@ def _merge_adapted(model: nn.Module, out: Path, rank: int, overwrite: bool) -> P
     protected = {"the base model": _local(base_model_name(root))}
     check_output_dir(out, overwrite, protected)
     k = check_rank(rank, next(iter(layers.values())).r_max)
-    controller_of(model).check_unmerged("merge_to_base")
+    model_state_of(model).check_unmerged("merge_to_base")
     root_layers = adapted_layers(root)
     with torch.no_grad():
         weights = {name: _merged_weight(layer, k) for name, layer in root_layers.items()}

@@ -10,9 +10,10 @@ from collections.abc import Sequence
 from torch import nn
 
 from .config import DTYPES, MatLoRAConfig
-from .distill import attach_distiller, find_distill_module
+from .distill import find_distill_module
 from .layer import MatryoshkaLinear, is_supported
-from .rank import CONTROLLER_ATTR, RankController
+from .model_state import STATE_ATTR, ModelState
+from .rank import RankController
 
 
 def _matches(name: str, spec: str | Sequence[str] | None) -> bool:
@@ -125,11 +126,12 @@ def init_seed(seed: int, name: str) -> int:
 
 def inject(model: nn.Module, config: MatLoRAConfig, controller: RankController, distill_required: bool = True) -> list[str]:
     """Replace every selected layer of ``model`` by a ``MatryoshkaLinear`` sharing ``controller`` and attach the
-    controller to ``model`` (it then knows every adapted layer and ``modules_to_save`` module of ``model``).
+    model state (:class:`~lightning_matlora.model_state.ModelState`, holding ``controller``) to ``model``: it then
+    knows every adapted layer and ``modules_to_save`` module of ``model``.
 
     The factors of layer ``name`` are initialised from :func:`init_seed` (``config.seed``, ``name``). Warns once,
     naming them, about layers narrower than ``r_max``. With ``config.distill`` > 0 it registers the distillation hook
-    on the distilled module (:func:`~lightning_matlora.distill.attach_distiller`; raises, naming ``distill_module``,
+    on the distilled module (:meth:`ModelState.enable_distillation`; raises, naming ``distill_module``,
     if there is none). Returns the names of the newly adapted layers (may be empty: the caller decides whether that
     is an error). Raises if ``model`` already holds adapters of a different controller. ``distill_required=False``
     (loading an adapter for serving): a missing distilled module leaves the hook off instead of raising, since
@@ -161,9 +163,9 @@ def inject(model: nn.Module, config: MatLoRAConfig, controller: RankController, 
     layers = adapted_layers(model)
     _warn_narrow(config.r_max, {n: layers[n] for n in names})
     saved = {n: model.get_submodule(n) for n in _saved_prefixes(model, config)}
-    controller.attach(model, layers, saved)
+    state = ModelState.attach(model, controller, layers, saved)
     if layers and distill:
-        attach_distiller(model, controller)
+        state.enable_distillation(model)
     return names
 
 
@@ -185,12 +187,12 @@ def _saved_prefixes(model: nn.Module, config: MatLoRAConfig) -> list[str]:
 
 def freeze_base(model: nn.Module, config: MatLoRAConfig | None = None) -> None:
     """Freeze every parameter of ``model`` except the tensors its adapter owns (the factors and the parameters of
-    ``modules_to_save``, as :meth:`RankController.owned_tensors` lists them). ``model`` is a module ``inject`` adapted;
-    ``config`` is not needed (the model's controller knows what it owns) and is accepted for callers that pass it."""
-    ctrl = getattr(model, CONTROLLER_ATTR, None)
-    if not isinstance(ctrl, RankController):
+    ``modules_to_save``, as :meth:`ModelState.owned_tensors` lists them). ``model`` is a module ``inject`` adapted;
+    ``config`` is not needed (the model's state knows what it owns) and is accepted for callers that pass it."""
+    state = getattr(model, STATE_ATTR, None)
+    if not isinstance(state, ModelState):
         raise RuntimeError("freeze_base(model) needs a model adapted by inject(model, ...), which attaches the "
-                           "adapter's controller to it.")
-    keep = {id(t) for _, t in ctrl.owned_tensors(model)}
+                           "adapter's model state to it.")
+    keep = {id(t) for _, t in state.owned_tensors(model)}
     for param in model.parameters():
         param.requires_grad_(id(param) in keep)

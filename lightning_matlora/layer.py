@@ -158,7 +158,7 @@ class MatryoshkaLinear(nn.Module):
         if self.merged_rank is not None:
             return result
         A, B = self.lora_A, self.lora_B
-        plan = self.controller.plan(x.shape[0], x.device, A.dtype, self.training)
+        plan = self.controller.plan(x.shape[0], x.device, A.dtype, self.training, layer=self)
         k = plan.k
         if k != A.shape[0]:
             A, B = A[:k], B[:, :k]

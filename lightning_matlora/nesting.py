@@ -29,7 +29,7 @@ from torch import nn
 
 from .config import MatLoRAConfig
 from .inject import adapted_layers
-from .adapted_model import controller_of
+from .adapted_model import controller_of, model_state_of
 from .scaling import default_ranks
 
 #: singular values at or below this fraction of a layer's largest are treated as zero (padding components)
@@ -211,7 +211,7 @@ def nest_by_svd(model: nn.Module) -> NestReport:
     """
     ctrl = controller_of(model)
     layers = adapted_layers(model)
-    ctrl.check_unmerged("nesting its adapter")
+    model_state_of(model).check_unmerged("nesting its adapter")
     R = ctrl.r_max
     partial = sorted(n for n, m in layers.items() if tuple(m.lora_A.shape) != (R, m.in_features))
     if partial:

@@ -1,11 +1,11 @@
-"""The controller of an adapted model: which prefix of the adapter a forward uses, with which coefficients (the
-one home of rank slicing), and the model-wide adapter state (its layers, its merged rank, the tensors it owns).
+"""The rank state of an adapted model: which prefix of the adapter a forward uses, with which coefficients (the
+one home of rank slicing).
 
-Every adapted layer of a model shares one :class:`RankController`, attached to the model when the layers are
-injected. The controller holds the active rank setting and turns it into a :class:`RankPlan` — how many leading
-components k to use and the coefficients that multiply x·A[:, :k] before B — so that layers never compute a scale
-themselves. It also knows its layers by name, so that setting, merging and saving act on the model without
-searching its module tree.
+Every adapted layer of a model shares one :class:`RankController`. The controller holds the active rank setting
+and turns it into a :class:`RankPlan` — how many leading components k to use and the coefficients that multiply
+x·A[:, :k] before B — so that layers never compute a scale themselves. It knows nothing of the model: its layers,
+merged weights and owned tensors are the model state (:class:`lightning_matlora.model_state.ModelState`), which
+holds the controller. Calls run one way: model state → layers → controller.
 
 Rank settings (see :func:`lightning_matlora.set_rank`):
 
@@ -15,6 +15,8 @@ Rank settings (see :func:`lightning_matlora.set_rank`):
   ``"rank"`` rule at r_max), ``"low"`` deals the train ranks below r_max over the rows.
 - an ``int`` k in 1…r_max: inference at rank k under the configured ``rank_scale`` rule.
 - a 1-D integer tensor: one rank per row of the batch (rows are the first dimension of the layer input).
+- a :class:`LayerRanks`: one int rank per adapted layer (built by the model state from a ``{name or pattern: k}``
+  mapping, see :func:`lightning_matlora.set_rank`).
 
 Coefficients are computed in float64 and cast once per (device, dtype) by :meth:`RankController.plan`.
 """
@@ -24,8 +26,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import warnings
-from collections.abc import Iterator
-from typing import Any, Union
+from collections.abc import Iterator, Mapping
+from typing import Union
 
 import torch
 from torch import nn
@@ -33,12 +35,47 @@ from torch import nn
 from .config import MatLoRAConfig
 from .scaling import scale_of_rank
 
-#: The attribute of an adapted model that holds its controller (a plain attribute, not a submodule).
-CONTROLLER_ATTR = "_matlora_controller"
-
 _DRAWN_MODES = ("dylora", "rowwise")  # modes whose training forward depends on a per-step draw
 
-RankSetting = Union[None, int, torch.Tensor]
+
+class LayerRanks(Mapping):
+    """A rank per adapted layer: a read-only mapping ``layer name → k`` covering every adapted layer of a model,
+    plus the same ranks by layer object (what a layer's forward asks with). Built by
+    :meth:`lightning_matlora.model_state.ModelState.layer_ranks` from a ``{name or pattern: k}`` mapping; equal to a
+    plain dict with the same items.
+    """
+
+    def __init__(self, by_name: Mapping[str, int], layers: Mapping[str, nn.Module]) -> None:
+        self._by_name = {n: int(k) for n, k in by_name.items()}
+        self._by_id = {id(layers[n]): k for n, k in self._by_name.items()}
+
+    def __getitem__(self, name: str) -> int:
+        return self._by_name[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._by_name)
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    def of(self, layer: nn.Module) -> int:
+        """The rank of ``layer`` (one of the layers this mapping was built for)."""
+        return self._by_id[id(layer)]
+
+    def covers(self, layers: Mapping[str, nn.Module]) -> bool:
+        """True when this mapping was built for exactly ``layers`` (the same names and layer objects)."""
+        return set(self._by_name) == set(layers) and all(id(m) in self._by_id for m in layers.values())
+
+    def uniform(self) -> int | None:
+        """The rank when every layer has the same one, else None."""
+        ranks = set(self._by_name.values())
+        return next(iter(ranks)) if len(ranks) == 1 else None
+
+    def __repr__(self) -> str:
+        return f"LayerRanks({self._by_name!r})"
+
+
+RankSetting = Union[None, int, torch.Tensor, LayerRanks]
 
 #: the passes of a ``max_pass`` training step (``None``: no pass active)
 PASSES = ("max", "low")
@@ -57,12 +94,10 @@ class RankPlan:
 
 
 class RankController:
-    """The shared state of one adapted model (not an ``nn.Module``; holds no parameters of its own).
+    """The rank state of one adapted model (not an ``nn.Module``; holds no parameters and no layers).
 
-    Rank state: the active setting, the per-step draws of ``"dylora"``/``"rowwise"`` and the plan cache. Model
-    state: :attr:`layers` (adapted layers by name, relative to the module they were injected into), the
-    ``modules_to_save`` modules, :attr:`merged_rank` and :meth:`owned_tensors`. Obtain a model's controller with
-    :func:`lightning_matlora.adapted_model.controller_of`.
+    It holds the active setting, the pass of a paired step, the per-step draws of ``"dylora"``/``"rowwise"`` and
+    the plan cache. Obtain a model's controller with :func:`lightning_matlora.adapted_model.controller_of`.
 
     >>> from torch import nn
     >>> from lightning_matlora import MatryoshkaLoRA
@@ -70,10 +105,8 @@ class RankController:
     >>> model = nn.Sequential(nn.Linear(8, 8))
     >>> _ = MatryoshkaLoRA(r_max=4, verbose=False).apply(model)
     >>> ctrl = controller_of(model)
-    >>> list(ctrl.layers), ctrl.merged_rank
-    (['0'], None)
-    >>> [name for name, _ in ctrl.owned_tensors(model)]
-    ['0.lora_A', '0.lora_B']
+    >>> ctrl.r_max, ctrl.setting is None
+    (4, True)
     """
 
     def __init__(self, config: MatLoRAConfig) -> None:
@@ -93,12 +126,6 @@ class RankController:
         self._explicit_steps = False
         self._auto_step = 0
         self._warned_undrawn = False
-        # the adapted model
-        self.layers: dict[str, nn.Module] = {}  # name → MatryoshkaLinear
-        self.saved_modules: dict[str, nn.Module] = {}
-        # distill > 0: the lightning_matlora.distill.Distiller hooked on the distilled module (set by
-        # lightning_matlora.distill.attach_distiller when the adapter is injected), else None
-        self.distiller: Any = None  # a Distiller (distill.py sits above this module)
 
     # ----------------------------------------------------------------------------------------------- settings
     @property
@@ -110,8 +137,12 @@ class RankController:
         return self._setting
 
     def set(self, rank: RankSetting) -> None:
-        """Activate a rank setting (validated: ints and tensor entries must lie in 1…r_max)."""
-        if rank is not None:
+        """Activate a rank setting (validated: ints, tensor entries and per-layer ranks must lie in 1…r_max)."""
+        if isinstance(rank, LayerRanks):
+            bad = {n: k for n, k in rank.items() if not 1 <= k <= self.r_max}
+            if bad:
+                raise ValueError(f"Per-layer ranks must lie in 1…r_max={self.r_max}, got {bad}.")
+        elif rank is not None:
             if isinstance(rank, torch.Tensor) and rank.dim() == 0 and not rank.dtype.is_floating_point:
                 rank = int(rank)  # a 0-d integer tensor is one rank for the whole batch
             elif not isinstance(rank, (torch.Tensor, bool)) and hasattr(rank, "__index__"):
@@ -211,7 +242,7 @@ class RankController:
             return
         self._cache.clear()
 
-    def _auto_draw(self, module: nn.Module, args: tuple) -> None:
+    def auto_draw_hook(self, module: nn.Module, args: tuple) -> None:
         """Forward pre-hook of the adapted model: in a loop that never calls ``begin_step``, each training-mode
         forward of the training setting draws step 0, 1, 2, … (the draws ``begin_step(model, step)`` makes). The max
         pass of a ``max_pass`` step draws nothing (it needs no draw), so a paired step advances the draws once."""
@@ -281,10 +312,22 @@ class RankController:
         return ranks[index]
 
     # -------------------------------------------------------------------------------------------------- plan
-    def plan(self, rows: int, device: torch.device, dtype: torch.dtype, training: bool = False) -> RankPlan:
+    def plan(self, rows: int, device: torch.device, dtype: torch.dtype, training: bool = False,
+             layer: nn.Module | None = None) -> RankPlan:
         """The plan for a forward whose input has ``rows`` rows, computed once per setting, device and dtype
         (the float64 coefficients are cast to ``dtype`` here, once). ``training``: the calling layer is in training
-        mode (a training forward of ``"dylora"``/``"rowwise"`` before any draw warns once)."""
+        mode (a training forward of ``"dylora"``/``"rowwise"`` before any draw warns once). ``layer``: the calling
+        layer, which a per-layer setting (:class:`LayerRanks`) needs."""
+        if isinstance(self._setting, LayerRanks):
+            if layer is None:
+                raise ValueError("A per-layer rank setting needs the calling layer: pass layer=self to plan().")
+            k = self._setting.of(layer)
+            key: tuple = ("layer", k, device, dtype)
+            plan = self._cache.get(key)
+            if plan is None:
+                plan = RankPlan(k=k, coef=self.rank_coefficients(k).to(device=device, dtype=dtype))
+                self._cache[key] = plan
+            return plan
         key = (rows, device, dtype)
         plan = self._cache.get(key)
         if plan is None:
@@ -344,86 +387,3 @@ class RankController:
                       f"lightning_matlora.begin_step(model, step) before each training step, or call the model the "
                       f"adapter was applied to in training mode (its forward draws the next step by itself); the "
                       f"MatryoshkaLoRA callback does this in a Trainer.", UserWarning, stacklevel=5)
-
-    # ------------------------------------------------------------------------------------ the adapted model
-    def attach(self, root: nn.Module, layers: dict[str, nn.Module],
-               saved_modules: dict[str, nn.Module] | None = None) -> None:
-        """Make this the controller of ``root``: record its adapted layers and ``modules_to_save`` (by name,
-        relative to ``root``), store itself on ``root`` (so :func:`~lightning_matlora.adapted_model.controller_of` is a
-        lookup) and let ``root``'s training forwards draw steps when ``begin_step`` is never called."""
-        self.layers = dict(layers)
-        self.saved_modules = dict(saved_modules or {})
-        if getattr(root, CONTROLLER_ATTR, None) is not self:
-            object.__setattr__(root, CONTROLLER_ATTR, self)
-            root.register_forward_pre_hook(self._auto_draw)
-
-    @property
-    def merged_rank(self) -> int | None:
-        """The rank merged into the base weights, or ``None`` if no layer is merged."""
-        return next((m.merged_rank for m in self.layers.values() if m.merged_rank is not None), None)
-
-    def check_unmerged(self, action: str) -> None:
-        """Raise a ``RuntimeError`` naming the fix if the model is merged (``action``: what needs it unmerged)."""
-        k = self.merged_rank
-        if k is not None:
-            raise RuntimeError(f"The model is merged at rank {k}: call unmerge(model) before {action}.")
-
-    def check_merge(self, rank: int) -> None:
-        """Raise unless ``rank`` is an int in 1…r_max and the model is not merged yet."""
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= self.r_max:
-            raise ValueError(f"merge needs an int rank in 1…r_max={self.r_max}, got {rank!r}.")
-        k = self.merged_rank
-        if k is not None:
-            raise RuntimeError(f"The model is already merged at rank {k}: call unmerge(model) first.")
-
-    def merge(self, rank: int) -> None:
-        """Fold rank ``rank`` into every adapted layer's base weight (see :func:`lightning_matlora.merge`)."""
-        self.check_merge(rank)
-        for layer in self.layers.values():
-            layer.merge(rank)
-
-    def unmerge(self) -> None:
-        """Undo :meth:`merge` on every adapted layer (a no-op on layers that are not merged). A merged layer whose
-        base is quantized refuses (its merge re-quantized the weights); that is checked before any layer changes."""
-        for layer in self.layers.values():
-            if layer.merged_rank is not None and layer.quantized:
-                layer.unmerge()  # raises, naming the fix
-        for layer in self.layers.values():
-            layer.unmerge()
-
-    def owned_tensors(self, module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, tensor) of every tensor the adapter owns inside ``module``: ``lora_A``/``lora_B`` of each adapted
-        layer, every parameter and persistent buffer of the ``modules_to_save`` modules.
-
-        Names are the keys ``module.state_dict()`` gives those tensors (wrapper components included). A weight
-        tied between an owned module and another one (GPT-2's ``lm_head.weight`` is ``wte.weight``) is listed
-        under the owned module's name; the other name is not the adapter's. Walks the module tree once and never
-        calls ``state_dict`` (whose hooks would gather a sharded model).
-        """
-        layer_ids = {id(m) for m in self.layers.values()}
-        saved_ids = {id(m) for m in self.saved_modules.values()}
-        seen: set[str] = set()
-        for name, m in module.named_modules(remove_duplicate=False):
-            if id(m) in layer_ids:
-                items: Iterator[tuple[str, torch.Tensor]] = iter((("lora_A", m.lora_A), ("lora_B", m.lora_B)))
-            elif id(m) in saved_ids:
-                items = _state_tensors(m)
-            else:
-                continue
-            prefix = f"{name}." if name else ""
-            for key, t in items:
-                if prefix + key not in seen:
-                    seen.add(prefix + key)
-                    yield prefix + key, t
-
-
-def _state_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """The tensors ``module.state_dict()`` holds (parameters and persistent buffers), by key, without calling it."""
-    for name, m in module.named_modules(remove_duplicate=False):
-        prefix = f"{name}." if name else ""
-        for key, t in m._parameters.items():
-            if t is not None:
-                yield prefix + key, t
-        for key, t in m._buffers.items():
-            if t is not None and key not in m._non_persistent_buffers_set:
-                yield prefix + key, t

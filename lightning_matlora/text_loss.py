@@ -134,6 +134,17 @@ def rank_losses(model: nn.Module, encoded: Sequence[tuple[list[int], list[int]]]
     return out
 
 
+def loss_batches(encoded: Sequence[tuple[list[int], list[int]]], batch_size: int = 8, pad_id: int = 0
+                 ) -> list[dict[str, torch.Tensor]]:
+    """``encoded`` rows as transformers batches (``input_ids``, ``attention_mask``, ``labels``; right-padded), for
+    which a causal LM returns its mean loss over the target tokens."""
+    out = []
+    for i in range(0, len(encoded), batch_size):
+        ids, labels, mask = _batch(encoded[i:i + batch_size], pad_id)
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return out
+
+
 def _batch(chunk: Sequence[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, ...]:
     """(ids, labels, attention mask), each ``len(chunk) × longest``, right-padded."""
     width = max(len(ids) for ids, _ in chunk)

@@ -77,6 +77,17 @@ def test_encode_study_runs_summarises_and_plots(tmp_path):
 
 
 @pytest.mark.slow
+def test_rank_allocation_study_runs_and_summarises(tmp_path):
+    runs = tmp_path / "runs.jsonl"
+    _run(["recipes/rank_allocation_study.py", "run", "--epochs", "0.01", "--num-generate", "2", "--out", str(runs)])
+    recs = [json.loads(line) for line in runs.read_text().splitlines()]
+    assert [r["budget_rank"] for r in recs] == [1, 2, 4, 8]
+    assert all(r["plan_parameters"] <= r["budget"] for r in recs)
+    table = _run(["recipes/rank_allocation_study.py", "summary", "--out", str(runs)])
+    assert "| rank 1 |" in table and "| rank 8 |" in table
+
+
+@pytest.mark.slow
 def test_gradient_share_traces_a_paired_run(tmp_path):
     out = tmp_path / "share.md"
     _run(["recipes/gradient_share.py", "--epochs", "0.02", "--every", "1", "--out", str(out)])

@@ -1,5 +1,6 @@
-"""The adapted model's one handle (its RankController): layers, merged rank, owned tensors; per-step draws in a
-hand-written loop; the seeded initialisation; the inference rule a training mode trained."""
+"""The adapted model's handles: its model state (layers, merged rank, owned tensors) holding its RankController
+(the rank state); per-step draws in a hand-written loop; the seeded initialisation; the inference rule a training
+mode trained."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from torch import nn
 from conftest import tiny_gpt2, tiny_llama
 from lightning_matlora import (MatryoshkaLoRA, adapted_layers, at_rank, begin_step, get_rank, load_adapter, merge,
                                save_adapter, set_rank, set_rank_scale, unmerge)
-from lightning_matlora.adapted_model import controller_of
-from lightning_matlora.rank import CONTROLLER_ATTR, RankController
+from lightning_matlora.adapted_model import controller_of, model_state_of
+from lightning_matlora.model_state import STATE_ATTR, ModelState
+from lightning_matlora.rank import RankController
 
 
 def _ids(seed=0, shape=(4, 7)):
@@ -25,17 +27,20 @@ def test_controller_is_attached_once_and_knows_layers_and_saved_modules():
     model = tiny_llama()
     cb = MatryoshkaLoRA(r_max=4, modules_to_save=["lm_head"], verbose=False)
     cb.apply(model)
-    ctrl = getattr(model, CONTROLLER_ATTR)
-    assert ctrl is cb.controller is controller_of(model)
+    state = getattr(model, STATE_ATTR)
+    assert state is model_state_of(model) and state.controller is cb.controller is controller_of(model)
     scanned = adapted_layers(model)
-    assert list(ctrl.layers) == list(scanned) and all(ctrl.layers[n] is m for n, m in scanned.items())
-    assert list(ctrl.saved_modules) == ["lm_head"] and ctrl.saved_modules["lm_head"] is model.lm_head
+    assert list(state.layers) == list(scanned) and all(state.layers[n] is m for n, m in scanned.items())
+    assert list(state.saved_modules) == ["lm_head"] and state.saved_modules["lm_head"] is model.lm_head
     # owned tensors: exactly the trainable parameters, under their state_dict keys
-    owned = dict(ctrl.owned_tensors(model))
+    owned = dict(state.owned_tensors(model))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert set(owned) == trainable and set(owned) <= set(model.state_dict())
     # the controller is not a submodule: the model's state and parameters are unchanged by attaching it
-    assert not any(isinstance(m, RankController) for m in model.modules())
+    assert not any(isinstance(m, (RankController, ModelState)) for m in model.modules())
+    # the rank state knows no layer and no model: calls run model state → layers → controller
+    assert not any(isinstance(v, (nn.Module, ModelState, dict)) and v for k, v in vars(cb.controller).items()
+                   if k not in ("_cache",))
 
 
 class _CountsScans(nn.Sequential):
@@ -71,12 +76,12 @@ def test_an_enclosing_module_finds_the_same_controller_and_merges_every_layer():
     outer = nn.ModuleDict({"lm": inner})
     assert controller_of(outer) is controller_of(inner)
     merge(outer, 2)
-    assert controller_of(inner).merged_rank == 2
+    assert model_state_of(inner).merged_rank == 2 and model_state_of(outer) is model_state_of(inner)
     assert all(m.merged_rank == 2 for m in adapted_layers(inner).values())
     with pytest.raises(RuntimeError, match=r"merged at rank 2: call unmerge\(model\)"):
         set_rank(inner, 3)
     unmerge(inner)
-    assert controller_of(outer).merged_rank is None
+    assert model_state_of(outer).merged_rank is None
 
 
 def test_a_callback_applied_to_a_second_model_gives_it_its_own_controller():
@@ -88,7 +93,7 @@ def test_a_callback_applied_to_a_second_model_gives_it_its_own_controller():
     set_rank(a, 2)
     assert get_rank(b) is None
     merge(a, 3)
-    assert controller_of(b).merged_rank is None and all(m.merged_rank is None for m in adapted_layers(b).values())
+    assert model_state_of(b).merged_rank is None and all(m.merged_rank is None for m in adapted_layers(b).values())
     unmerge(a)
 
 
@@ -97,8 +102,8 @@ def test_models_adapted_by_hand_are_found_by_a_scan_and_attached():
 
     ctrl = RankController(MatLoRAConfig(r_max=3, mode="matryoshka"))
     model = nn.Sequential(MatryoshkaLinear(nn.Linear(5, 5), ctrl), nn.Tanh(), MatryoshkaLinear(nn.Linear(5, 2), ctrl))
-    assert controller_of(model) is ctrl and list(ctrl.layers) == ["0", "2"]
-    assert getattr(model, CONTROLLER_ATTR) is ctrl
+    assert controller_of(model) is ctrl and list(model_state_of(model).layers) == ["0", "2"]
+    assert getattr(model, STATE_ATTR) is model_state_of(model) and model_state_of(model).controller is ctrl
     with at_rank(model, 1):
         assert model(torch.ones(2, 5)).shape == (2, 2)
 

@@ -15,7 +15,8 @@ from conftest import tiny_gpt2, tiny_llama
 from lit_helpers import CausalLM, token_loader, trainer
 from lightning_matlora import (MatLoRAConfig, MatryoshkaLoRA, adapted_layers, at_rank, begin_step, load_adapter,
                                paired_loss, read_adapter, save_adapter)
-from lightning_matlora.adapted_model import controller_of
+from lightning_matlora.adapted_model import controller_of, model_state_of
+from lightning_matlora.model_state import ModelState
 from lightning_matlora.summary import format_summary
 
 R, D_IN, D_HID, C, ROWS, T = 8, 9, 10, 8, 7, 3  # train ranks 1, 2, 4, 8; the low pass deals 1, 2, 4 over 7 rows
@@ -108,7 +109,7 @@ def _assert_grads(grads: dict, ref: dict) -> None:
 def test_paired_loss_gradients_equal_the_dense_float64_reference(w):
     model = _tiny()
     cb = _adapt(model, distill=w)
-    assert cb.controller.distiller.name == "head"
+    assert ModelState.of_controller(cb.controller).distiller.name == "head"
     x, y = _data()
     begin_step(model, 4)
     low_rows = _low_rows(cb)
@@ -146,7 +147,7 @@ def test_distill_zero_gives_exactly_the_max_pass_step():
     for kw in ({}, {"distill": 0.0}, {"distill": 0, "distill_module": "head"}):
         model = _tiny()
         cb = _adapt(model, **kw)
-        assert cb.controller.distiller is None
+        assert ModelState.of_controller(cb.controller).distiller is None
         begin_step(model, 3)
         loss = paired_loss(model, lambda: _ce(model(x), y))
         loss.backward()
@@ -160,7 +161,7 @@ def test_distill_zero_gives_exactly_the_max_pass_step():
 def test_the_teacher_is_kept_in_float32_or_wider_and_released_after_each_step():
     model = _tiny(dtype=torch.bfloat16)
     cb = _adapt(model, distill=1.0)
-    distiller = cb.controller.distiller
+    distiller = ModelState.of_controller(cb.controller).distiller
     x, y = _data()
     seen = []
 
@@ -204,7 +205,7 @@ def test_a_distilled_module_missing_from_the_low_pass_or_changing_shape_is_an_er
     with pytest.raises(RuntimeError, match="did not run in the max pass"):
         paired_loss(model, lambda: model.body(x).sum())
     assert cb.controller.active_pass is None
-    assert cb.controller.distiller._teachers == []  # released after a failed step too
+    assert ModelState.of_controller(cb.controller).distiller._teachers == []  # released after a failed step too
     # and the next step works
     paired_loss(model, lambda: _ce(model(x), y)).backward()
 
@@ -246,14 +247,14 @@ def test_a_missing_distill_module_is_refused_at_apply_before_the_model_changes()
 def test_the_automatic_module_is_the_output_embedding_of_a_transformers_model():
     llama = tiny_llama()
     MatryoshkaLoRA(r_max=4, max_pass=True, distill=1.0, verbose=False).apply(llama)
-    assert controller_of(llama).distiller.name == "lm_head"
-    assert controller_of(llama).distiller.module is llama.lm_head
+    assert model_state_of(llama).distiller.name == "lm_head"
+    assert model_state_of(llama).distiller.module is llama.lm_head
     gpt2 = tiny_gpt2()  # tied output embedding
     MatryoshkaLoRA(r_max=4, max_pass=True, distill=1.0, verbose=False).apply(gpt2)
-    assert controller_of(gpt2).distiller.name == "lm_head"
+    assert model_state_of(gpt2).distiller.name == "lm_head"
     wrapped = CausalLM(tiny_llama())  # a LightningModule holding the model
     MatryoshkaLoRA(r_max=4, max_pass=True, distill=1.0, verbose=False).apply(wrapped)
-    assert controller_of(wrapped).distiller.name == "model.lm_head"
+    assert model_state_of(wrapped).distiller.name == "model.lm_head"
 
 
 def test_paired_loss_on_a_transformers_model_adds_the_kl_of_its_logits():
@@ -318,7 +319,7 @@ def test_a_trainer_fit_with_distill_logs_the_kl_and_optimises_the_sum():
         assert out == pytest.approx((l_max + l_low + 1.5 * kl) / 2, abs=1e-6)  # transformers' loss is float32
     assert module.expected[0][0] == 0.0  # B = 0 at the start: both passes are the base model
     assert module.expected[-1][0] > 1e-6  # the passes differ once B trained
-    assert cb.controller.distiller._teachers == []
+    assert ModelState.of_controller(cb.controller).distiller._teachers == []
 
 
 # --------------------------------------------------------------------------------------- config and files
@@ -337,8 +338,8 @@ def test_distill_round_trips_through_config_and_adapter_files(tmp_path):
     saved = read_adapter(path)
     assert saved.config.distill == 0.3 and saved.config.distill_module == "head"
     fresh = load_adapter(_tiny(), path)
-    ctrl = controller_of(fresh)
-    assert ctrl.config.distill == 0.3 and ctrl.distiller is not None and ctrl.distiller.module is fresh.head
+    ctrl, state = controller_of(fresh), model_state_of(fresh)
+    assert ctrl.config.distill == 0.3 and state.distiller is not None and state.distiller.module is fresh.head
     x, _ = _data()
     with at_rank(model, 2), at_rank(fresh, 2):
         torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
@@ -407,7 +408,7 @@ def test_an_adapter_trained_with_distill_loads_for_serving_into_a_model_without_
     path = save_adapter(model, tmp_path / "a")
     fresh = load_adapter(_tiny(), path)  # the serving model has no "out": serving needs no distillation hook
     ctrl = controller_of(fresh)
-    assert ctrl.config.distill == 0.5 and ctrl.distiller is None
+    assert ctrl.config.distill == 0.5 and model_state_of(fresh).distiller is None
     x, _ = _data()
     with at_rank(model, 4), at_rank(fresh, 4):
         torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)

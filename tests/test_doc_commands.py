@@ -81,6 +81,12 @@ CHECKS: dict[tuple[str, str], Run | ParseOnly | InCI | Elsewhere] = {
     ("README.md", SMOLLM2): Run(parse_only=("smollm2.yaml",)),  # the real run: tests/test_real_model.py, test_recipe_chat
     ("docs/adapters.md", "matlora export lightning_logs/version_0/matlora_adapter --rank 8 --out adapter_r8"):
         Run(setup=(FIT_HERE,)),
+    ("docs/adapters.md",
+     "matlora allocate lightning_logs/version_0/matlora_adapter --base recipes/assets/base --data val.jsonl "
+     "--budget rank:4 --out plan.json\n"
+     "matlora info lightning_logs/version_0/matlora_adapter --plan plan.json\n"
+     "matlora export lightning_logs/version_0/matlora_adapter --rank-pattern plan.json --out adapter_plan"):
+        Run(setup=(FIT_HERE, VAL_ROWS)),
     ("docs/adapters.md", "vllm serve meta-llama/Llama-3.2-1B-Instruct --enable-lora --max-lora-rank 16 \\\n"
                          "    --lora-modules r4=adapter_r4 r16=adapter_r16"):
         Elsewhere("tests/test_export.py::test_peft_logits_equal_ours_at_rank_k",

@@ -70,10 +70,11 @@ def test_the_cycle_finder_finds_cycles():
 #: The package's layers, bottom up (docs/architecture.md): a module imports only from its own layer or below.
 LAYERS = {
     "core": {"version", "scaling", "config", "curve", "atomic", "zero_stage", "quantized", "rank", "distill", "layer",
+             "layer_ranks", "model_state", "rank_allocation",
              "inject", "adapted_model", "nesting", "summary", "metric",
              "control"},  # control: the deprecated name of adapted_model
     "files": {"adapter_format", "adapter_state", "adapter_save", "adapter_load", "peft_lora", "export", "nest_peft",
-              "base_model", "output_dir", "text_loss", "gguf_base"},
+              "base_model", "output_dir", "text_loss", "gguf_base", "rank_plan"},
     "lightning": {"isolation", "distributed", "rank_validation", "adapter_checkpoint", "callback",
                   "evaluation"},  # evaluation: the deprecated name of rank_validation
     "entry": {"cli", "quiet"},

@@ -112,13 +112,13 @@ def test_modules_to_save_in_fit_is_optimised_and_checkpointed(tmp_path):
 def test_modules_to_save_on_a_tied_head_is_trainable_and_saved():
     # GPT-2's lm_head shares its weight with wte; named_parameters() lists it only as transformer.wte.weight
     from lightning_matlora import full_adapter_state_dict
-    from lightning_matlora.adapted_model import controller_of
+    from lightning_matlora.adapted_model import model_state_of
 
     model = tiny_gpt2()
     cb = MatryoshkaLoRA(r_max=2, modules_to_save=["lm_head"], verbose=False)
     cb.apply(model)
     assert model.lm_head.weight.requires_grad
-    owned = [n for n, _ in controller_of(model).owned_tensors(model)]
+    owned = [n for n, _ in model_state_of(model).owned_tensors(model)]
     assert "lm_head.weight" in owned and "transformer.wte.weight" not in owned
     # one definition: freezing, checkpoint keys and the saved adapter all hold the tied head under its own name
     assert set(owned) <= set(model.state_dict())
