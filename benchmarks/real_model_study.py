@@ -31,7 +31,7 @@ METHOD:
                drawn from U(−1/√r_b, 1/√r_b), so that every rank's newest block starts at the scale of a LoRA of
                that rank alone (``init="shared"``, used by every other method here, draws all of A from
                U(−1/√r_max, 1/√r_max); a LoRA of rank 1 draws from U(−1, 1))
-  half_max_init  ``half_max`` with ``init="per_rank"``
+  half_max_init  ``half_max`` with ``init="per_rank"`` (the library's default)
 """
 
 from __future__ import annotations
@@ -337,8 +337,8 @@ LABELS = {"lora:16": "plain LoRA at 16", "paired": "paired passes (`max_pass=Tru
           "uniform": "one pass, `uniform`, `init=\"shared\"`", "half_max": "one pass, `half_max`, `init=\"shared\"`",
           "matryoshka": "the paper (`mode=\"matryoshka\"`, `rank` rule)",
           "curriculum": "one pass, rank 1 then `half_max`",
-          "uniform_init": "one pass, `uniform`, `init=\"per_rank\"` (the default)",
-          "half_max_init": "one pass, `half_max`, `init=\"per_rank\"`"}
+          "uniform_init": "one pass, `uniform`, `init=\"per_rank\"`",
+          "half_max_init": "one pass, `half_max`, `init=\"per_rank\"` (the default)"}
 
 
 def label(method: str) -> str:
@@ -430,7 +430,7 @@ def main_table(records: list[dict], lrs: dict[str, float], metric: str = "exact_
             runs[(d["method"], d["steps"])].append(d)
     out = [f"| training | lr | steps | passes | seeds | " + " | ".join(f"r={k}" for k in EVAL_RANKS) +
            " | log2 AURAC | training s per step |", "|---" * (len(EVAL_RANKS) + 7) + "|"]
-    order = ["lora:16", "uniform_init", "half_max_init", "paired", "uniform", "half_max", "curriculum", "matryoshka"]
+    order = ["lora:16", "half_max_init", "uniform_init", "paired", "uniform", "half_max", "curriculum", "matryoshka"]
     for (m, steps), ds in sorted(runs.items(), key=lambda kv: (order.index(kv[0][0]) if kv[0][0] in order
                                                                else len(order) + int(kv[0][0].split(":")[-1]
                                                                                      if ":" in kv[0][0] else 0),

@@ -225,9 +225,9 @@ class MatLoRAConfig:
                           "seeded with (seed, name)).", stored="int")
     rank_weights: str | Sequence[int] | None = option(
         None, "``\"rowwise\"`` only: how a batch's rows are shared among the train ranks. ``\"uniform\"`` (the "
-        "default): the same share for every train rank; ``\"half_max\"``: half of the rows at r_max, the other half "
-        "spread evenly over the other train ranks; or one positive integer per train rank (rank i gets a share ∝ its "
-        "integer). With ``max_pass=True`` it describes the low pass: ``\"uniform\"`` or one positive integer per "
+        "with ``max_pass``): the same share for every train rank; ``\"half_max\"`` (the default): half of the rows "
+        "at r_max, the other half spread evenly over the other train ranks; or one positive integer per train rank "
+        "(rank i gets a share ∝ its integer). With ``max_pass=True`` it describes the low pass: ``\"uniform\"`` or one positive integer per "
         "train rank below r_max (``\"half_max\"`` is refused). docs/results.md compares the rules.",
         stored="str|[int]", role="objective", legacy="uniform")
     max_pass: bool | None = option(
@@ -295,7 +295,7 @@ class MatLoRAConfig:
         low = _check_max_pass(self.max_pass, self.mode, self.ranks, self.r_max)
         self.distill = _check_distill(self.distill, self.distill_module, self.max_pass)
         if self.rank_weights is None:  # resolved here, so that to_dict/from_dict keep the rule
-            self.rank_weights = "uniform"
+            self.rank_weights = "uniform" if self.max_pass else "half_max"
         self.rank_weights = _rank_weights(self.rank_weights, low if self.max_pass else self.ranks, self.mode,
                                           self.max_pass)
         if self.init is None:  # resolved here (stored), so that to_dict/from_dict keep the initialisation

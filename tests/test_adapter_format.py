@@ -139,7 +139,7 @@ def test_every_field_deleted_is_refused_naming_it(saved, tmp_path, capsys, field
 def test_a_config_without_rank_weights_reads_with_the_default(saved, tmp_path):
     """rank_weights (training only) came after format version 2: a file written without it (and so without
     max_pass, which came later) reads with the rule it was trained with, uniform rows in one pass."""
-    assert _doc(saved)["config"]["rank_weights"] == "uniform" and "max_pass" in _doc(saved)["config"]
+    assert "rank_weights" in _doc(saved)["config"] and "max_pass" in _doc(saved)["config"]
     older = corrupt(saved, tmp_path, doc_edit=lambda d: [d["config"].pop(f) for f in ("rank_weights", "max_pass")])
     read = read_adapter(older).config
     assert read.rank_weights == "uniform" and read.max_pass is False

@@ -22,14 +22,14 @@ from lightning_matlora.summary import format_summary
 
 
 # --------------------------------------------------------------------------------------------------- config
-def test_max_pass_defaults_off_and_rank_weights_to_uniform():
+def test_max_pass_defaults_off_and_rank_weights_to_half_max():
     """The default trains one pass (docs/results.md: on the real model one pass with init="per_rank" kept
     r_max within a point of plain LoRA at the same training time); paired passes are opted into."""
-    assert MatLoRAConfig(r_max=8).max_pass is False and MatLoRAConfig(r_max=8).rank_weights == "uniform"
+    assert MatLoRAConfig(r_max=8).max_pass is False and MatLoRAConfig(r_max=8).rank_weights == "half_max"
     assert MatLoRAConfig(r_max=8, max_pass=None).max_pass is False  # None (the old "auto") reads as the default
     assert MatLoRAConfig(r_max=8, rank_weights="half_max").max_pass is False
-    assert MatLoRAConfig(r_max=8, max_pass=False).rank_weights == "uniform"
-    assert MatLoRAConfig(r_max=8).row_cycle == [1, 2, 4, 8]
+    assert MatLoRAConfig(r_max=8, max_pass=False).rank_weights == "half_max"
+    assert MatLoRAConfig(r_max=8).row_cycle == [1, 2, 4, 8, 8, 8]  # half of the rows at r_max
     for kw in (dict(mode="lora"), dict(mode="matryoshka"), dict(mode="dylora"), dict(ranks=[8])):
         assert MatLoRAConfig(r_max=8, **kw).max_pass is False
     cfg = MatLoRAConfig(r_max=8)

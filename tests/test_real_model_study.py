@@ -34,10 +34,10 @@ def test_study_runs_times_and_reports_at_tiny_size(tmp_path):
     tiny = ["--steps", "4", "--r-max", "4", "--curve-n", "2", "--curve-at", "0.5"]
     _run(["base", *common], env)
     _run(["run", "paired", "--lr", "1e-3", *tiny, *common], env)
-    _run(["run", "uniform_init", "--lr", "1e-3", *tiny, *common], env)
+    _run(["run", "half_max_init", "--lr", "1e-3", *tiny, *common], env)
     _run(["timing", "--methods", "lora:4,uniform,paired", "--rounds", "1", "--r-max", "4", *common], env)
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [d["method"] for d in records] == ["base", "paired", "uniform_init", "timing"]
+    assert [d["method"] for d in records] == ["base", "paired", "half_max_init", "timing"]
     paired = records[1]
     assert paired["passes"] == 8 and sorted(map(int, paired["curve"])) == [1, 2, 4]
     assert [p["step"] for p in paired["training_curve"]] == [2] and set(paired["training_curve"][0]) >= {"1", "4"}
@@ -50,6 +50,6 @@ def test_study_runs_times_and_reports_at_tiny_size(tmp_path):
     text = _run(["report", "--out", str(out), "--md", str(md), "--png", str(png)], env)
     assert md.read_text().strip() == text.strip()
     for want in ("Base model (no adapter)", "| paired passes (`max_pass=True`) | 0.001 | 4 | 8 | 1 |",
-                 '| one pass, `uniform`, `init="per_rank"` (the default) | 0.001 | 4 | 4 | 1 |', "Time per training step", "Along training"):
+                 '| one pass, `half_max`, `init="per_rank"` (the default) | 0.001 | 4 | 4 | 1 |', "Time per training step", "Along training"):
         assert want in text, want
     assert png.stat().st_size > 1000
