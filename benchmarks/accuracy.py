@@ -160,7 +160,7 @@ def run_job(job: Job, args: argparse.Namespace) -> dict:
     r, kw = adapter_kwargs(job.method, size["r_max"], args.scaling)
     torch.manual_seed(1000 * job.seed + 7)
     cb = MatryoshkaLoRA(r_max=r, target_modules=TARGETS, scaling=args.scaling, seed=job.seed,
-                        adapter_dtype="float32", verbose=False, **kw)
+                        adapter_dtype="float32", verbose=False, init="shared", **kw)  # the study's initialisation
     cb.apply(base)
     params = [p for p in base.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=job.lr, weight_decay=0.0)

@@ -296,7 +296,7 @@ def prepare_run(args: argparse.Namespace, model: torch.nn.Module, n_train: int) 
     if kind == "paired":
         extra = {"max_pass": True, "distill": float(arg)}
     cb = MatryoshkaLoRA(r_max=r_max, mode=mode, scaling=args.scaling, verbose=False, save_adapter=False,
-                        rank_eval=None, seed=args.seed, **extra)
+                        rank_eval=None, seed=args.seed, init="shared", **extra)  # the study's initialisation
     cb.apply(model)
     ranks = list(cb.config.ranks)
     weights = [float(w) for w in (arg if kind == "weighted" else (args.weights or "")).split(",") if w] \

@@ -75,7 +75,8 @@ def main(argv: list[str]) -> None:
     data = load_task()
     tokenizer = data.tokenizer
     model = load_base()
-    cb = MatryoshkaLoRA(r_max=r_max, mode=mode, rank_scale=rule, verbose=False, save_adapter=False, rank_eval=None)
+    cb = MatryoshkaLoRA(r_max=r_max, mode=mode, rank_scale=rule, verbose=False, save_adapter=False, rank_eval=None,
+                        init="shared", rank_weights="uniform" if mode == "rowwise" else None)  # its study's settings
     cb.apply(model)
     ranks = list(cb.config.eval_ranks)
     val = data.splits["val"][:N_TOKEN_ACCURACY]

@@ -58,7 +58,7 @@ def main() -> None:
     model.train()
     torch.manual_seed(args.seed)
     MatryoshkaLoRA(r_max=16, max_pass=True, verbose=False, save_adapter=False, rank_eval=None,
-                   seed=args.seed).apply(model)
+                   seed=args.seed, init="shared").apply(model)
     ctrl, layers = controller_of(model), adapted_layers(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
