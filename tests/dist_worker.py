@@ -280,11 +280,11 @@ def main() -> None:
     if scenario == "ddp":
         t3, m3, _ = fit(scenario, out / "c", mode="dylora", ranks=[1, 2, 4, 8])
         mine["dylora_ranks"] = m3.step_ranks
-        # the default (max_pass): the callback's wrapped training_step runs inside DDP's forward (two passes, one
-        # backward); this run trains the one-pass rule instead, to compare
-        t4, m4, _ = fit(scenario, out / "f", max_pass=False)
-        mine["one_pass"] = {"losses": m4.losses, "rows": m4.rows}
-        result["one_pass_full"] = full_adapter_state_dict(t4)
+        # the paired passes (max_pass=True): the callback's wrapped training_step runs inside DDP's forward (two
+        # passes, one backward); the default (the runs above) trains one pass, to compare
+        t4, m4, _ = fit(scenario, out / "f", max_pass=True)
+        mine["paired"] = {"losses": m4.losses, "rows": m4.rows}
+        result["paired_full"] = full_adapter_state_dict(t4)
         try:  # resume with a different r_max: a clear error on every process
             pl.seed_everything(0)
             bad = MatryoshkaLoRA(r_max=R_MAX * 2, verbose=False)

@@ -174,29 +174,30 @@ def test_dylora_draws_the_same_rank_on_every_process_each_step(ddp):
     assert r0["dylora_ranks"] == expected
 
 
-def test_ddp_one_pass_rule_equals_single_process_and_differs_from_the_default(ddp, tmp_path):
-    """The default (max_pass) under DDP: Lightning's DDP wrapper calls the callback's wrapped training_step, which
-    runs the user's step in the max pass then the low pass before one backward (the user's step ran twice per step;
-    the adapter equals one process's, test_ddp_equals_single_process_on_the_same_global_batches). The one-pass rule
-    (max_pass=False) also equals the single-process run on the same global batches, and trains another adapter."""
+def test_ddp_paired_passes_equal_single_process_and_differ_from_the_default(ddp, tmp_path):
+    """The paired passes (max_pass=True) under DDP: Lightning's DDP wrapper calls the callback's wrapped
+    training_step, which runs the user's step in the max pass then the low pass before one backward (the user's step
+    runs twice per step), and the adapter equals the single-process run on the same global batches. The default
+    (one pass; test_ddp_equals_single_process_on_the_same_global_batches) runs the step once and trains another
+    adapter."""
     import lightning.pytorch as pl
 
     pl.seed_everything(0)
     module = W.TinyLM(batch_size=2 * W.PER_DEVICE_BATCH, val=True)
-    cb = MatryoshkaLoRA(r_max=W.R_MAX, verbose=False, save_adapter=False, max_pass=False)
+    cb = MatryoshkaLoRA(r_max=W.R_MAX, verbose=False, save_adapter=False, max_pass=True)
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=W.MAX_STEPS, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=str(tmp_path), num_sanity_val_steps=0,
                          use_distributed_sampler=False, callbacks=[cb])
     trainer.fit(module)
-    assert all(len(r["losses"]) == 2 * W.MAX_STEPS for r in ddp["ranks"])  # the default: twice per step
-    runs = [r["one_pass"] for r in ddp["ranks"]]
-    assert all(len(r["losses"]) == W.MAX_STEPS for r in runs)  # max_pass=False: once per step
+    assert all(len(r["losses"]) == W.MAX_STEPS for r in ddp["ranks"])  # the default: once per step
+    runs = [r["paired"] for r in ddp["ranks"]]
+    assert all(len(r["losses"]) == 2 * W.MAX_STEPS for r in runs)  # max_pass=True: twice per step
     seen = [sorted(a + b) for a, b in zip(*(r["rows"] for r in runs))]
     assert seen == [sorted(rows) for rows in module.rows], "the same global batches"
-    _assert_same(ddp["one_pass_full"], full_adapter_state_dict(trainer), atol=2e-6, rtol=1e-5)
+    _assert_same(ddp["paired_full"], full_adapter_state_dict(trainer), atol=2e-6, rtol=1e-5)
     ddp_losses = torch.tensor([r["losses"] for r in runs]).mean(0)
     torch.testing.assert_close(ddp_losses, torch.tensor(module.losses), atol=1e-5, rtol=0)
-    assert any(not torch.allclose(ddp["one_pass_full"][k], ddp["full"][k]) for k in ddp["full"]), "another objective"
+    assert any(not torch.allclose(ddp["paired_full"][k], ddp["full"][k]) for k in ddp["full"]), "another objective"
 
 
 def test_ddp_checkpoint_holds_only_the_adapter_and_resume_continues_exactly(ddp):

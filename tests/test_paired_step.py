@@ -61,7 +61,7 @@ def _loader() -> DataLoader:
 
 def test_metrics_updated_in_training_step_count_each_row_once_with_paired_passes(tmp_path):
     module = Counting()
-    cb = lm.MatryoshkaLoRA(r_max=4, verbose=False, save_adapter=False)
+    cb = lm.MatryoshkaLoRA(r_max=4, verbose=False, save_adapter=False, max_pass=True)
     assert cb.config.max_pass
     originals = (module.rows, module.by_forward["rows"], module.collection["sum"])
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,

@@ -77,7 +77,8 @@ def test_smollm2_from_gguf_trains_evaluates_saves_exports_and_merges(base_dir, t
 
     loader = DataLoader([batch], batch_size=None)
     cb = MatryoshkaLoRA(save_adapter=str(tmp_path / "adapter"), verbose=False)  # the library's defaults
-    assert cb.config.mode == "rowwise" and cb.config.max_pass and cb.config.r_max == 64
+    assert cb.config.mode == "rowwise" and not cb.config.max_pass and cb.config.init == "per_rank"
+    assert cb.config.rank_weights == "half_max" and cb.config.r_max == 64
     trainer = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
                          default_root_dir=tmp_path, enable_progress_bar=False, num_sanity_val_steps=0,
                          limit_val_batches=1, check_val_every_n_epoch=1, callbacks=[cb], enable_model_summary=False)
