@@ -265,8 +265,8 @@ class MatLoRAConfig:
         "train rank's newest components start at the scale of a LoRA of that rank alone; with one train rank it is "
         "``\"shared\"``). ``None`` (default): ``\"per_rank\"`` for ``mode=\"rowwise\"``, ``\"shared\"`` for the "
         "other modes (the paper's and DyLoRA's own initialisation). On the real pretrained model "
-        "(docs/results.md) ``\"per_rank\"`` let rank 1 learn as fast as a LoRA of rank 1 alone, where "
-        "``\"shared\"`` left it far behind in the first steps.", stored="str", legacy="shared")
+        "(docs/results.md) ``\"per_rank\"`` let rank 1 learn as fast as a LoRA of rank 1 alone at plain LoRA's "
+        "learning rate, where ``\"shared\"`` left it far behind in the first steps (it needed 3× the rate).", stored="str", legacy="shared")
 
     def __post_init__(self) -> None:
         check_r_max(self.r_max)
