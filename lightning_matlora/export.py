@@ -109,14 +109,15 @@ def peft_layer_ranks(adapter: SavedAdapter, ranks: Mapping[str, int], fold_scale
     counts = Counter(ranks.values())
     r = max(counts, key=lambda k: (counts[k], k))
     lora_alpha, use_rslora = _peft_alpha(cfg, r, fold)
+    ctrl = RankController(cfg)
+    coefs = {k: ctrl.rank_coefficients(k) for k in counts} if fold else {}  # the rule's coefficients, per rank
     tensors: dict[str, torch.Tensor] = {}
     for name in sorted(adapter.layers):
         k = ranks[name]
         A, B = adapter.factors(name)
         A_k, B_k = A[:k].contiguous(), B[:, :k]
         if fold:
-            coef = RankController(cfg).rank_coefficients(k)  # the rank_scale rule's coefficients (length k)
-            B_k = (B_k.float() * coef).to(B.dtype)
+            B_k = (B_k.float() * coefs[k]).to(B.dtype)
         tensors[f"base_model.model.{name}.lora_A.weight"] = A_k.clone()
         tensors[f"base_model.model.{name}.lora_B.weight"] = B_k.contiguous().clone()
     for key in adapter.saved_keys:  # PEFT stores modules_to_save under the plain module path
@@ -139,8 +140,8 @@ def peft_layer_ranks(adapter: SavedAdapter, ranks: Mapping[str, int], fold_scale
     }
     if len(counts) > 1:
         config["rank_pattern"] = _peft_patterns(ranks, r, lambda k: k)
-        config["alpha_pattern"] = _peft_patterns(ranks, config["lora_alpha"],
-                                                 lambda k: _json_number(_peft_alpha(cfg, k, fold)[0]))
+        alphas = {k: _json_number(_peft_alpha(cfg, k, fold)[0]) for k in counts}
+        config["alpha_pattern"] = _peft_patterns(ranks, config["lora_alpha"], alphas.__getitem__)
     return config, tensors
 
 
