@@ -16,6 +16,7 @@ from .scaling import build_p, check_p, check_r_max, check_ranks, check_scaling, 
 MODES = ("matryoshka", "lora", "dylora", "rowwise")
 RANK_WEIGHT_RULES = ("half_max", "uniform")
 INIT_RULES = ("shared", "per_rank")
+LAYER_DRAWS = ("none", "type")
 RANK_SCALES = ("rank", "trained")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -267,6 +268,14 @@ class MatLoRAConfig:
         "other modes (the paper's and DyLoRA's own initialisation). On the real pretrained model "
         "(docs/results.md) ``\"per_rank\"`` let rank 1 learn as fast as a LoRA of rank 1 alone at plain LoRA's "
         "learning rate, where ``\"shared\"`` left it far behind in the first steps (it needed 3× the rate).", stored="str", legacy="shared")
+    layer_draws: str = option(
+        "none", "``\"rowwise\"`` only: how the rows' train ranks vary across layers. ``\"none\"`` (default): a row "
+        "takes the same train rank in every layer, so only the uniform ranks are trained. ``\"type\"``: each module "
+        "type (the last part of a layer's name, e.g. every ``q_proj``; the groups of "
+        ":func:`~lightning_matlora.allocate_ranks`) draws its own offset of the cyclic row→rank assignment each step, "
+        "so a row trains a mix of per-type ranks (each type's share of the rows per rank is unchanged, and over the "
+        "steps every pair of ranks meets equally often): the mixed per-type prefixes that ``allocate_ranks`` serves "
+        "are trained. docs/results.md (section 7) measures it.", stored="str", role="objective", legacy="none")
 
     def __post_init__(self) -> None:
         check_r_max(self.r_max)
@@ -304,6 +313,13 @@ class MatLoRAConfig:
             raise ValueError(f"Unknown init {self.init!r}: use 'per_rank' (each train rank's newest rows of lora_A at "
                              f"the scale of a LoRA of that rank alone), 'shared' (every row at 1/√r_max, the "
                              f"reference code's) or None (auto: 'per_rank' for mode='rowwise').")
+        if self.layer_draws not in LAYER_DRAWS:
+            raise ValueError(f"Unknown layer_draws {self.layer_draws!r}: use 'none' (a row takes the same train rank "
+                             f"in every layer) or 'type' (each module type draws its own row ranks).")
+        if self.layer_draws != "none" and self.mode != "rowwise":
+            raise ValueError(f"layer_draws={self.layer_draws!r} varies the rows' train ranks across layers, which "
+                             f"only mode='rowwise' has (mode={self.mode!r} trains no per-row ranks): use "
+                             f"mode='rowwise', or drop layer_draws.")
         if self.eval_ranks is None:
             self.eval_ranks = default_ranks(self.r_max) if self.mode == "lora" else list(self.ranks)
         else:
@@ -447,7 +463,7 @@ def legacy_values() -> dict[str, Any]:
     later; every other field is required in an adapter file).
 
     >>> legacy_values()
-    {'rank_weights': 'uniform', 'max_pass': False, 'distill': 0.0, 'distill_module': None, 'init': 'shared'}
+    {'rank_weights': 'uniform', 'max_pass': False, 'distill': 0.0, 'distill_module': None, 'init': 'shared', 'layer_draws': 'none'}
     """
     return {f.name: f.metadata["legacy"] for f in dataclasses.fields(MatLoRAConfig)
             if f.metadata["legacy"] is not _NO_LEGACY}

@@ -15,7 +15,7 @@ Every key other than ``"*"`` must match at least one adapted layer, and every ra
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 #: the key of a mapping that gives every layer no other key matches its rank
 DEFAULT_KEY = "*"
@@ -105,3 +105,18 @@ def layer_parameters(dims: Mapping[str, tuple[int, int]], ranks: Mapping[str, in
     32
     """
     return sum((ranks if isinstance(ranks, int) else ranks[n]) * (i + o) for n, (i, o) in dims.items())
+
+
+def group_key(name: str, group: str | Callable[[str], str]) -> str:
+    """The group of layer ``name``: ``"type"`` (its last name part), ``"block"`` (its first number, e.g. the
+    transformer block), ``"layer"`` (itself), or a function of the name."""
+    if callable(group):
+        return str(group(name))
+    if group == "type":
+        return name.rsplit(".", 1)[-1]
+    if group == "block":
+        found = re.search(r"\.(\d+)\.", f".{name}.")
+        return found.group(1) if found else name
+    if group == "layer":
+        return name
+    raise ValueError(f"group must be 'type', 'block', 'layer' or a function of the layer name, got {group!r}.")

@@ -74,6 +74,7 @@ class ModelState:
             state = cls(controller, layers, saved_modules)
             object.__setattr__(root, STATE_ATTR, state)
             root.register_forward_pre_hook(controller.auto_draw_hook)
+        controller.set_layers(state.layers)
         _STATES[controller] = state
         return state
 

@@ -10,7 +10,8 @@ holds the controller. Calls run one way: model state → layers → controller.
 Rank settings (see :func:`lightning_matlora.set_rank`):
 
 - ``None``: the training forward of the configured ``mode`` (P for ``"matryoshka"``/``"lora"``, the step's
-  sampled rank for ``"dylora"``, one train rank per row for ``"rowwise"``). With ``max_pass`` the training forward
+  sampled rank for ``"dylora"``, one train rank per row for ``"rowwise"``; with ``layer_draws="type"`` one per row
+  and module type, see :meth:`RankController.set_layers`). With ``max_pass`` the training forward
   also depends on the active *pass* (:meth:`RankController.in_pass`): ``"max"`` runs every row at r_max (the
   ``"rank"`` rule at r_max), ``"low"`` deals the train ranks below r_max over the rows.
 - an ``int`` k in 1…r_max: inference at rank k under the configured ``rank_scale`` rule.
@@ -114,7 +115,12 @@ class RankController:
         self.p = config.train_diagonal  # float64 on CPU, length r_max
         self._setting: RankSetting = None
         self._step_rank: int | None = None  # dylora: the rank sampled for the current optimizer step
-        self._row_offset = 0  # rowwise: where the cyclic rank assignment starts in the current step
+        # rowwise: where the cyclic rank assignment starts in the current step, one offset per draw group
+        # (layer_draws="type": one group per module type, in sorted order; "none": one group for every layer)
+        self._offsets = [0]
+        self._group_of: dict[int, int] = {}  # id(layer) → its draw group (layers not registered: group 0)
+        self._group_names: list[str] = []
+        self._last_draw: tuple[int, int] | None = None
         self._pass: str | None = None  # max_pass: the pass of the current training forward ("max", "low", None)
         self._warned_no_pass = False
         # rowwise under data parallelism: row i of process g is row i·world + g of the global batch (the
@@ -165,6 +171,41 @@ class RankController:
                                  f"(the adapter was allocated with r_max={self.r_max}).")
         self._setting = rank
         self._cache.clear()
+
+    @property
+    def _row_offset(self) -> int:
+        """rowwise: the offset of the cyclic rank assignment of draw group 0 (every layer's without ``layer_draws``)."""
+        return self._offsets[0]
+
+    def set_layers(self, layers: Mapping[str, nn.Module]) -> None:
+        """Register the adapted layers by name (the model state does, when it attaches them), so that with
+        ``layer_draws="type"`` each module type's layers share one draw of row ranks per step and the types draw
+        independently. Without ``layer_draws`` it only clears the registration (every layer is group 0)."""
+        from .layer_ranks import group_key
+
+        if self.config.layer_draws == "none":
+            names: list[str] = []
+            group_of: dict[int, int] = {}
+        else:
+            keys = {n: group_key(n, self.config.layer_draws) for n in layers}
+            names = sorted(set(keys.values()))
+            index = {g: i for i, g in enumerate(names)}
+            group_of = {id(m): index[keys[n]] for n, m in layers.items()}
+        self._group_names, self._group_of = names, group_of
+        if self._last_draw is not None:  # redraw the current step for the new number of groups
+            self._draw(*self._last_draw)
+        else:
+            self._offsets = [0] * max(1, len(names))
+        self._cache.clear()
+
+    @property
+    def draw_groups(self) -> dict[str, int]:
+        """group name → index of the draw groups of ``layer_draws`` (empty without it: every layer draws alike)."""
+        return {g: i for i, g in enumerate(self._group_names)}
+
+    def draw_group(self, layer: nn.Module | None) -> int:
+        """The draw group index of ``layer`` (0 for every layer without ``layer_draws``, or an unregistered one)."""
+        return self._group_of.get(id(layer), 0) if layer is not None else 0
 
     @property
     def active_pass(self) -> str | None:
@@ -237,7 +278,10 @@ class RankController:
             # over the cycle of a forward outside any pass (the longest), whatever pass is active now, so the
             # draws do not depend on where they are made (the low pass reads the offset modulo its shorter cycle)
             n = len(self.config.row_cycle) * (2 if self.config.max_pass else 1)
-            self._row_offset = int(torch.randint(n, (1,), generator=g))
+            groups = max(1, len(self._group_names))
+            # one offset per draw group; without layer_draws exactly the single draw of earlier versions
+            self._offsets = torch.randint(n, (groups,), generator=g).tolist()
+            self._last_draw = (int(step), int(micro_step))
         else:
             return
         self._cache.clear()
@@ -298,17 +342,18 @@ class RankController:
             return cycle + [self.r_max] * len(cycle)
         return cycle
 
-    def _rowwise_index(self, i: int) -> int:
-        return (self._row_offset + i * self.num_processes + self.process_index) % len(self._cycle)
+    def _rowwise_index(self, i: int, group: int = 0) -> int:
+        return (self._offsets[group] + i * self.num_processes + self.process_index) % len(self._cycle)
 
-    def rowwise_ranks(self, rows: int) -> torch.Tensor:
+    def rowwise_ranks(self, rows: int, group: int = 0) -> torch.Tensor:
         """The rank of each of ``rows`` rows in a ``"rowwise"`` training step: the config's ``row_cycle`` (each train
         rank repeated by its ``rank_weights`` entry) dealt cyclically over the global batch from this step's offset
         (row i of process g is global row i·world + g), so rank r gets its weight's share of the global batch's
         rows (exactly, when the global batch is a multiple of the cycle's length). With ``max_pass`` these are the
-        ranks of the low pass (the max pass runs every row at r_max)."""
+        ranks of the low pass (the max pass runs every row at r_max). ``group``: the draw group of the layer
+        (:meth:`draw_group`; with ``layer_draws="type"`` each module type deals from its own offset)."""
         ranks = torch.tensor(self._cycle, dtype=torch.long)
-        index = (self._row_offset + torch.arange(rows) * self.num_processes + self.process_index) % len(ranks)
+        index = (self._offsets[group] + torch.arange(rows) * self.num_processes + self.process_index) % len(ranks)
         return ranks[index]
 
     # -------------------------------------------------------------------------------------------------- plan
@@ -328,7 +373,8 @@ class RankController:
                 plan = RankPlan(k=k, coef=self.rank_coefficients(k).to(device=device, dtype=dtype))
                 self._cache[key] = plan
             return plan
-        key = (rows, device, dtype)
+        group = self.draw_group(layer) if self._group_of and self._setting is None else 0
+        key = (rows, device, dtype, group)
         plan = self._cache.get(key)
         if plan is None:
             if training and self._setting is None and self.config.mode in _DRAWN_MODES \
@@ -336,12 +382,12 @@ class RankController:
                 self._warn_undrawn()
             if training and self._setting is None and self.config.max_pass and self._pass is None:
                 self._warn_no_pass()
-            k, coef = self._plan_cpu(rows)
+            k, coef = self._plan_cpu(rows, group)
             plan = RankPlan(k=k, coef=coef.to(device=device, dtype=dtype))
             self._cache[key] = plan
         return plan
 
-    def _plan_cpu(self, rows: int) -> tuple[int, torch.Tensor]:
+    def _plan_cpu(self, rows: int, group: int = 0) -> tuple[int, torch.Tensor]:
         setting, mode = self._setting, self.config.mode
         if isinstance(setting, int):
             return setting, self.rank_coefficients(setting)
@@ -359,8 +405,8 @@ class RankController:
             if self._pass == "max":  # max_pass: every row at r_max, exactly the "rank" rule at r_max
                 return self.r_max, self.rank_coefficients(self.r_max, rule="rank")
             cycle = self._cycle  # the cyclic assignment uses the largest rank once rows ≥ len(cycle)
-            k = max(cycle[self._rowwise_index(i)] for i in range(min(rows, len(cycle))))
-            coef = self.row_coefficients(self.rowwise_ranks(rows), rule="rank", k=k)
+            k = max(cycle[self._rowwise_index(i, group)] for i in range(min(rows, len(cycle))))
+            coef = self.row_coefficients(self.rowwise_ranks(rows, group), rule="rank", k=k)
             return k, coef
         return self.r_max, self.p.clone()
 

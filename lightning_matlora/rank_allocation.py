@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .adapted_model import at_rank, model_state_of
-from .layer_ranks import layer_parameters
+from .layer_ranks import group_key, layer_parameters
 
 Metric = Callable[[nn.Module, Any], "float | torch.Tensor"]
 
@@ -41,21 +41,6 @@ def default_metric(model: nn.Module, batch: Any) -> torch.Tensor:
                          "loss (a mapping with labels for a transformers model), or pass metric=f(model, batch) "
                          "returning a number where lower is better.")
     return loss
-
-
-def group_key(name: str, group: str | Callable[[str], str]) -> str:
-    """The group of layer ``name``: ``"type"`` (its last name part), ``"block"`` (its first number, e.g. the
-    transformer block), ``"layer"`` (itself), or a function of the name."""
-    if callable(group):
-        return str(group(name))
-    if group == "type":
-        return name.rsplit(".", 1)[-1]
-    if group == "block":
-        found = re.search(r"\.(\d+)\.", f".{name}.")
-        return found.group(1) if found else name
-    if group == "layer":
-        return name
-    raise ValueError(f"group must be 'type', 'block', 'layer' or a function of the layer name, got {group!r}.")
 
 
 def budget_parameters(budget: int | str, dims: Mapping[str, tuple[int, int]], r_max: int) -> int:

@@ -265,6 +265,8 @@ def parse_run(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--one-schedule", action="store_true",
                     help="svd: keep one warm-up/decay schedule over all steps; at the switch only the optimizer's "
                          "moments are reset (what a callback can do inside a user's training run)")
+    ap.add_argument("--layer-draws", default="none", choices=["none", "type"],
+                    help="the library's layer_draws for rowwise: 'type' gives each module type its own row ranks")
     ap.add_argument("--tag", default="")
     return ap.parse_args(argv)
 
@@ -293,6 +295,8 @@ def prepare_run(args: argparse.Namespace, model: torch.nn.Module, n_train: int) 
     rank_weights = args.rank_weights if args.rank_weights in ("uniform", "half_max") else \
         [int(w) for w in args.rank_weights.split(",")]
     extra = {} if mode == "lora" else {"rank_weights": rank_weights}
+    if args.layer_draws != "none":
+        extra["layer_draws"] = args.layer_draws
     if kind == "paired":
         extra = {"max_pass": True, "distill": float(arg)}
     cb = MatryoshkaLoRA(r_max=r_max, mode=mode, scaling=args.scaling, verbose=False, save_adapter=False,

@@ -92,7 +92,7 @@ WRONG = {  # a value of the wrong type for every field (bools are not numbers, s
     "config.mode": None, "config.rank_scale": False, "config.p": "none", "config.eval_ranks": [1.0, 2.0],
     "config.adapter_dtype": 32, "config.seed": "0",
     "config.rank_weights": [1.5], "config.max_pass": 1, "config.distill": True, "config.distill_module": 3,
-    "config.init": 3,
+    "config.init": 3, "config.layer_draws": 1,
     f"adapted_layers.{LAYER}.in_features": "32", f"adapted_layers.{LAYER}.out_features": 32.0,
     f"adapted_layers.{LAYER}.conv1d": "false",
     "rank_curves[0].metric": 1, "rank_curves[0].higher_is_better": "true", "rank_curves[0].ranks": ["1"],
@@ -127,7 +127,8 @@ def _needles(path):
 
 
 @pytest.mark.parametrize("field", sorted(set(WRONG) - {"config.rank_weights", "config.max_pass", "config.distill",
-                                                        "config.distill_module", "config.init"}))
+                                                        "config.distill_module", "config.init",
+                                                        "config.layer_draws"}))
 def test_every_field_deleted_is_refused_naming_it(saved, tmp_path, capsys, field):
     [(path, get, key)] = [(p, g, k) for p, g, k in _paths(_doc(saved)) if _field_name(p) == field]
     bad = corrupt(saved, tmp_path, doc_edit=lambda d: get(d).pop(key))
@@ -164,6 +165,14 @@ def test_a_config_without_init_reads_as_shared(saved, tmp_path):
     assert _doc(saved)["config"]["init"] == "per_rank"  # today's default for rowwise
     older = corrupt(saved, tmp_path, doc_edit=lambda d: d["config"].pop("init"))
     assert read_adapter(older).config.init == "shared"
+
+
+def test_a_config_without_layer_draws_reads_as_one_draw_for_every_layer(saved, tmp_path):
+    """layer_draws came after format version 2: a file written without it trained every layer with the same row
+    ranks ("none")."""
+    assert _doc(saved)["config"]["layer_draws"] == "none"
+    older = corrupt(saved, tmp_path, doc_edit=lambda d: d["config"].pop("layer_draws"))
+    assert read_adapter(older).config.layer_draws == "none"
 
 
 def test_a_config_without_distill_reads_as_off(saved, tmp_path):

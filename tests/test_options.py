@@ -60,7 +60,7 @@ def test_the_adapter_format_schema_and_legacy_values_come_from_the_fields():
     assert set(adapter_format.OPTIONAL_CONFIG_FIELDS) == set(legacy_values())
     # the values the format reads a file without the field with are the ones a resumed checkpoint assumes
     assert legacy_values() == {"rank_weights": "uniform", "max_pass": False, "distill": 0.0, "distill_module": None,
-                               "init": "shared"}
+                               "init": "shared", "layer_draws": "none"}
     # each stored type accepts the value a default config stores
     doc = MatLoRAConfig(r_max=8).to_dict()
     for name, t in adapter_format.CONFIG_FIELDS.items():
@@ -81,7 +81,8 @@ def test_resuming_with_another_objective_field_warns_naming_it(field):
     cb = lm.MatryoshkaLoRA(r_max=8, mode="matryoshka", verbose=False)
     saved = dict(cb.config.to_dict())
     other = {"ranks": [1, 8], "scaling": "rank", "alpha": 2.0, "mode": "lora", "p": [1.0] * 8,
-             "rank_weights": [1, 2, 3, 4], "max_pass": True, "distill": 1.0, "distill_module": "head"}
+             "rank_weights": [1, 2, 3, 4], "max_pass": True, "distill": 1.0, "distill_module": "head",
+             "layer_draws": "type"}
     saved[field] = other[field]
     with pytest.warns(UserWarning, match=f"different training objective .*{field}"):
         cb._check_config(saved)
@@ -137,7 +138,7 @@ OTHER_VALUE = {"r_max": 16, "ranks": [1, 8], "target_modules": ["q_proj"], "excl
                "modules_to_save": ["lm_head"], "scaling": "rank", "alpha": 2.0, "dropout": 0.1, "mode": "dylora",
                "rank_scale": "trained", "p": [1.0] * 8, "eval_ranks": [8], "adapter_dtype": "float64", "seed": 5,
                "rank_weights": "uniform", "max_pass": False, "distill": 1.0, "distill_module": "lm_head",
-               "init": "shared"}
+               "init": "shared", "layer_draws": "type"}
 BASES = [dict(r_max=8, ranks=[1, 2, 4, 8], mode="matryoshka", rank_scale=rule) for rule in ("rank", "trained")] + \
         [dict(r_max=8, ranks=[1, 2, 4, 8], mode="rowwise", rank_scale=rule, max_pass=paired)
          for rule in ("rank", "trained") for paired in (False, True)]  # distill needs the paired passes
