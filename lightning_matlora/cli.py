@@ -190,6 +190,8 @@ def add_allocate(sub: Any) -> None:
     allocate.add_argument("--out", required=True, metavar="PLAN", help="the plan file to write (JSON)")
     allocate.add_argument("--group", choices=("type", "block", "layer"), default="type",
                           help="layers sharing one rank (default: type, e.g. every q_proj)")
+    allocate.add_argument("--zero-rank", action="store_true",
+                          help="rank 0 is a candidate too: a group may drop its adapter (left out of a PEFT export)")
     allocate.add_argument("--max-rows", type=int, default=64, metavar="N", help="rows of --data used (default 64)")
     allocate.add_argument("--overwrite", action="store_true", help="replace PLAN if it exists")
 
@@ -220,7 +222,8 @@ def run_allocate(args: argparse.Namespace) -> str:
     tok = load_tokenizer(base)
     batches = loss_batches(encode_rows(rows, tok), pad_id=tok.pad_token_id or 0)
     model = load_adapter(load_base(base, record_of(adapter)), adapter).eval()
-    ranks = allocate_ranks(model, budget, batches, group=args.group)
+    candidates = [0, *adapter.config.ranks] if args.zero_rank else None
+    ranks = allocate_ranks(model, budget, batches, group=args.group, candidates=candidates)
     n = plan_parameters(adapter, ranks)
     write_plan(out, plan_document(ranks, adapter.r_max, n, budget=budget, metric="loss"))
     return (f"Wrote a rank plan ({n:,} adapter parameters within a budget of {budget:,}; ranks "

@@ -19,7 +19,7 @@ import math
 import os
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Union
 
@@ -99,11 +99,38 @@ def _peft_patterns(ranks: Mapping[str, int], default: Any, value) -> dict[str, A
     return {keys[n]: value(k) for n, k in ranks.items() if value(k) != default}
 
 
+def _kept_ranks(ranks: Mapping[str, int]) -> dict[str, int]:
+    """The layers of ``ranks`` at a rank ≥ 1; ``ValueError`` naming the fix when every layer is at rank 0."""
+    kept = {n: k for n, k in ranks.items() if k > 0}
+    if not kept:
+        raise ValueError("Every layer is at rank 0 (no adapter anywhere): there is nothing to export; give at least "
+                         "one layer a rank ≥ 1.")
+    return kept
+
+
+def _kept_targets(adapter: SavedAdapter, kept: Iterable[str]) -> list[str]:
+    """PEFT ``target_modules`` selecting exactly the layers ``kept`` of ``adapter`` (the others are at rank 0, which
+    PEFT cannot express: its ``r`` must be positive, so those layers are left out of the adapter). The module-type
+    suffixes when the adapter's targets are suffixes and every layer of a kept type is kept, else the full names."""
+    kept = set(kept)
+    targets = adapter.peft_target_modules
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in kept})
+    whole_types = all(n in kept for n in adapter.layers if n.rsplit(".", 1)[-1] in suffixes)
+    if isinstance(targets, list) and targets and all("." not in t for t in targets) and whole_types:
+        return suffixes
+    return sorted(kept)
+
+
 def peft_layer_ranks(adapter: SavedAdapter, ranks: Mapping[str, int], fold_scale: bool = False
                      ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The PEFT ``adapter_config.json`` dict and ``adapter_model.safetensors`` tensors of the adapter cut to a rank
-    per layer (``ranks``: every layer of ``adapter`` by name, each in 1…r_max). ``r`` is the most common rank; the
-    other layers' ranks go in ``rank_pattern`` and their ``lora_alpha`` in ``alpha_pattern`` when it differs."""
+    per layer (``ranks``: every layer of ``adapter`` by name, each in 0…r_max). ``r`` is the most common rank; the
+    other layers' ranks go in ``rank_pattern`` and their ``lora_alpha`` in ``alpha_pattern`` when it differs.
+    Layers at rank 0 are left out of ``target_modules`` (PEFT's ranks are positive): PEFT leaves them as the base
+    layers, which is what rank 0 serves. Raises ``ValueError`` when every layer is at rank 0."""
+    kept = _kept_ranks(ranks)
+    dropped = len(kept) < len(ranks)
+    ranks = kept
     cfg = adapter.config
     fold = fold_scale or cfg.rank_scale != "rank"
     counts = Counter(ranks.values())
@@ -112,7 +139,7 @@ def peft_layer_ranks(adapter: SavedAdapter, ranks: Mapping[str, int], fold_scale
     ctrl = RankController(cfg)
     coefs = {k: ctrl.rank_coefficients(k) for k in counts} if fold else {}  # the rule's coefficients, per rank
     tensors: dict[str, torch.Tensor] = {}
-    for name in sorted(adapter.layers):
+    for name in sorted(ranks):
         k = ranks[name]
         A, B = adapter.factors(name)
         A_k, B_k = A[:k].contiguous(), B[:, :k]
@@ -130,7 +157,8 @@ def peft_layer_ranks(adapter: SavedAdapter, ranks: Mapping[str, int], fold_scale
         "lora_alpha": _json_number(lora_alpha),
         "use_rslora": use_rslora,
         "lora_dropout": cfg.dropout,
-        "target_modules": adapter.peft_target_modules or sorted({n.rsplit(".", 1)[-1] for n in adapter.layers}),
+        "target_modules": _kept_targets(adapter, ranks) if dropped else
+        adapter.peft_target_modules or sorted({n.rsplit(".", 1)[-1] for n in adapter.layers}),
         "modules_to_save": list(adapter.saved_modules) or None,
         "fan_in_fan_out": any(i.conv1d for i in adapter.layers.values()),
         "bias": "none",
@@ -158,8 +186,11 @@ def _card(adapter: SavedAdapter, rank: int | Mapping[str, int]) -> str:
         k = None
         params = layer_parameters(adapter_dims(adapter), rank)
         title = "Per-layer-rank LoRA adapter"
+        dropped = sum(1 for k in rank.values() if k == 0)
         what = (f"- ranks per layer: {min(rank.values())}…{max(rank.values())} of r_max={cfg.r_max} over "
-                f"{len(rank)} layers, {params:,} adapter parameters (`rank_pattern` in adapter_config.json)")
+                f"{len(rank)} layers, {params:,} adapter parameters (`rank_pattern` in adapter_config.json)"
+                + (f"; {dropped} layers at rank 0 are left out of `target_modules` (the base layers)"
+                   if dropped else ""))
     else:
         k = rank
         title = f"Rank-{k} LoRA adapter"
@@ -246,6 +277,7 @@ def export_peft(adapter: AdapterSource, out_dir: str | os.PathLike, rank: int | 
         saved = dataclasses.replace(saved, base_model_name_or_path=base_name.strip())
     if isinstance(rank, Mapping):
         ranks = resolve_layer_ranks(sorted(saved.layers), rank, saved.r_max)
+        _kept_ranks(ranks)  # refuse an export with no adapter before anything is written
 
         def write(tmp: Path) -> None:
             _write_peft(saved, tmp, ranks, fold_scale)

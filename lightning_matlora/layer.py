@@ -160,6 +160,8 @@ class MatryoshkaLinear(nn.Module):
         A, B = self.lora_A, self.lora_B
         plan = self.controller.plan(x.shape[0], x.device, A.dtype, self.training, layer=self)
         k = plan.k
+        if k == 0:  # a per-layer rank of 0: this layer runs without its adapter
+            return result
         if k != A.shape[0]:
             A, B = A[:k], B[:, :k]
         h = F.linear(self.dropout(x.to(A.dtype)), A)
@@ -183,9 +185,13 @@ class MatryoshkaLinear(nn.Module):
 
     @torch.no_grad()
     def merge(self, k: int) -> None:
-        """Fold rank k into the base weight; the layer then costs what the base layer costs."""
+        """Fold rank k into the base weight; the layer then costs what the base layer costs. k = 0 (a per-layer
+        rank of 0) leaves the base weight as it is and only marks the layer merged."""
         if self.merged_rank is not None:
             raise RuntimeError(f"Layer is already merged at rank {self.merged_rank}: call unmerge() first.")
+        if k == 0:
+            self.merged_rank = 0
+            return
         if self.quantized:  # dequantize, add, re-quantize (as PEFT does): lossy; lightning_matlora.merge warns
             w = dequantize(self.base_layer)
             requantize(self.base_layer, w + self.delta_weight(k).to(w.device))
@@ -200,6 +206,9 @@ class MatryoshkaLinear(nn.Module):
         """Subtract the merged rank from the base weight again (exact up to float rounding). Refused on a quantized
         base, where the merge re-quantized the weights and cannot be undone exactly (reload the base instead)."""
         if self.merged_rank is None:
+            return
+        if self.merged_rank == 0:  # nothing was folded in
+            self.merged_rank = None
             return
         if self.quantized:
             raise RuntimeError(unmerge_refusal(self.base_layer, self.merged_rank))

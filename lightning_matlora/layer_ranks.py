@@ -9,7 +9,9 @@ stricter than PEFT's, which silently takes the first matching key and gives unma
 - every adapted layer needs a rank: give the rest with the key ``"*"`` (the default rank of every layer no
   other key matches), or the error lists the layers left over.
 
-Every key other than ``"*"`` must match at least one adapted layer, and every rank must lie in 1…r_max.
+Every key other than ``"*"`` must match at least one adapted layer, and every rank must lie in 0…r_max: rank 0
+serves a layer without its adapter (the base layer alone; what :func:`~lightning_matlora.allocate_ranks` chooses
+for a group it drops).
 """
 
 from __future__ import annotations
@@ -32,16 +34,18 @@ def pattern_matches(key: str, name: str) -> bool:
     return re.match(rf"(.*\.)?({key})$", name) is not None
 
 
-def check_rank_value(k: object, r_max: int, where: str) -> int:
-    """``k`` as an int in 1…r_max, or a ``ValueError`` naming ``where`` (the key it was given for) and the range."""
+def check_rank_value(k: object, r_max: int, where: str, lowest: int = 1) -> int:
+    """``k`` as an int in ``lowest``…r_max, or a ``ValueError`` naming ``where`` (the key it was given for) and the
+    range (``lowest`` = 0 for a per-layer rank: rank 0 serves the layer without its adapter)."""
     if isinstance(k, str) and k.strip().isdigit():
         k = int(k)
     if isinstance(k, bool) or not hasattr(k, "__index__"):
-        raise ValueError(f"The rank for {where} must be an integer in 1…r_max={r_max}, got {k!r}.")
+        raise ValueError(f"The rank for {where} must be an integer in {lowest}…r_max={r_max}, got {k!r}.")
     k = int(k.__index__())  # type: ignore[union-attr]
-    if not 1 <= k <= r_max:
-        raise ValueError(f"The rank {k} for {where} is outside 1…r_max={r_max}: the adapter has components 1…{r_max} "
-                         f"only; choose a rank in that range.")
+    if not lowest <= k <= r_max:
+        raise ValueError(f"The rank {k} for {where} is outside {lowest}…r_max={r_max}: the adapter has components "
+                         f"1…{r_max} only{' (0: the layer without its adapter)' if lowest == 0 else ''}; choose a "
+                         f"rank in that range.")
     return k
 
 
@@ -49,7 +53,7 @@ def resolve_layer_ranks(names: Iterable[str], mapping: Mapping[str, object], r_m
     """The rank of every layer in ``names`` under ``mapping`` (keys: see the module docstring), in ``names``'s order.
 
     Raises ``ValueError`` naming the fix for an empty mapping, a key that is not a string or not a valid regex, a
-    key that matches no layer, a rank outside 1…r_max, a layer that two keys match, and layers no key matches when
+    key that matches no layer, a rank outside 0…r_max, a layer that two keys match, and layers no key matches when
     there is no ``"*"``.
 
     >>> resolve_layer_ranks(["a.q_proj", "a.v_proj", "b.q_proj"], {"a.q_proj": 2, "*": 4}, r_max=8)
@@ -65,7 +69,7 @@ def resolve_layer_ranks(names: Iterable[str], mapping: Mapping[str, object], r_m
     for key, value in mapping.items():
         if not isinstance(key, str) or not key:
             raise ValueError(f"A per-layer rank key must be a layer name or pattern (a non-empty string), got {key!r}.")
-        k = check_rank_value(value, r_max, repr(key))
+        k = check_rank_value(value, r_max, repr(key), lowest=0)
         if key == DEFAULT_KEY:
             default = k
             continue

@@ -142,7 +142,7 @@ class ModelState:
         """Undo :meth:`merge` on every adapted layer (a no-op on layers that are not merged). A merged layer whose
         base is quantized refuses (its merge re-quantized the weights); that is checked before any layer changes."""
         for layer in self.layers.values():
-            if layer.merged_rank is not None and layer.quantized:
+            if layer.merged_rank and layer.quantized:  # rank 0 folded nothing in: nothing to undo
                 layer.unmerge()  # raises, naming the fix
         for layer in self.layers.values():
             layer.unmerge()

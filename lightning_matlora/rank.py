@@ -16,8 +16,8 @@ Rank settings (see :func:`lightning_matlora.set_rank`):
   ``"rank"`` rule at r_max), ``"low"`` deals the train ranks below r_max over the rows.
 - an ``int`` k in 1…r_max: inference at rank k under the configured ``rank_scale`` rule.
 - a 1-D integer tensor: one rank per row of the batch (rows are the first dimension of the layer input).
-- a :class:`LayerRanks`: one int rank per adapted layer (built by the model state from a ``{name or pattern: k}``
-  mapping, see :func:`lightning_matlora.set_rank`).
+- a :class:`LayerRanks`: one int rank per adapted layer, 0…r_max (0: the layer runs without its adapter; built by
+  the model state from a ``{name or pattern: k}`` mapping, see :func:`lightning_matlora.set_rank`).
 
 Coefficients are computed in float64 and cast once per (device, dtype) by :meth:`RankController.plan`.
 """
@@ -143,11 +143,12 @@ class RankController:
         return self._setting
 
     def set(self, rank: RankSetting) -> None:
-        """Activate a rank setting (validated: ints, tensor entries and per-layer ranks must lie in 1…r_max)."""
+        """Activate a rank setting (validated: ints and tensor entries must lie in 1…r_max, per-layer ranks in
+        0…r_max)."""
         if isinstance(rank, LayerRanks):
-            bad = {n: k for n, k in rank.items() if not 1 <= k <= self.r_max}
+            bad = {n: k for n, k in rank.items() if not 0 <= k <= self.r_max}
             if bad:
-                raise ValueError(f"Per-layer ranks must lie in 1…r_max={self.r_max}, got {bad}.")
+                raise ValueError(f"Per-layer ranks must lie in 0…r_max={self.r_max}, got {bad}.")
         elif rank is not None:
             if isinstance(rank, torch.Tensor) and rank.dim() == 0 and not rank.dtype.is_floating_point:
                 rank = int(rank)  # a 0-d integer tensor is one rank for the whole batch
@@ -307,6 +308,8 @@ class RankController:
         ``"rank"``: s(k)·1 (the paper's rule). ``"trained"``: p_1…p_k (the prefix of the training diagonal).
         Merging and exporting rank k fold exactly these into B.
         """
+        if k == 0:  # a per-layer rank of 0: no component, no coefficient
+            return torch.zeros(0, dtype=torch.float64)
         if (rule or self.config.rank_scale) == "trained":
             return self.p[:k].clone()
         return torch.full((k,), scale_of_rank(k, self.config.scaling, self.config.alpha), dtype=torch.float64)

@@ -3,7 +3,8 @@
 The search (cost: 1 + G·(C − 1) + 2 evaluations of the metric on the data, for G groups and C candidate ranks):
 
 1. **Sensitivity.** Layers are grouped (default: by module type, the last part of the name, e.g. every
-   ``q_proj``). For each group g and candidate rank c (the train ranks), the metric is measured with g cut to c
+   ``q_proj``). For each group g and candidate rank c (the train ranks; 0, the group without its adapter, when
+   the candidates include it), the metric is measured with g cut to c
    and every other layer at r_max: Δ(g, c) = L(g at c) − L(all at r_max).
 2. **Allocation.** Assuming the effects add up, L ≈ L(all at r_max) + Σ_g Δ(g, c_g). Every group starts at the
    smallest candidate; then, while the budget allows, the upgrade (g: c → c') with the largest decrease of the
@@ -110,7 +111,9 @@ def allocate_ranks(model: nn.Module, budget: int | str, data: Iterable[Any], met
         data: the batches to measure on (iterated once per evaluation: a list or a DataLoader).
         metric: ``metric(model, batch)`` → a number, lower is better, averaged over the batches; default: the
             model's loss (:func:`default_metric`). For an accuracy, return its negative.
-        candidates: the ranks a layer may take (default: the train ranks), each in 1…r_max.
+        candidates: the ranks a layer may take (default: the train ranks), each in 0…r_max. 0 lets a group drop
+            its adapter (its layers then run as the base layers), so that even the budget of rank 1 everywhere can
+            be spent unevenly; without 0 every group keeps at least rank 1.
         group: layers that share one rank: ``"type"`` (default, e.g. every ``q_proj``), ``"block"``, ``"layer"``
             (each its own; costs one evaluation per layer and candidate) or a function of the layer name.
 
@@ -150,9 +153,10 @@ def plan_allocation(model: nn.Module, budget: int | str, data: Iterable[Any], me
     dims = {n: (m.in_features, m.out_features) for n, m in state.layers.items()}
     limit = budget_parameters(budget, dims, r_max)
     cands = sorted({int(c) for c in (candidates if candidates is not None else ctrl.config.ranks)} | {r_max})
-    if not cands or cands[0] < 1 or cands[-1] > r_max:
-        raise ValueError(f"candidates must be ranks in 1…r_max={r_max}, got {cands}.")
-    if cands[0] != 1:
+    if not cands or cands[0] < 0 or cands[-1] > r_max:
+        raise ValueError(f"candidates must be ranks in 0…r_max={r_max} (0: a group without its adapter), got "
+                         f"{cands}.")
+    if cands[0] > 1:
         cands = [1] + cands  # every budget ≥ rank 1 everywhere must be reachable
     metric = metric or default_metric
     batches = data if isinstance(data, (list, tuple)) else list(data)

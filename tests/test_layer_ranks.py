@@ -90,8 +90,8 @@ def test_patterns_follow_peft_rank_pattern_and_at_rank_restores():
 
 @pytest.mark.parametrize("mapping,match", [
     ({"o_proj_typo": 2, "*": 1}, r"'o_proj_typo' matches no adapted layer.*Adapted layers: model\.layers\.0"),
-    ({"q_proj": 9, "*": 1}, r"rank 9 for 'q_proj' is outside 1…r_max=8"),
-    ({"q_proj": 0, "*": 1}, r"rank 0 for 'q_proj' is outside 1…r_max=8"),
+    ({"q_proj": 9, "*": 1}, r"rank 9 for 'q_proj' is outside 0…r_max=8"),
+    ({"q_proj": -1, "*": 1}, r"rank -1 for 'q_proj' is outside 0…r_max=8.*0: the layer without its adapter"),
     ({"*": 2.5}, r"rank for '\*' must be an integer"),
     ({"q_proj": 2, r"layers\.0\..*": 4, "*": 1}, r"'model\.layers\.0\.self_attn\.q_proj' is matched by two .*'q_proj'"
                                                   r" and 'layers\\\\.0\\\\..\*'.*disjoint"),

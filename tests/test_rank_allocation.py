@@ -129,6 +129,17 @@ def test_allocate_info_and_export_through_the_command_line(tmp_path, capsys):
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.no_grad(), at_rank(model, doc["ranks"]):
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+    # rank 0 among the candidates: the plan may drop a type; the export leaves it out and PEFT still agrees
+    zero = tmp_path / "zero.json"
+    assert main(["allocate", str(tmp_path / "ad"), "--data", str(rows), "--budget", "rank:1", "--zero-rank",
+                 "--out", str(zero)]) == 0
+    doc0 = json.loads(zero.read_text())
+    assert doc0["parameters"] <= doc0["budget"] == _params(model, {n: 1 for n in doc0["ranks"]})
+    assert main(["export", str(tmp_path / "ad"), "--rank-pattern", str(zero), "--out", str(tmp_path / "peft0")]) == 0
+    loaded0 = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(BUNDLED)),
+                                             str(tmp_path / "peft0")).eval()
+    with torch.no_grad(), at_rank(model, doc0["ranks"]):
+        torch.testing.assert_close(loaded0(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"nope": 2}))
     assert main(["export", str(tmp_path / "ad"), "--rank-pattern", str(bad), "--out", str(tmp_path / "p2")]) == 2
