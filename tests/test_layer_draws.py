@@ -175,3 +175,31 @@ def test_layer_draws_is_saved_with_the_adapter_and_restored(tmp_path):
     load_adapter(other, path)
     ctrl = controller_of(other)
     assert ctrl.config.layer_draws == "type" and list(ctrl.draw_groups) == TYPES
+
+
+def test_in_fit_with_gradient_accumulation_each_micro_batch_draws_per_type_from_seed_step_and_batch():
+    import lightning as L
+
+    from lit_helpers import CausalLM, token_loader, trainer
+
+    class Recorder(L.Callback):
+        def __init__(self, cb):
+            self.cb, self.records = cb, []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # after the MatryoshkaLoRA hook
+            self.records.append((trainer.global_step, batch_idx, _type_ranks(self.cb.controller, batch.shape[0])))
+
+    module = CausalLM(tiny_llama())
+    cb = MatryoshkaLoRA(r_max=4, mode="rowwise", layer_draws="type", target_modules=["q_proj", "down_proj"], seed=5,
+                        verbose=False, save_adapter=False, rank_eval=None)
+    rec = Recorder(cb)
+    trainer([cb, rec], max_steps=4, accumulate_grad_batches=2).fit(module, token_loader(n=32, batch_size=4))
+    assert [r[0] for r in rec.records] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert list(cb.controller.draw_groups) == ["down_proj", "q_proj"]
+    cycle = cb.config.row_cycle
+    for step, batch_idx, by_type in rec.records:
+        offsets = _reference_offsets(5, step, batch_idx, len(cycle), 2)
+        assert by_type == {t: [cycle[(offsets[j] + i) % len(cycle)] for i in range(4)]
+                           for j, t in enumerate(["down_proj", "q_proj"])}
+    assert any(r[2]["q_proj"] != r[2]["down_proj"] for r in rec.records)
+    assert all(torch.count_nonzero(m.lora_B) > 0 for m in adapted_layers(module).values())
