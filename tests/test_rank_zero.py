@@ -16,12 +16,9 @@ from lightning_matlora import (adapted_layers, allocate_ranks, at_rank, export_p
 from lightning_matlora.rank_allocation import budget_parameters, plan_allocation
 from test_adapter_io import X, trained
 from test_layer_ranks import _dense_reference
+from test_rank_allocation import _distance_to_full, _params
 
 R = 8
-
-
-def _params(model, ranks):
-    return sum(ranks[n] * (m.in_features + m.out_features) for n, m in adapted_layers(model).items())
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -111,15 +108,6 @@ def test_an_export_with_every_layer_at_rank_zero_is_refused_before_anything_is_w
 
 
 # ---------------------------------------------------------------------------------------------- allocation
-def _distance_to_full(model):
-    with torch.no_grad(), at_rank(model, R):
-        full = model(X).logits
-
-    def metric(m, _batch):
-        return (m(X).logits - full).pow(2).mean()
-    return metric
-
-
 def test_rank_zero_lets_the_budget_of_rank_one_everywhere_be_reallocated():
     model = trained(tiny_llama(), r_max=R)
     with torch.no_grad():  # only q_proj carries an update: every other type can be dropped for free
