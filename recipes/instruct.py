@@ -9,6 +9,7 @@ Everything is a LightningCLI option (``--help``, ``--print_config``, ``--config 
 
     python recipes/instruct.py fit --config recipes/configs/paper_gsm8k.yaml      # GPU + hub access
     python recipes/instruct.py fit --model.name_or_path /models/my-llama --data.path data.jsonl
+    python recipes/instruct.py fit --size_curve.budgets '[1, 2, 4, 8]'    # then quality against adapter size
     python recipes/instruct.py predict --model.adapter runs/instruct/lightning_logs/version_0/matlora_adapter \\
         --model.rank 8 --data.prompts '["Encode hello"]'
 
