@@ -104,18 +104,13 @@ def run(a: argparse.Namespace) -> Iterator[dict]:
         at_uniform = score(model, tok, val, k, a.n_val)
         at_greedy = at_uniform if found.greedy == uniform else score(model, tok, val, found.greedy, a.n_val)
         at_plan = at_greedy if found.ranks == found.greedy else at_uniform
+        summary = found.record()
         rec = {"kind": "budget", "method": METHOD, "lr": a.lr, "steps": a.steps, "batch": a.batch, "seed": a.seed,
                "r_max": r_top, "budget_rank": k, "budget": size(uniform), "plan_parameters": size(found.ranks),
                "greedy_parameters": size(found.greedy),
-               "greedy_by_type": {g: found.greedy[ns[0]] for g, ns in sorted(found.groups.items())},
                "chose": "greedy" if found.ranks == found.greedy and found.greedy != uniform else "uniform",
-               "calibration_loss": {"full": round(found.metric_full, 4), "uniform": round(found.metric_uniform, 4),
-                                    "greedy": None if found.metric_greedy is None else round(found.metric_greedy, 4),
-                                    "predicted_greedy": round(found.metric_full + sum(
-                                        found.sensitivity[g][found.greedy[ns[0]]] for g, ns in found.groups.items()),
-                                        4)},
-               "sensitivity": {g: {str(c): round(v, 4) for c, v in sorted(d.items())}
-                               for g, d in sorted(found.sensitivity.items())},
+               "greedy_by_type": summary["greedy_by_group"], "calibration_loss": summary["metric"],
+               "sensitivity": summary["sensitivity"],
                "uniform": at_uniform, "greedy": at_greedy, "allocated": at_plan, "r_max_score": full,
                "sensitivity_evaluations": sens.evaluations, "sensitivity_seconds": round(sens_s, 1),
                "plan_evaluations": found.evaluations, "plan_seconds": round(plan_s, 1),

@@ -135,6 +135,21 @@ class Allocation:
     parameters: int
     evaluations: int
 
+    def predicted_greedy(self) -> float:
+        """The metric the additive model predicts for ``greedy``: metric_full + Σ_g Δ(g, the greedy rank of g)."""
+        return self.metric_full + sum(self.sensitivity[g][self.greedy[names[0]]] for g, names in self.groups.items())
+
+    def record(self, digits: int = 4) -> dict[str, Any]:
+        """A JSON-able summary (numbers rounded to ``digits``): the greedy rank per group, the metric at r_max,
+        at the uniform rank, for the greedy plan as measured (None when it was the uniform rank) and as predicted,
+        and the sensitivities (group → {rank as a string: Δ})."""
+        return {"greedy_by_group": {g: self.greedy[names[0]] for g, names in sorted(self.groups.items())},
+                "metric": {"full": round(self.metric_full, digits), "uniform": round(self.metric_uniform, digits),
+                           "greedy": None if self.metric_greedy is None else round(self.metric_greedy, digits),
+                           "predicted_greedy": round(self.predicted_greedy(), digits)},
+                "sensitivity": {g: {str(c): round(v, digits) for c, v in sorted(d.items())}
+                                for g, d in sorted(self.sensitivity.items())}}
+
 
 def allocate_ranks(model: nn.Module, budget: int | str, data: Iterable[Any] | None = None,
                    metric: Metric | None = None, *, candidates: Iterable[int] | None = None,

@@ -103,6 +103,12 @@ def test_sensitivities_measured_once_serve_every_budget():
         assert (r.ranks, r.greedy, r.metric_uniform, r.sensitivity) == (a.ranks, a.greedy, a.metric_uniform,
                                                                       a.sensitivity)
     assert allocate_ranks(model, "rank:2", [None], metric, sensitivities=sens) == alone[1].ranks
+    four = reused[-1]  # the additive prediction of its greedy plan, from the sensitivities by hand
+    by_type = {n.rsplit(".", 1)[-1]: k for n, k in four.greedy.items()}
+    assert four.predicted_greedy() == pytest.approx(sens.metric_full + sum(sens.delta[g][k] for g, k in
+                                                                           by_type.items()))
+    assert four.record()["greedy_by_group"] == by_type and four.record()["metric"]["uniform"] == round(
+        four.metric_uniform, 4)
     assert get_rank(model) is None
     with pytest.raises(ValueError, match="leave candidates and group out"):
         plan_allocation(model, "rank:2", [None], metric, sensitivities=sens, group="layer")

@@ -24,11 +24,16 @@ def _run(args: list[str], env: dict) -> str:
     return proc.stdout
 
 
+def _tiny_base(tmp_path: Path) -> tuple[Path, dict]:
+    """A tiny GGUF Llama with a chat template, and the environment that keeps its conversion in ``tmp_path``."""
+    base = write_gguf(tmp_path / "tiny.gguf", tiny_llama_for_gguf())
+    return base, {**os.environ, "LIGHTNING_MATLORA_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1",
+                  "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
 @pytest.mark.slow
 def test_study_runs_times_and_reports_at_tiny_size(tmp_path):
-    base = write_gguf(tmp_path / "tiny.gguf", tiny_llama_for_gguf())
-    env = {**os.environ, "LIGHTNING_MATLORA_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    base, env = _tiny_base(tmp_path)
     out = tmp_path / "runs.jsonl"
     common = ["--base", str(base), "--out", str(out), "--n-val", "4"]
     tiny = ["--steps", "4", "--r-max", "4", "--curve-n", "2", "--curve-at", "0.5"]
@@ -57,9 +62,7 @@ def test_study_runs_times_and_reports_at_tiny_size(tmp_path):
 
 @pytest.mark.slow
 def test_allocation_benchmark_runs_and_summarises_at_tiny_size(tmp_path):
-    base = write_gguf(tmp_path / "tiny.gguf", tiny_llama_for_gguf())
-    env = {**os.environ, "LIGHTNING_MATLORA_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    base, env = _tiny_base(tmp_path)
     out = tmp_path / "alloc.jsonl"
     proc = subprocess.run(
         [sys.executable, "benchmarks/real_model_allocation.py", "run", "--base", str(base), "--out", str(out),
