@@ -83,23 +83,24 @@ def run(a: argparse.Namespace) -> Iterator[dict]:
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     for t in [int(x) for x in a.time_threads.split(",") if x]:  # one plain call, before anything else is measured
         torch.set_num_threads(t)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         allocate_ranks(model, "rank:4", calib, answer_loss)
         rec = {"kind": "timing", "seed": a.seed, "threads": t, "budget_rank": 4,
-               "allocate_seconds": round(time.perf_counter() - t0, 1), "layers": len(dims),
+               "allocate_seconds": round(time.perf_counter() - t0, 1),
+               "allocate_cpu_seconds": round(time.process_time() - c0, 1), "layers": len(dims),
                "calibration_rows": a.calibration_rows, "command": command, "time": stamp}
         print(json.dumps(rec), flush=True)
         yield rec
     torch.set_num_threads(a.threads)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     sens = measure_sensitivities(model, calib, answer_loss)
-    sens_s = time.perf_counter() - t0
+    sens_s, sens_cpu = time.perf_counter() - t0, time.process_time() - c0
     print(f"sensitivities: {sens.evaluations} evaluations in {sens_s:.1f} s", flush=True)
     full = score(model, tok, val, r_top, a.n_val)
     for k in [int(x) for x in a.budgets.split(",")]:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         found = plan_allocation(model, f"rank:{k}", calib, answer_loss, sensitivities=sens)
-        plan_s = time.perf_counter() - t0
+        plan_s, plan_cpu = time.perf_counter() - t0, time.process_time() - c0
         uniform = {n: k for n in dims}
         at_uniform = score(model, tok, val, k, a.n_val)
         at_greedy = at_uniform if found.greedy == uniform else score(model, tok, val, found.greedy, a.n_val)
@@ -114,6 +115,7 @@ def run(a: argparse.Namespace) -> Iterator[dict]:
                "uniform": at_uniform, "greedy": at_greedy, "allocated": at_plan, "r_max_score": full,
                "sensitivity_evaluations": sens.evaluations, "sensitivity_seconds": round(sens_s, 1),
                "plan_evaluations": found.evaluations, "plan_seconds": round(plan_s, 1),
+               "sensitivity_cpu_seconds": round(sens_cpu, 1), "plan_cpu_seconds": round(plan_cpu, 1),
                "allocate_seconds": round(sens_s + plan_s, 1), "threads": a.threads, "layers": len(dims),
                "calibration_rows": a.calibration_rows, "train_seconds": round(train_s, 1), "command": command,
                "time": stamp}
@@ -169,15 +171,18 @@ def summary(out: str, grid: str = GRID) -> str:
     sens = {r["seed"]: r for r in recs}
     if sens:
         r0 = next(iter(sens.values()))
+        cpu = [r["sensitivity_cpu_seconds"] for r in sens.values() if "sensitivity_cpu_seconds" in r]
         lines.append(
             f"\nMeasuring the sensitivities ({r0['sensitivity_evaluations']} evaluations of "
-            f"{r0['calibration_rows']} rows, {r0['layers']} layers, {r0['threads']} thread): "
-            f"{ms([r['sensitivity_seconds'] for r in sens.values()])} s; planning a budget from them: "
-            f"{ms([r['plan_seconds'] for r in recs])} s (1–2 evaluations); one plain `allocate_ranks` call "
-            f"(both): {ms([r['allocate_seconds'] for r in recs])} s.")
+            f"{r0['calibration_rows']} rows, {r0['layers']} layers, {r0['threads']} thread), wall time per seed: "
+            f"{', '.join(str(r['sensitivity_seconds']) for _, r in sorted(sens.items()))} s"
+            + (f" (CPU time: {', '.join(map(str, cpu))} s)" if cpu else "")
+            + f"; planning one budget from them (1–2 evaluations): {ms([r['plan_seconds'] for r in recs])} s; one "
+            f"plain `allocate_ranks` call (both): {ms([r['allocate_seconds'] for r in recs])} s.")
     for t in (r for r in load(out) if r.get("kind") == "timing"):
         lines.append(f"One plain `allocate_ranks(model, \"rank:{t['budget_rank']}\", ...)` call at {t['threads']} "
-                     f"thread(s), seed {t['seed']}: {t['allocate_seconds']} s.")
+                     f"thread(s), seed {t['seed']}: {t['allocate_seconds']} s wall"
+                     + (f", {t['allocate_cpu_seconds']} s CPU" if "allocate_cpu_seconds" in t else "") + ".")
     return "\n".join(lines)
 
 
