@@ -67,13 +67,11 @@ class InstructCLI(LightningCLI):
                 raise ValueError(f"--num_threads must be ≥ 1 (or unset for torch's choice), got {threads}.")
             torch.set_num_threads(int(threads))
         adapter_into_output_dir(config)
+        # the size curve is measured after fit only (a fit's saved config.yaml keeps it for validate/predict: ignored)
         self.size_curve = config.get("size_curve")
-        if self.size_curve is not None and self.size_curve.budgets is not None:
-            if self.subcommand != "fit":
-                raise ValueError("--size_curve.budgets measures the adapter after fit: use it with `fit`.")
-            if self.size_curve.calibration_rows < 1:
-                raise ValueError(f"--size_curve.calibration_rows must be ≥ 1, got "
-                                 f"{self.size_curve.calibration_rows}.")
+        if self.size_curve is not None and self.size_curve.budgets is not None and \
+                self.size_curve.calibration_rows < 1:
+            raise ValueError(f"--size_curve.calibration_rows must be ≥ 1, got {self.size_curve.calibration_rows}.")
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
