@@ -36,8 +36,7 @@ from collections.abc import Iterator
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_model_study import answer_loss, build, collate, evaluate, load_base, splits, train_adapter  # noqa: E402
+from real_model_study import answer_loss, build, collate, evaluate, load_base, splits, train_adapter
 
 OUT = "docs/real_model_allocation_runs.jsonl"
 GRID = "docs/real_model_runs.jsonl"
