@@ -186,18 +186,13 @@ def build(method: str, r_max: int, seed: int):
     return MatryoshkaLoRA(r_max=r_max, mode="rowwise", rank_weights=rw, max_pass=False, init=init, **common)
 
 
-def run(a: argparse.Namespace) -> dict:
-    from lightning_matlora import aurac, at_rank, begin_step, paired_loss, set_rank
+def train_adapter(a: argparse.Namespace, model, tok, train: list, val: list, name: str, r_top: int,
+                  ) -> tuple[float, list[dict], list[float]]:
+    """``a.steps`` steps of ``a.batch`` rows (AdamW at ``a.lr``, 5 % warm-up then linear decay, the order drawn from
+    ``a.seed``) of the adapted ``model``: (training seconds, the curve points at ``a.curve_at`` on ``a.curve_n``
+    validation examples, the training losses). ``name``: the method without its ``:R``."""
+    from lightning_matlora import at_rank, begin_step, paired_loss, set_rank
 
-    model, tok = load_base(a.threads, a.base)
-    train, val = splits(tok)
-    name = a.method.partition(":")[0]
-    cb = build(a.method, a.r_max, a.seed)
-    torch.manual_seed(a.seed)
-    cb.apply(model)
-    model.train()
-    r_top = cb.config.r_max
-    ranks = [k for k in EVAL_RANKS if k <= r_top] if name != "lora" else [r_top]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
     warm = max(1, int(0.05 * a.steps))
@@ -237,6 +232,22 @@ def run(a: argparse.Namespace) -> dict:
                     point[str(k)] = evaluate(model, tok, val, a.curve_n)
             curve.append(point)
             print(f"  step {step + 1}: {point}", flush=True)
+    return train_s, curve, losses
+
+
+def run(a: argparse.Namespace) -> dict:
+    from lightning_matlora import aurac, at_rank, set_rank
+
+    model, tok = load_base(a.threads, a.base)
+    train, val = splits(tok)
+    name = a.method.partition(":")[0]
+    cb = build(a.method, a.r_max, a.seed)
+    torch.manual_seed(a.seed)
+    cb.apply(model)
+    model.train()
+    r_top = cb.config.r_max
+    ranks = [k for k in EVAL_RANKS if k <= r_top] if name != "lora" else [r_top]
+    train_s, curve, losses = train_adapter(a, model, tok, train, val, name, r_top)
     set_rank(model, None)
     result = {}
     for k in ranks:

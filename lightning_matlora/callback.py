@@ -62,6 +62,7 @@ class MatryoshkaLoRA(pl.Callback):
         self.config = MatLoRAConfig(**{f.name: values[f.name] for f in dataclasses.fields(MatLoRAConfig)})
         self.settings = CallbackSettings(**{f.name: values[f.name] for f in dataclasses.fields(CallbackSettings)})
         self.controller = RankController(self.config)
+        self._setting_before: Any = None  # the rank setting a validate/test/predict run gives back (see setup)
         self.verbose = verbose = self.settings.verbose
         self.adapted: list[str] = []
         self.save_adapter, self.save_best, self.save_best_mode = (self.settings.save_adapter, self.settings.save_best,
@@ -160,6 +161,9 @@ class MatryoshkaLoRA(pl.Callback):
         _wrap_hook(pl_module, "on_load_checkpoint", before=lambda ckpt: self._check_checkpoint(pl_module, ckpt))
         # checkpoints hold only the adapter, so loading them must not demand the frozen base's keys
         pl_module.strict_loading = False
+        # validate/test/predict give the model back at the rank setting it had (a rank, a rank per layer): the
+        # per-rank passes change it and teardown restores it; fit leaves it at the training forward
+        self._setting_before = self.controller.setting if stage != "fit" and self._owns(pl_module) else None
 
     def _after_configure_model(self, pl_module: pl.LightningModule) -> None:
         check_strategy_for_quantized(pl_module.trainer.strategy, pl_module)
@@ -239,7 +243,8 @@ class MatryoshkaLoRA(pl.Callback):
             checkpoint["state_dict"] = {k: v for k, v in state.items() if clean_name(k) in keep}
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.controller.set(None)
+        self.controller.set(self._setting_before if stage != "fit" else None)
+        self._setting_before = None
 
     def state_dict(self) -> dict[str, Any]:
         state = {"config": self.config.to_dict(), "adapted": list(self.adapted)}

@@ -2,8 +2,10 @@
 
 Contract with the user's LightningModule (nothing MatryoshkaLoRA-specific in it):
 
-1. Lightning runs ``validation_step(batch, batch_idx)`` as usual, at the model's training forward (rank setting
-   ``None``); whatever it logs with ``self.log`` and whatever it returns stay the user's own.
+1. Lightning runs ``validation_step(batch, batch_idx)`` as usual, at the model's rank setting (the training
+   forward, ``None``, during fit; whatever the user set, e.g. a rank per layer, for ``trainer.validate``/``test``);
+   whatever it logs with ``self.log`` and whatever it returns stay the user's own. The per-rank passes below
+   restore that setting after each batch, and the callback's teardown gives it back after validate/test.
 2. Two kinds of curves are measured:
 
    - the *loss curve*, from the step's return value: a tensor, or a dict with ``"loss"``. A scalar is a batch

@@ -9,6 +9,7 @@ Everything is a LightningCLI option (``--help``, ``--print_config``, ``--config 
 
     python recipes/instruct.py fit --config recipes/configs/paper_gsm8k.yaml      # GPU + hub access
     python recipes/instruct.py fit --model.name_or_path /models/my-llama --data.path data.jsonl
+    python recipes/instruct.py fit --size_curve.budgets '[1, 2, 4, 8]'    # then quality against adapter size
     python recipes/instruct.py predict --model.adapter runs/instruct/lightning_logs/version_0/matlora_adapter \\
         --model.rank 8 --data.prompts '["Encode hello"]'
 
@@ -33,7 +34,8 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning_matlora.quiet import quiet_known_noise
 
 from instruct_data import InstructData
-from instruct_module import InstructLM
+from instruct_module import InstructLM, find_matlora
+from instruct_size_curve import check_budgets, format_size_curve, measure_size_curve, plot_size_curve
 
 HERE = Path(__file__).resolve().parent
 
@@ -46,6 +48,14 @@ class InstructCLI(LightningCLI):
         parser.add_argument("--num_threads", type=Optional[int], default=None,
                             help="CPU threads of torch (default: torch's choice); the bundled tiny model runs "
                                  "fastest on one")
+        parser.add_argument("--size_curve.budgets", type=Optional[list[int]], default=None,
+                            help="after fit, score the adapter at these budgets (uniform ranks, e.g. '[1, 2, 4, 8]') "
+                                 "cut uniformly and as allocate_ranks plans them, on the validation split, and "
+                                 "print the table against the adapter parameter count (off by default)")
+        parser.add_argument("--size_curve.plot", type=Optional[str], default=None,
+                            help="also draw the size curve to this PNG file")
+        parser.add_argument("--size_curve.calibration_rows", type=int, default=64,
+                            help="training examples the allocation measures its sensitivities on")
         parser.link_arguments("model.name_or_path", "data.tokenizer")
         parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
 
@@ -57,17 +67,33 @@ class InstructCLI(LightningCLI):
                 raise ValueError(f"--num_threads must be ≥ 1 (or unset for torch's choice), got {threads}.")
             torch.set_num_threads(int(threads))
         adapter_into_output_dir(config)
+        # the size curve is measured after fit only (a fit's saved config.yaml keeps it for validate/predict: ignored)
+        self.size_curve = config.get("size_curve")
+        if self.size_curve is not None and self.size_curve.budgets is not None and \
+                self.size_curve.calibration_rows < 1:
+            raise ValueError(f"--size_curve.calibration_rows must be ≥ 1, got {self.size_curve.calibration_rows}.")
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
         # options that depend on the callback (eval ranks and predict rank against r_max): checked now, before
         # any data is read or any step runs
         self.model.check_callbacks(self.trainer.callbacks)
+        if self.subcommand == "fit" and self.size_curve is not None and self.size_curve.budgets is not None:
+            self.size_curve.budgets = check_budgets(self.size_curve.budgets,
+                                                    find_matlora(self.trainer.callbacks).config.r_max)
+            if self.trainer.world_size > 1:
+                raise ValueError("--size_curve.budgets runs in one process: fit with --trainer.devices 1, or measure "
+                                 "the saved adapter afterwards (matlora allocate).")
         if self.subcommand == "fit":
             self.model.defer_report = True  # printed by after_fit, once the progress bar is gone
 
     def after_fit(self) -> None:
         self.model.print_fit_report()
+        if self.size_curve is not None and self.size_curve.budgets:
+            points = measure_size_curve(self.model, self.size_curve.budgets, self.size_curve.calibration_rows)
+            print("\n" + format_size_curve(points))
+            if self.size_curve.plot:
+                print(f"Size curve plotted to {plot_size_curve(points, self.size_curve.plot)}")
 
 
 def adapter_into_output_dir(config) -> None:

@@ -236,14 +236,19 @@ class InstructLM(pl.LightningModule):
             rank_zero_info(f"epoch {self.current_epoch}: " + "  ".join(
                 f"r{k}: acc {acc.score_at(k):.1f}" + (f" em {em.score_at(k):.1f}" if em else "") for k in acc.ranks))
 
-    @torch.no_grad()
     def evaluate_base(self) -> dict[str, float]:
         """Loss, token accuracy (and exact match) of the model as it is now, over the whole validation split
         (summed over processes)."""
+        return self.evaluate_at(self.matlora().config.r_max)  # any rank: the adapter is zero
+
+    @torch.no_grad()
+    def evaluate_at(self, rank: int | dict[str, int]) -> dict[str, float]:
+        """Loss, token accuracy (and exact match) over the whole validation split (summed over processes) with the
+        adapter at ``rank``: a rank, or a rank per layer (``{name or pattern: k}``, e.g. an allocation)."""
         was_training = self.model.training
         self.model.eval()
         totals = torch.zeros(5, dtype=torch.float64, device=self.device)  # loss sum, correct, tokens, hits, scored
-        with at_rank(self.model, self.matlora().config.r_max):  # any rank: the adapter is zero
+        with at_rank(self.model, rank):
             for batch in self.trainer.datamodule.val_dataloader():
                 totals[:3] += self._token_stats({n: t.to(self.device) for n, t in batch.items()}).double()
             if self.exact_match is not None:

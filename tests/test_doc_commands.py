@@ -141,6 +141,8 @@ CHECKS: dict[tuple[str, str], Run | ParseOnly | InCI | Elsewhere] = {
         Run(parse_only=("paper_gsm8k.yaml", "smollm2.yaml")),
     ("docs/recipe.md", SMOLLM2): Run(parse_only=("smollm2.yaml",)),
     ("docs/recipe.md",
+     "python recipes/instruct.py fit --size_curve.budgets '[1, 2, 4, 8]' --size_curve.plot size_curve.png"): Run(),
+    ("docs/recipe.md",
      "# any transformers causal LM: a hub name (needs the network or the local HF cache) or a local directory\n"
      "python recipes/instruct.py fit --model.name_or_path /models/Llama-3.2-1B-Instruct --model.dtype bfloat16 \\\n"
      "    --trainer.accelerator gpu --trainer.precision bf16-mixed \\\n"

@@ -12,7 +12,7 @@ import torch
 from conftest import tiny_llama
 from lightning_matlora import adapted_layers, allocate_ranks, at_rank, get_rank, save_adapter
 from lightning_matlora.cli import main
-from lightning_matlora.rank_allocation import budget_parameters, plan_allocation
+from lightning_matlora.rank_allocation import budget_parameters, measure_sensitivities, plan_allocation
 from test_adapter_io import X, trained
 
 R = 8
@@ -78,6 +78,43 @@ def test_per_layer_groups_and_a_custom_candidate_set():
     model = trained(tiny_llama(), r_max=R)
     ranks = allocate_ranks(model, "rank:2", _batches(), group="layer", candidates=[2, 4, 8])
     assert set(ranks.values()) <= {1, 2, 4, 8} and _params(model, ranks) <= _params(model, {n: 2 for n in ranks})
+
+
+def test_sensitivities_measured_once_serve_every_budget():
+    model = trained(tiny_llama(), r_max=R)
+    calls = []
+    loss = _distance_to_full(model)
+
+    def metric(m, batch):
+        calls.append(1)
+        return loss(m, batch)
+    budgets = ["rank:1", "rank:2", 3000, "rank:4"]
+    alone = [plan_allocation(model, b, [None], metric) for b in budgets]
+    assert len(calls) == sum(a.evaluations for a in alone) and all(a.evaluations >= 1 + 7 * 3 + 1 for a in alone)
+    calls.clear()
+    sens = measure_sensitivities(model, [None], metric)
+    assert len(calls) == sens.evaluations == 1 + 7 * 3  # r_max everywhere, then 7 module types at ranks 1, 2, 4
+    reused = [plan_allocation(model, b, [None], metric, sensitivities=sens) for b in budgets]
+    # each budget costs only the final check: the uniform rank, and the greedy plan where it differs
+    assert len(calls) == sens.evaluations + sum(r.evaluations for r in reused)
+    assert [r.evaluations for r in reused] == [1 if r.greedy == {n: r.uniform_rank for n in r.greedy} else 2
+                                              for r in reused]
+    for a, r in zip(alone, reused):
+        assert (r.ranks, r.greedy, r.metric_uniform, r.sensitivity) == (a.ranks, a.greedy, a.metric_uniform,
+                                                                      a.sensitivity)
+    assert allocate_ranks(model, "rank:2", [None], metric, sensitivities=sens) == alone[1].ranks
+    four = reused[-1]  # the additive prediction of its greedy plan, from the sensitivities by hand
+    by_type = {n.rsplit(".", 1)[-1]: k for n, k in four.greedy.items()}
+    assert four.predicted_greedy() == pytest.approx(sens.metric_full + sum(sens.delta[g][k] for g, k in
+                                                                           by_type.items()))
+    assert four.record()["greedy_by_group"] == by_type and four.record()["metric"]["uniform"] == round(
+        four.metric_uniform, 4)
+    assert get_rank(model) is None
+    with pytest.raises(ValueError, match="leave candidates and group out"):
+        plan_allocation(model, "rank:2", [None], metric, sensitivities=sens, group="layer")
+    other = trained(tiny_llama(), r_max=4)
+    with pytest.raises(ValueError, match="measured on another adapter.*measure_sensitivities on this model"):
+        plan_allocation(other, "rank:2", [None], metric, sensitivities=sens)
 
 
 @pytest.mark.parametrize("budget,match", [

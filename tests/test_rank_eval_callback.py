@@ -184,6 +184,36 @@ def test_validate_curve_matches_reference_on_both_paths(tmp_path, adapted_lm, re
         assert got[k] == pytest.approx(ref[k], rel=1e-5)
 
 
+@pytest.mark.parametrize("stage", ["validate", "test"])
+def test_a_per_layer_setting_survives_the_per_rank_passes(tmp_path, adapted_lm, stage):
+    """The user serves a rank per layer; validate/test sweep the uniform eval ranks and give the setting back."""
+    from lightning_matlora import get_rank, set_rank
+
+    _, val = loaders(n_val=10, batch_size=4)
+    module, cb = adapted_lm("dict")
+    seen = []
+    step = module.validation_step
+
+    def recording_step(batch, batch_idx):
+        seen.append(get_rank(module))
+        return step(batch, batch_idx)
+    module.validation_step = module.test_step = recording_step
+    set_rank(module, {"q_proj": 2, "*": 5})
+    plan = get_rank(module)
+    t = trainer(tmp_path, callbacks=[cb])
+    getattr(t, stage)(module, val, verbose=False)
+    # every batch: Lightning's own call at the user's setting, then the callback's passes at 1, 3, 8
+    assert seen == [plan, 1, 3, 8] * 3
+    assert get_rank(module) == plan
+    ref = reference_curve(module.model, val, [1, 3, 8])
+    for k in ref:
+        assert float(t.callback_metrics[f"{'val' if stage == 'validate' else 'test'}/loss@r{k}"]) == \
+            pytest.approx(ref[k], rel=1e-5)
+    set_rank(module, 3)
+    t.validate(module, val, verbose=False)
+    assert get_rank(module) == 3
+
+
 def test_mixed_and_sequential_paths_give_the_same_curve(tmp_path, adapted_lm):
     _, val = loaders(n_val=10, batch_size=4)
     module, cb = adapted_lm("per_row")

@@ -24,11 +24,16 @@ def _run(args: list[str], env: dict) -> str:
     return proc.stdout
 
 
+def _tiny_base(tmp_path: Path) -> tuple[Path, dict]:
+    """A tiny GGUF Llama with a chat template, and the environment that keeps its conversion in ``tmp_path``."""
+    base = write_gguf(tmp_path / "tiny.gguf", tiny_llama_for_gguf())
+    return base, {**os.environ, "LIGHTNING_MATLORA_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1",
+                  "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
 @pytest.mark.slow
 def test_study_runs_times_and_reports_at_tiny_size(tmp_path):
-    base = write_gguf(tmp_path / "tiny.gguf", tiny_llama_for_gguf())
-    env = {**os.environ, "LIGHTNING_MATLORA_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    base, env = _tiny_base(tmp_path)
     out = tmp_path / "runs.jsonl"
     common = ["--base", str(base), "--out", str(out), "--n-val", "4"]
     tiny = ["--steps", "4", "--r-max", "4", "--curve-n", "2", "--curve-at", "0.5"]
@@ -53,3 +58,28 @@ def test_study_runs_times_and_reports_at_tiny_size(tmp_path):
                  '| one pass, `half_max`, `init="per_rank"` (the default) | 0.001 | 4 | 4 | 1 |', "Time per training step", "Along training"):
         assert want in text, want
     assert png.stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_allocation_benchmark_runs_and_summarises_at_tiny_size(tmp_path):
+    base, env = _tiny_base(tmp_path)
+    out = tmp_path / "alloc.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/real_model_allocation.py", "run", "--base", str(base), "--out", str(out),
+         "--steps", "2", "--r-max", "4", "--budgets", "1,2", "--n-val", "4", "--calibration-rows", "8",
+         "--calibration-batch", "4", "--time-threads", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["kind"], r.get("budget_rank")) for r in records] == [("timing", 4), ("budget", 1), ("budget", 2)]
+    one, two = records[1], records[2]
+    # the sensitivities were measured once: 1 + 7 module types × (candidates 1, 2 below r_max 4) evaluations
+    assert one["sensitivity_evaluations"] == two["sensitivity_evaluations"] == 1 + 7 * 2
+    assert one["sensitivity_seconds"] == two["sensitivity_seconds"]
+    assert 1 <= one["plan_evaluations"] <= 2 and 1 <= two["plan_evaluations"] <= 2
+    assert one["chose"] == "uniform" and one["plan_parameters"] == one["budget"]
+    assert two["plan_parameters"] <= two["budget"] == 2 * one["budget"]
+    text = subprocess.run([sys.executable, "benchmarks/real_model_allocation.py", "summary", "--out", str(out),
+                           "--grid", str(tmp_path / "none.jsonl")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=env).stdout
+    assert f"| rank 1 | {one['budget']:,} | 1 |" in text and "| rank 2 |" in text and "at 1 thread(s)" in text

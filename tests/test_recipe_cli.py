@@ -90,8 +90,37 @@ def test_predict_takes_no_run_version(run):
     assert not (logs / "version_0" / "predict").exists() and not list(cwd.glob("lightning_logs"))
 
 
+def test_the_size_curve_after_fit(tmp_path):
+    """``--size_curve.budgets``: after fit, one row per budget with the uniform rank's and the allocated plan's
+    parameter count and scores, and the figure."""
+    from lightning_matlora import read_adapter
+    from lightning_matlora.rank_plan import plan_parameters
+
+    res = recipe(tmp_path, "fit", "--model.output_dir", "out", *SMALL, "--size_curve.budgets", "[2, 1]",
+                 "--size_curve.calibration_rows", "8", "--size_curve.plot", "size.png")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out = res.stdout
+    table = out[out.index("Quality against adapter size"):].splitlines()
+    assert table[1].split()[:5] == ["budget", "parameters", "loss", "token", "acc"]
+    adapter = read_adapter(tmp_path / "out" / "adapter")
+    rows = {}
+    for line in table[2:4]:
+        cells = [c.strip() for c in line.split("  ") if c.strip()]
+        rows[int(cells[0].split()[1])] = cells
+    assert sorted(rows) == [1, 2]  # sorted by budget
+    for k, cells in rows.items():
+        uniform, allocated = (int(x.replace(",", "")) for x in cells[1].split(" | "))
+        assert uniform == plan_parameters(adapter, k) and allocated <= uniform
+    # at rank 1 every layer keeps rank 1: the plan is the uniform rank and the scores are the same
+    assert rows[1][-1] == "the uniform rank"
+    assert all(a == b for a, b in (c.split(" | ") for c in rows[1][1:-1]))
+    assert "Size curve plotted to size.png" in out and (tmp_path / "size.png").stat().st_size > 1000
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model.lr", "0"], "instruct.py fit: error: --model.lr must be > 0, got 0.0."),
+    (["--size_curve.budgets", "[1, 32]"], "instruct.py fit: error: --size_curve.budgets [1, 32]: give budgets as "
+                                          "uniform ranks in 1…r_max=16"),
     (['--trainer.callbacks=[{"class_path": "lightning_matlora.MatryoshkaLoRA", "init_args": {"r_max": 4, '
       '"ranks": [1, 8]}}]'], "instruct.py fit: error: "),
 ])
