@@ -53,3 +53,24 @@ def test_study_runs_times_and_reports_at_tiny_size(tmp_path):
                  '| one pass, `half_max`, `init="per_rank"` (the default) | 0.001 | 4 | 4 | 1 |', "Time per training step", "Along training"):
         assert want in text, want
     assert png.stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_study_takes_the_encode_task_and_keeps_tasks_apart(tmp_path):
+    base = write_gguf(tmp_path / "tiny.gguf", tiny_llama_for_gguf())
+    env = {**os.environ, "LIGHTNING_MATLORA_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "encode.jsonl"
+    common = ["--base", str(base), "--out", str(out), "--n-val", "4"]
+    _run(["base", "--task", "encode", *common], env)
+    _run(["run", "lora:2", "--task", "encode", "--lr", "1e-3", "--steps", "2", "--curve-at", "", *common], env)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(d["method"], d["task"]) for d in records] == [("base", "encode"), ("lora:2", "encode")]
+    png = tmp_path / "e.png"
+    _run(["report", "--out", str(out), "--png", str(png)], env)
+    assert png.stat().st_size > 1000
+    # an ISO-dates run in the same file: the report refuses to mix tasks and names the fix
+    _run(["base", *common], env)
+    proc = subprocess.run([sys.executable, "benchmarks/real_model_study.py", "report", "--out", str(out), "--png",
+                           str(png)], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode != 0 and "own --out" in proc.stderr
