@@ -452,14 +452,20 @@ def main_table(records: list[dict], lrs: dict[str, float], metric: str = "exact_
 
 
 def grid_row(records: list[dict], lrs: dict[str, float], steps: int) -> str | None:
-    """The grid: each member ``lora:K`` (``steps`` steps, its chosen rate) at its own rank, seed 0."""
-    members = {int(d["method"].split(":")[1]): d for d in records if d["method"].startswith("lora:")
-               and d["steps"] == steps and d["seed"] == 0 and d["lr"] == lrs.get(d["method"])}
+    """The grid: each member ``lora:K`` (``steps`` steps, its chosen rate) at its own rank, mean ± sd over the seeds
+    run."""
+    import collections
+
+    members = collections.defaultdict(list)
+    for d in records:
+        if d["method"].startswith("lora:") and d["steps"] == steps and d["lr"] == lrs.get(d["method"]):
+            members[int(d["method"].split(":")[1])].append(d["curve"][d["method"].split(":")[1]]["exact_match"])
     if len(members) < 2:
         return None
-    cells = [f"{members[k]['curve'][str(k)]['exact_match']:.1f}" if k in members else "" for k in EVAL_RANKS]
-    return (f"| grid: plain LoRA trained at each rank alone (seed 0, {steps} steps each; ranks "
-            f"{', '.join(map(str, sorted(members)))}) | " + " | ".join(cells) + " |")
+    cells = [ms(members[k]) if k in members else "" for k in EVAL_RANKS]
+    seeds = sorted({len(v) for v in members.values()})
+    return (f"| grid: plain LoRA trained at each rank alone ({steps} steps each; ranks "
+            f"{', '.join(map(str, sorted(members)))}; {'/'.join(map(str, seeds))} seeds) | " + " | ".join(cells) + " |")
 
 
 def training_curves(records: list[dict], lrs: dict[str, float]) -> str:
