@@ -18,6 +18,10 @@ validation examples, their log2 AURAC (:func:`lightning_matlora.aurac`), and a f
 (exact match and token accuracy at r = 1 and r_max on the first 100 validation examples, with the training time
 spent so far).
 
+``--task encode`` trains and evaluates on the recipe's bundled Encode task instead (``recipes/assets/data/encode.jsonl``,
+3600 training and 400 validation examples); its runs go to their own file
+(``--out docs/real_model_encode_runs.jsonl``).
+
 METHOD:
   lora:R       plain LoRA at rank R (``mode="lora"``, r_max R): plain LoRA at r_max (R = 16) or one grid member
   paired       paired passes (the default before `init`): ``mode="rowwise"``, ``max_pass=True`` (two forward-backward
@@ -47,7 +51,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT / "recipes" / "assets" / "data" / "iso_dates.jsonl"
+TASKS = {"iso_dates": ROOT / "recipes" / "assets" / "data" / "iso_dates.jsonl",
+         "encode": ROOT / "recipes" / "assets" / "data" / "encode.jsonl"}
+TASK_NAMES = {"iso_dates": "ISO dates", "encode": "Encode"}
 OUT = "docs/real_model_runs.jsonl"
 EVAL_RANKS = [1, 2, 4, 8, 16]
 METHODS = ("lora", "paired", "uniform", "half_max", "matryoshka", "curriculum", "uniform_init", "half_max_init")
@@ -83,11 +89,11 @@ def encode(rows: list[dict], tok) -> list[tuple[list[int], int, str]]:
     return out
 
 
-def splits(tok) -> tuple[list, list]:
-    """The recipe's split of the task file (``datasets``' seeded 10 % hold-out), encoded."""
+def splits(tok, task: str = "iso_dates") -> tuple[list, list]:
+    """The recipe's split of ``task``'s file (``datasets``' seeded 10 % hold-out), encoded."""
     import datasets
 
-    ds = datasets.load_dataset("json", data_files=str(DATA), split="train")
+    ds = datasets.load_dataset("json", data_files=str(TASKS[task]), split="train")
     parts = ds.train_test_split(test_size=0.1, seed=0, shuffle=True)
     return encode(list(parts["train"]), tok), encode(list(parts["test"]), tok)
 
@@ -239,7 +245,7 @@ def run(a: argparse.Namespace) -> dict:
     from lightning_matlora import aurac, at_rank, set_rank
 
     model, tok = load_base(a.threads, a.base)
-    train, val = splits(tok)
+    train, val = splits(tok, a.task)
     name = a.method.partition(":")[0]
     cb = build(a.method, a.r_max, a.seed)
     torch.manual_seed(a.seed)
@@ -259,7 +265,7 @@ def run(a: argparse.Namespace) -> dict:
         "method": a.method, "lr": a.lr, "seed": a.seed, "steps": a.steps, "batch": a.batch, "r_max": r_top,
         "passes": a.steps * passes, "train_s": round(train_s, 1), "s_per_step": round(train_s / a.steps, 3),
         "threads": a.threads, "final_train_loss": round(sum(losses[-10:]) / len(losses[-10:]), 4),
-        "curve": result, "training_curve": curve, "tag": a.tag,
+        "curve": result, "training_curve": curve, "tag": a.tag, "task": a.task,
         "aurac_log2_em": float(aurac(ranks, [result[str(k)]["exact_match"] for k in ranks])),
         "aurac_log2_token_acc": float(aurac(ranks, [result[str(k)]["token_acc"] for k in ranks])),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -269,9 +275,9 @@ def run(a: argparse.Namespace) -> dict:
 
 def base(a: argparse.Namespace) -> dict:
     model, tok = load_base(a.threads, a.base)
-    _, val = splits(tok)
+    _, val = splits(tok, a.task)
     return {"command": "python benchmarks/real_model_study.py " + " ".join(shlex.quote(x) for x in sys.argv[1:]),
-            "method": "base", "lr": 0.0, "seed": 0,
+            "method": "base", "lr": 0.0, "seed": 0, "task": a.task,
             "steps": 0, "passes": 0, "train_s": 0.0, "curve": {"0": evaluate(model, tok, val, a.n_val)},
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
@@ -283,7 +289,7 @@ def timing(a: argparse.Namespace) -> dict:
 
     torch.manual_seed(0)
     _, tok = load_base(a.threads, a.base)
-    train, _ = splits(tok)
+    train, _ = splits(tok, a.task)
     models = {}
     for m in a.methods.split(","):
         model, _ = load_base(a.threads, a.base)
@@ -305,7 +311,8 @@ def timing(a: argparse.Namespace) -> dict:
     per = {m: sum(t) / len(t) for m, t in times.items()}
     ref = per.get("lora:16", next(iter(per.values())))
     return {"command": "python benchmarks/real_model_study.py " + " ".join(shlex.quote(x) for x in sys.argv[1:]),
-            "method": "timing", "lr": 0.0, "seed": 0, "steps": a.rounds, "batch": a.batch, "threads": a.threads,
+            "method": "timing", "lr": 0.0, "seed": 0, "task": a.task, "steps": a.rounds, "batch": a.batch,
+            "threads": a.threads,
             "s_per_step": {m: round(v, 3) for m, v in per.items()},
             "ratio_to_lora": {m: round(v / ref, 3) for m, v in per.items()},
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -457,14 +464,20 @@ def main_table(records: list[dict], lrs: dict[str, float], metric: str = "exact_
 
 
 def grid_row(records: list[dict], lrs: dict[str, float], steps: int) -> str | None:
-    """The grid: each member ``lora:K`` (``steps`` steps, its chosen rate) at its own rank, seed 0."""
-    members = {int(d["method"].split(":")[1]): d for d in records if d["method"].startswith("lora:")
-               and d["steps"] == steps and d["seed"] == 0 and d["lr"] == lrs.get(d["method"])}
+    """The grid: each member ``lora:K`` (``steps`` steps, its chosen rate) at its own rank, mean ± sd over the seeds
+    run."""
+    import collections
+
+    members = collections.defaultdict(list)
+    for d in records:
+        if d["method"].startswith("lora:") and d["steps"] == steps and d["lr"] == lrs.get(d["method"]):
+            members[int(d["method"].split(":")[1])].append(d["curve"][d["method"].split(":")[1]]["exact_match"])
     if len(members) < 2:
         return None
-    cells = [f"{members[k]['curve'][str(k)]['exact_match']:.1f}" if k in members else "" for k in EVAL_RANKS]
-    return (f"| grid: plain LoRA trained at each rank alone (seed 0, {steps} steps each; ranks "
-            f"{', '.join(map(str, sorted(members)))}) | " + " | ".join(cells) + " |")
+    cells = [ms(members[k]) if k in members else "" for k in EVAL_RANKS]
+    seeds = sorted({len(v) for v in members.values()})
+    return (f"| grid: plain LoRA trained at each rank alone ({steps} steps each; ranks "
+            f"{', '.join(map(str, sorted(members)))}; {'/'.join(map(str, seeds))} seeds) | " + " | ".join(cells) + " |")
 
 
 def training_curves(records: list[dict], lrs: dict[str, float]) -> str:
@@ -490,7 +503,7 @@ def plot(records: list[dict], lrs: dict[str, float], png: str) -> None:
 
     with panel_figure(png, ("exact match at r = 1", "exact match at r_max = 16"),
                       xlabel="training time (s, evaluation excluded)", ylabel="exact match %",
-                      suptitle="SmolLM2-135M-Instruct, ISO dates, seed 0: accuracy against training time",
+                      suptitle=f"SmolLM2-135M-Instruct, {task_name(records)}, seed 0: accuracy against training time",
                       legend_fontsize=7) as axes:
         for d in records:
             if d["method"] == "base" or d["seed"] != 0 or d["lr"] != lrs.get(d["method"]):
@@ -506,8 +519,17 @@ def plot(records: list[dict], lrs: dict[str, float], png: str) -> None:
                     ax.plot(xs, ys, marker="o", ms=3, label=name)
 
 
+def task_name(records: list[dict]) -> str:
+    """The task of a file's runs, as the docs name it (runs from before ``--task`` are ISO dates)."""
+    tasks = {d.get("task", "iso_dates") for d in records}
+    if len(tasks) != 1:
+        raise SystemExit(f"one task per runs file, found {sorted(tasks)}: write each task's runs to its own --out")
+    return TASK_NAMES[tasks.pop()]
+
+
 def report(path: str, md: str | None = None, png: str | None = None) -> str:
     everything = load_records(path)
+    task_name(everything)  # one task per file
     records = [d for d in everything if d["method"] not in ("base", "timing")]
     lrs = chosen_lrs(records)
     base_rec = next((d for d in everything if d["method"] == "base"), None)
@@ -562,6 +584,8 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument("--curve-n", type=int, default=50)
             p.add_argument("--tag", default="")
         p.add_argument("--n-val", type=int, default=100)
+        p.add_argument("--task", choices=sorted(TASKS), default="iso_dates", help="the recipe's data file to train "
+                       "and evaluate on (write each task's runs to its own --out)")
         p.add_argument("--base", default="smollm2", help="another GGUF file or model directory (tests use a tiny "
                        "one)")
         p.add_argument("--threads", type=int, default=1)

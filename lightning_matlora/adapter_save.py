@@ -17,7 +17,7 @@ from .adapter_format import LayerInfo, SavedAdapter, as_curves, json_metadata, w
 from .config import MatLoRAConfig
 from .curve import RankCurve
 from .adapter_state import clean_name, full_adapter_state_dict
-from .inject import _saved_prefixes, adapted_layers
+from .inject import adapted_layers, saved_prefixes
 from .adapted_model import controller_of, model_state_of
 from .version import __version__
 
@@ -91,8 +91,8 @@ def snapshot(model: nn.Module, *, curves: RankCurve | Sequence[RankCurve] | None
     # the full adapter on every process (gathers FSDP/FSDP2/ZeRO-3 shards: a collective), wrapper names cleaned
     state = full_adapter_state_dict(model)
     layers = {clean_name(n): m for n, m in layers.items()}
-    saved_prefixes = [clean_name(p) for p in _saved_prefixes(model, ctrl.config)]
-    owned = list(layers) + saved_prefixes
+    saved = [clean_name(p) for p in saved_prefixes(model, ctrl.config)]
+    owned = list(layers) + saved
     root_name, root = model_root(model, lambda n, _m: not n or all(o.startswith(clean_name(n) + ".") for o in owned))
     prefix = clean_name(root_name) + "." if root_name else ""
     tensors = {k[len(prefix):]: v.contiguous() for k, v in state.items()}
@@ -100,7 +100,7 @@ def snapshot(model: nn.Module, *, curves: RankCurve | Sequence[RankCurve] | None
              for name, layer in sorted(layers.items())}
     return SavedAdapter(
         config=MatLoRAConfig.from_dict(ctrl.config.to_dict()), layers=infos, tensors=tensors,
-        saved_modules=[m[len(prefix):] for m in saved_prefixes],
+        saved_modules=[m[len(prefix):] for m in saved],
         base_model_name_or_path=base_model_name(root), base_model_class=type(root).__name__,
         task_type=task_type_of(root), peft_target_modules=peft_target_modules(root, list(infos)),
         curves=curves, metadata=metadata, library_version=__version__)

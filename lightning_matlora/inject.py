@@ -162,7 +162,7 @@ def inject(model: nn.Module, config: MatLoRAConfig, controller: RankController, 
         setattr(parent, child, layer.train(base.training))  # an eval-mode model stays in eval mode
     layers = adapted_layers(model)
     _warn_narrow(config.r_max, {n: layers[n] for n in names})
-    saved = {n: model.get_submodule(n) for n in _saved_prefixes(model, config)}
+    saved = {n: model.get_submodule(n) for n in saved_prefixes(model, config)}
     state = ModelState.attach(model, controller, layers, saved)
     if layers and distill:
         state.enable_distillation(model)
@@ -180,7 +180,8 @@ def _warn_narrow(r_max: int, layers: dict[str, MatryoshkaLinear]) -> None:
                       UserWarning, stacklevel=3)
 
 
-def _saved_prefixes(model: nn.Module, config: MatLoRAConfig) -> list[str]:
+def saved_prefixes(model: nn.Module, config: MatLoRAConfig) -> list[str]:
+    """Names of the submodules of ``model`` that ``config.modules_to_save`` selects (trained and saved whole)."""
     saved = config.modules_to_save or []
     return [n for n, _ in model.named_modules() if n and _matches(n, saved)]
 

@@ -32,7 +32,7 @@ from .adapter_save import base_model_name, save_adapter, task_type_of
 from .base_model import BaseRecord, LayerShape, check_fits, is_conv1d, load_base, resolve_base
 from .config import MatLoRAConfig
 from .curve import RankCurve
-from .inject import _saved_prefixes, adapted_layers, find_targets
+from .inject import adapted_layers, find_targets, saved_prefixes
 from .nesting import NestReport, nest_by_svd
 from .output_dir import check_output_dir
 from .peft_lora import NotNestable, PeftLoRA, read_peft_lora
@@ -114,7 +114,7 @@ def as_nested_adapter(peft: PeftLoRA, model: nn.Module) -> SavedAdapter:
 
     def selects(targets: Any, to_save: Any) -> bool:
         cfg = MatLoRAConfig(target_modules=targets, modules_to_save=to_save, **settings)
-        return sorted(find_targets(model, cfg)) == names and sorted(_saved_prefixes(model, cfg)) == saved
+        return sorted(find_targets(model, cfg)) == names and sorted(saved_prefixes(model, cfg)) == saved
 
     # the short forms (name suffixes, PEFT's modules_to_save) when they select exactly these modules, else full names
     targets = suffixes if selects(suffixes, saved or None) else names

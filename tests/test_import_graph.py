@@ -145,7 +145,7 @@ def test_no_module_writes_another_objects_private_attributes():
 
 
 #: private names a module still imports from another, each with why it is left (none may be added)
-KNOWN_PRIVATE_IMPORTS = {("inject", "_saved_prefixes")}  # the modules_to_save prefixes: inject.py is being reworked
+KNOWN_PRIVATE_IMPORTS: set[tuple[str, str]] = set()
 
 
 def test_no_module_imports_another_modules_private_names():

@@ -324,27 +324,3 @@ def test_per_row_ranks_on_whole_models(family, rule):
                 torch.testing.assert_close(batched[i], model(input_ids=ids[i:i + 1]).logits[0], rtol=1e-4, atol=1e-5)
         with at_rank(model, 1):  # the ranks really differ
             assert not torch.allclose(model(input_ids=ids[:1]).logits[0], batched[0], atol=1e-3)
-
-
-def test_rowwise_spreads_the_train_ranks_over_the_global_batch_of_all_processes():
-    """Under DDP each process sees a slice of the global batch (DistributedSampler interleaves: row i of process g
-    is global row i·world + g). Every train rank must get rows of the global batch, and the assignment must equal
-    the single-process one on the same global batch."""
-    from lightning_matlora import MatLoRAConfig
-    from lightning_matlora.rank import RankController
-
-    cfg = MatLoRAConfig(r_max=8, mode="rowwise", rank_weights="uniform")  # S = 1, 2, 4, 8, one share each
-    world, rows = 2, 2
-    for step in range(6):
-        single = RankController(cfg)
-        single.begin_step(step)
-        global_ranks = single.rowwise_ranks(world * rows)
-        per_process = []
-        for g in range(world):
-            ctrl = RankController(cfg)
-            ctrl.set_process(g, world)
-            ctrl.begin_step(step)
-            per_process.append(ctrl.rowwise_ranks(rows))
-        interleaved = torch.stack(per_process, dim=1).reshape(-1)  # global row i·world + g
-        assert torch.equal(interleaved, global_ranks)
-        assert sorted(interleaved.tolist()) == [1, 2, 4, 8]

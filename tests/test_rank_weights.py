@@ -70,9 +70,15 @@ def test_each_rank_gets_its_share_of_every_batch(weights, rows):
         assert collections.Counter(r.tolist())[16] == rows // 2
 
 
-def test_weighted_ranks_are_spread_over_the_global_batch_of_all_processes():
-    cfg = MatLoRAConfig(r_max=8, rank_weights=[1, 1, 1, 3])  # cycle of 6: r_max on half of the rows
-    world, rows = 3, 4
+@pytest.mark.parametrize("weights, world, rows, counts", [
+    ("uniform", 2, 2, {1: 1, 2: 1, 4: 1, 8: 1}),  # S = 1, 2, 4, 8, one share each
+    ([1, 1, 1, 3], 3, 4, {1: 2, 2: 2, 4: 2, 8: 6}),  # cycle of 6: r_max on half of the rows
+])
+def test_train_ranks_are_spread_over_the_global_batch_of_all_processes(weights, world, rows, counts):
+    """Under DDP each process sees a slice of the global batch (DistributedSampler interleaves: row i of process g
+    is global row i·world + g). Every train rank must get its share of the global batch, and the assignment must
+    equal the single-process one on the same global batch."""
+    cfg = MatLoRAConfig(r_max=8, mode="rowwise", rank_weights=weights)
     for step in range(6):
         single = RankController(cfg)
         single.begin_step(step)
@@ -85,7 +91,7 @@ def test_weighted_ranks_are_spread_over_the_global_batch_of_all_processes():
             per_process.append(ctrl.rowwise_ranks(rows))
         interleaved = torch.stack(per_process, dim=1).reshape(-1)  # global row i·world + g
         assert torch.equal(interleaved, global_ranks)
-        assert collections.Counter(interleaved.tolist()) == {1: 2, 2: 2, 4: 2, 8: 6}
+        assert collections.Counter(interleaved.tolist()) == counts
 
 
 # ------------------------------------------------------------------------------- the forward, float64 reference

@@ -83,3 +83,22 @@ def test_allocation_benchmark_runs_and_summarises_at_tiny_size(tmp_path):
                            "--grid", str(tmp_path / "none.jsonl")], cwd=ROOT, capture_output=True, text=True,
                           timeout=120, env=env).stdout
     assert f"| rank 1 | {one['budget']:,} | 1 |" in text and "| rank 2 |" in text and "at 1 thread(s)" in text
+
+
+@pytest.mark.slow
+def test_study_takes_the_encode_task_and_keeps_tasks_apart(tmp_path):
+    base, env = _tiny_base(tmp_path)
+    out = tmp_path / "encode.jsonl"
+    common = ["--base", str(base), "--out", str(out), "--n-val", "4"]
+    _run(["base", "--task", "encode", *common], env)
+    _run(["run", "lora:2", "--task", "encode", "--lr", "1e-3", "--steps", "2", "--curve-at", "", *common], env)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(d["method"], d["task"]) for d in records] == [("base", "encode"), ("lora:2", "encode")]
+    png = tmp_path / "e.png"
+    _run(["report", "--out", str(out), "--png", str(png)], env)
+    assert png.stat().st_size > 1000
+    # an ISO-dates run in the same file: the report refuses to mix tasks and names the fix
+    _run(["base", *common], env)
+    proc = subprocess.run([sys.executable, "benchmarks/real_model_study.py", "report", "--out", str(out), "--png",
+                           str(png)], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode != 0 and "own --out" in proc.stderr
