@@ -59,6 +59,7 @@ def score(model, tok, val: list, setting, n: int = 200) -> dict:
 
 def run(a: argparse.Namespace) -> Iterator[dict]:
     from lightning_matlora import adapted_layers, allocate_ranks
+    from lightning_matlora.layer_ranks import layer_parameters
     from lightning_matlora.rank_allocation import measure_sensitivities, plan_allocation
 
     model, tok = load_base(a.threads, a.base)
@@ -73,10 +74,10 @@ def run(a: argparse.Namespace) -> Iterator[dict]:
     model.eval()
     calib = [collate(train[i:min(i + a.calibration_batch, a.calibration_rows)], tok.pad_token_id)
              for i in range(0, a.calibration_rows, a.calibration_batch)]
-    dims = {n: m.in_features + m.out_features for n, m in adapted_layers(model).items()}
+    dims = {n: (m.in_features, m.out_features) for n, m in adapted_layers(model).items()}
 
     def size(ranks: dict[str, int]) -> int:
-        return sum(ranks[n] * w for n, w in dims.items())
+        return layer_parameters(dims, ranks)
 
     command = "python benchmarks/real_model_allocation.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

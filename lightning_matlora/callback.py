@@ -140,7 +140,7 @@ class MatryoshkaLoRA(pl.Callback):
         check_strategy_for_quantized(trainer.strategy, pl_module)  # FSDP/ZeRO-3 cannot shard a quantized base
         if not self._owns(pl_module):
             prepare_strategy(trainer, pl_module)  # refuses unsupported strategies and ZeRO-3 on a materialised model
-            names = self._inject(pl_module)
+            self._inject(pl_module)
             builds_later = _overrides(pl_module, "configure_model")
             if builds_later:
                 _wrap_hook(pl_module, "configure_model", after=lambda: self._after_configure_model(pl_module))

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .config import MatLoRAConfig
+from .layer_ranks import group_key
 from .scaling import scale_of_rank
 
 _DRAWN_MODES = ("dylora", "rowwise")  # modes whose training forward depends on a per-step draw
@@ -182,8 +183,6 @@ class RankController:
         """Register the adapted layers by name (the model state does, when it attaches them), so that with
         ``layer_draws="type"`` each module type's layers share one draw of row ranks per step and the types draw
         independently. Without ``layer_draws`` it only clears the registration (every layer is group 0)."""
-        from .layer_ranks import group_key
-
         if self.config.layer_draws == "none":
             names: list[str] = []
             group_of: dict[int, int] = {}

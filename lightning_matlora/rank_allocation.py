@@ -253,9 +253,9 @@ def plan_allocation(model: nn.Module, budget: int | str, data: Iterable[Any] | N
     r_max = state.controller.r_max
     dims = {n: (m.in_features, m.out_features) for n, m in state.layers.items()}
     limit = budget_parameters(budget, dims, r_max)
+    batches = _batches(data, "allocate_ranks")  # read once: step 1 and the final check both use it
     if sensitivities is None:
-        sens = measure_sensitivities(model, _batches(data, "allocate_ranks"), metric, candidates=candidates,
-                                     group=group)
+        sens = measure_sensitivities(model, batches, metric, candidates=candidates, group=group)
         evaluations = sens.evaluations
     else:
         if candidates is not None or group != "type":
@@ -267,7 +267,6 @@ def plan_allocation(model: nn.Module, budget: int | str, data: Iterable[Any] | N
             raise ValueError("sensitivities= were measured on another adapter (other layers or r_max): call "
                              "measure_sensitivities on this model.")
     metric = metric or default_metric
-    batches = _batches(data, "allocate_ranks")
     groups, delta, cands = sens.groups, sens.delta, sens.candidates
     width = {g: sum(dims[n][0] + dims[n][1] for n in names) for g, names in groups.items()}
     chosen = {g: cands[0] for g in groups}

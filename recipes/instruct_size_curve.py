@@ -15,10 +15,10 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from lightning_matlora import adapted_layers
 from lightning_matlora.curve import panel_figure
+from lightning_matlora.layer_ranks import layer_parameters
 from lightning_matlora.rank_allocation import measure_sensitivities, plan_allocation
 
 from instruct_encoding import collate
@@ -66,7 +66,7 @@ def measure_size_curve(module: Any, budgets: list[int], calibration_rows: int = 
     pad = dm.load_tokenizer().pad_token_id
     calibration = [{n: t.to(module.device) for n, t in collate(rows[i:i + dm.batch_size], pad).items()}
                    for i in range(0, len(rows), dm.batch_size)]
-    widths = {n: m.in_features + m.out_features for n, m in adapted_layers(model).items()}
+    dims = {n: (m.in_features, m.out_features) for n, m in adapted_layers(model).items()}
     was_training = model.training
     model.eval()
     try:
@@ -77,7 +77,7 @@ def measure_size_curve(module: Any, budgets: list[int], calibration_rows: int = 
             at_uniform = module.evaluate_at(k)
             same = all(r == k for r in found.ranks.values())  # the final check kept the uniform rank
             points.append(SizePoint(
-                budget_rank=k, parameters_uniform=sum(k * w for w in widths.values()),
+                budget_rank=k, parameters_uniform=layer_parameters(dims, k),
                 parameters_allocated=found.parameters, uniform=at_uniform,
                 allocated=at_uniform if same else module.evaluate_at(found.ranks),
                 plan=None if same else {g: found.ranks[names[0]] for g, names in sorted(found.groups.items())}))

@@ -181,3 +181,11 @@ def test_allocate_info_and_export_through_the_command_line(tmp_path, capsys):
     bad.write_text(json.dumps({"nope": 2}))
     assert main(["export", str(tmp_path / "ad"), "--rank-pattern", str(bad), "--out", str(tmp_path / "p2")]) == 2
     assert "matches no adapted layer" in capsys.readouterr().err and not (tmp_path / "p2").exists()
+
+
+def test_data_given_as_a_one_shot_iterator_is_read_once():
+    """``data`` may be any iterable (the docs say a list or a DataLoader): a generator is read once and serves both
+    the sensitivities and the final check, with the plan a list gives."""
+    model = trained(tiny_llama(), r_max=R)
+    found = plan_allocation(model, "rank:2", iter(_batches()))
+    assert found == plan_allocation(model, "rank:2", _batches())
